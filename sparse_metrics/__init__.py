@@ -1,0 +1,27 @@
+"""sparse_metrics: SAE training losses and metrics as distributed-reducible ``torchmetrics`` metrics."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from sparse_metrics.collection import SparseAutoencoderLoss
+from sparse_metrics.metrics import (
+    L0NormMetric,
+    L1AbsoluteLoss,
+    L2ReconstructionLoss,
+    MatryoshkaReconstructionLoss,
+    SparsityLoss,
+)
+
+try:
+    __version__ = version("sparse_metrics")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "L0NormMetric",
+    "L1AbsoluteLoss",
+    "L2ReconstructionLoss",
+    "MatryoshkaReconstructionLoss",
+    "SparseAutoencoderLoss",
+    "SparsityLoss",
+    "__version__",
+]

@@ -1,0 +1,225 @@
+"""The SAE training loss: every loss term as one ``MetricCollection`` that also returns a differentiable total."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import MetricCollection
+
+from sparse_metrics._config import ComponentReduction, FeatureReduction, NumComponents, validate_arguments
+from sparse_metrics._distributed import synced_states
+from sparse_metrics.functional.l1_absolute import _l1_absolute_update
+from sparse_metrics.metrics._base import ItemMeanMetric
+from sparse_metrics.metrics.l0_norm import L0NormMetric
+from sparse_metrics.metrics.l1_absolute import L1AbsoluteLoss
+from sparse_metrics.metrics.l2_reconstruction import L2ReconstructionLoss
+from sparse_metrics.metrics.matryoshka import MatryoshkaReconstructionLoss
+from sparse_metrics.metrics.sparsity import SparsityLoss
+
+__all__ = ["SparseAutoencoderLoss"]
+
+
+class SparseAutoencoderLoss(MetricCollection):
+    r"""Every SAE loss term in one collection, plus the differentiable total loss.
+
+    Members, by key: ``"l2"`` (:class:`L2ReconstructionLoss`), ``"l0"`` (:class:`L0NormMetric`), ``"l1"``
+    (:class:`L1AbsoluteLoss`), ``"sparsity"`` (:class:`SparsityLoss`) and, when ``matryoshka_prefix_sizes`` is
+    given, ``"matryoshka"`` (:class:`MatryoshkaReconstructionLoss`).
+
+    .. math:: \mathrm{loss} = \operatorname{reduce}_c \big(\mathrm{reconstruction}_c + \mathrm{sparsity}_c\big)
+
+    where the reconstruction is the Matryoshka loss when configured, else L2, and ``reduce`` is
+    ``component_reduction`` over the components.
+
+    - ``forward(**inputs)`` accumulates the batch and returns each member's value on it, ``"loss"`` (a
+      differentiable scalar) and, with Matryoshka, ``"matryoshka_prefix_<m>"`` for each prefix width ``m``.
+    - ``update(**inputs)`` accumulates without building an autograd graph.
+    - ``compute()`` returns the epoch values of the same keys, synced across processes.
+
+    Inputs (keywords): ``source_activations``, ``learned_activations``, ``decoded_activations``, and for Matryoshka
+    ``decoder_weight`` (feature-major ``[*component, d_sae, d_model]``) and optionally ``decoder_bias``. Every
+    input is validated before any member's state changes, so a rejected batch leaves the collection untouched.
+    The L1 of a batch is computed once and also feeds the sparsity penalty.
+
+    Args:
+        sparsity_coefficient: Non-negative number or ``[component]`` tensor; change it between steps through the
+            :attr:`sparsity_coefficient` property.
+        num_components: Number of SAEs trained side by side.
+        matryoshka_prefix_sizes: Cumulative prefix widths; adds the ``"matryoshka"`` member and makes it the
+            reconstruction term of the loss.
+        matryoshka_prefix_weights: One weight per prefix (default ``1/P``).
+        feature_reduction: ``"mean"`` or ``"sum"`` of squared errors over ``d_model`` (L2 and Matryoshka).
+        component_reduction: ``"mean"`` or ``"sum"`` of the per-component loss into the scalar ``"loss"``.
+        keep_batch_dim: Members keep per-item values (``"loss"`` stays a scalar mean).
+        prefix: Prefix for every output key (torchmetrics' convention).
+        postfix: Postfix for every output key.
+        compute_groups: Passed to :class:`torchmetrics.MetricCollection`.
+        kwargs: Passed to every member (``process_group``, ``sync_on_compute``, ...).
+
+    Example:
+        >>> import torch
+        >>> from sparse_metrics import SparseAutoencoderLoss
+        >>> loss_fn = SparseAutoencoderLoss(sparsity_coefficient=0.1)
+        >>> x = torch.tensor([[1.0, 2.0]])
+        >>> f = torch.tensor([[0.5, 0.0, 1.5]], requires_grad=True)
+        >>> x_hat = torch.tensor([[1.0, 1.0]])
+        >>> out = loss_fn(source_activations=x, learned_activations=f, decoded_activations=x_hat)
+        >>> {name: round(value.item(), 4) for name, value in out.items()}
+        {'l2': 0.5, 'l0': 2.0, 'l1': 2.0, 'sparsity': 0.2, 'loss': 0.7}
+        >>> out["loss"].backward()
+        >>> f.grad
+        tensor([[0.1000, 0.0000, 0.1000]])
+    """
+
+    @validate_arguments
+    def __init__(
+        self,
+        sparsity_coefficient: float | Tensor = 1e-3,
+        num_components: NumComponents = 1,
+        *,
+        matryoshka_prefix_sizes: Sequence[int] | None = None,
+        matryoshka_prefix_weights: Sequence[float] | None = None,
+        feature_reduction: FeatureReduction = "mean",
+        component_reduction: ComponentReduction = "mean",
+        keep_batch_dim: bool = False,
+        prefix: str | None = None,
+        postfix: str | None = None,
+        compute_groups: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if matryoshka_prefix_weights is not None and matryoshka_prefix_sizes is None:
+            raise ValueError("`matryoshka_prefix_weights` needs `matryoshka_prefix_sizes`, which is None.")
+        common: dict[str, Any] = {"keep_batch_dim": keep_batch_dim, **kwargs}
+        members: dict[str, ItemMeanMetric] = {
+            "l2": L2ReconstructionLoss(num_components, feature_reduction=feature_reduction, **common),
+            "l0": L0NormMetric(num_components, **common),
+            "l1": L1AbsoluteLoss(num_components, **common),
+            "sparsity": SparsityLoss(sparsity_coefficient, num_components, **common),
+        }
+        if matryoshka_prefix_sizes is not None:
+            members["matryoshka"] = MatryoshkaReconstructionLoss(
+                matryoshka_prefix_sizes,
+                num_components,
+                feature_reduction=feature_reduction,
+                prefix_weights=matryoshka_prefix_weights,
+                **common,
+            )
+        super().__init__(members, prefix=prefix, postfix=postfix, compute_groups=compute_groups)
+        self.num_components = num_components
+        self.component_reduction = component_reduction
+
+    @property
+    def reconstruction_key(self) -> str:
+        """The member whose value is the reconstruction term of ``"loss"``: ``"matryoshka"`` or ``"l2"``."""
+        return "matryoshka" if "matryoshka" in self._modules else "l2"
+
+    @property
+    def sparsity_coefficient(self) -> float | Tensor:
+        """The sparsity member's coefficient; set it to change the penalty from the next step on."""
+        return self._member("sparsity").sparsity_coefficient  # type: ignore[no-any-return]
+
+    @sparsity_coefficient.setter
+    def sparsity_coefficient(self, value: float | Tensor) -> None:
+        self._member("sparsity").sparsity_coefficient = value  # type: ignore[union-attr]
+
+    def _member(self, key: str) -> Any:
+        return self._modules[key]
+
+    def _members(self) -> dict[str, ItemMeanMetric]:
+        return {str(key): module for key, module in self._modules.items()}  # type: ignore[misc]
+
+    def _per_item(
+        self,
+        source_activations: Tensor,
+        learned_activations: Tensor,
+        decoded_activations: Tensor,
+        decoder_weight: Tensor | None = None,
+        decoder_bias: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Every member's per-item values for one batch; raises before any state is touched."""
+        members = self._members()
+        l1 = _l1_absolute_update(learned_activations, self.num_components)
+        per_item = {
+            "l2": members["l2"]._per_item(decoded_activations, source_activations),
+            "l0": members["l0"]._per_item(learned_activations),
+            "l1": l1,
+            "sparsity": members["sparsity"]._from_l1(l1),
+        }
+        if "matryoshka" in members:
+            if decoder_weight is None:
+                raise ValueError(
+                    "`decoder_weight` is required when `matryoshka_prefix_sizes` is set: pass the feature-major "
+                    "decoder [*component, d_sae, d_model]."
+                )
+            per_item["matryoshka"] = members["matryoshka"]._per_item(
+                source_activations, learned_activations, decoder_weight, decoder_bias
+            )
+        return per_item
+
+    def _record(self, per_item: dict[str, Tensor]) -> None:
+        members = self._members()
+        for key, values in per_item.items():
+            members[key]._record_batch(values)
+
+    def update(  # type: ignore[override]
+        self,
+        source_activations: Tensor,
+        learned_activations: Tensor,
+        decoded_activations: Tensor,
+        decoder_weight: Tensor | None = None,
+        decoder_bias: Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Accumulate a batch into every member, building no autograd graph. Extra keywords are ignored."""
+        with torch.no_grad():
+            per_item = self._per_item(
+                source_activations, learned_activations, decoded_activations, decoder_weight, decoder_bias
+            )
+        self._record(per_item)
+
+    def forward(  # type: ignore[override]
+        self,
+        source_activations: Tensor,
+        learned_activations: Tensor,
+        decoded_activations: Tensor,
+        decoder_weight: Tensor | None = None,
+        decoder_bias: Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Tensor]:
+        """Accumulate a batch and return its values, ``"loss"`` included (differentiable)."""
+        per_item = self._per_item(
+            source_activations, learned_activations, decoded_activations, decoder_weight, decoder_bias
+        )
+        self._record(per_item)
+        members = self._members()
+        values = {key: members[key]._output(values) for key, values in per_item.items()}
+        if "matryoshka" in per_item:
+            values.update(self._prefix_values(members["matryoshka"]._prefix_output(per_item["matryoshka"])))
+        reconstruction = members[self.reconstruction_key]._batch_mean(per_item[self.reconstruction_key])
+        values["loss"] = self._total(reconstruction, members["sparsity"]._batch_mean(per_item["sparsity"]))
+        return self._named(values)
+
+    def compute(self) -> dict[str, Tensor]:
+        """Epoch values of every member, the per-prefix Matryoshka errors and ``"loss"``, synced across ranks."""
+        members = self._members()
+        first = next(iter(members.values()))
+        with synced_states(list(members.values()), first.process_group):
+            values = {key: member.compute() for key, member in members.items()}
+            if "matryoshka" in members:
+                values.update(self._prefix_values(members["matryoshka"].compute_prefix_losses()))
+            values["loss"] = self._total(members[self.reconstruction_key]._mean(), members["sparsity"]._mean())
+        return self._named(values)
+
+    def _prefix_values(self, prefix_values: Tensor) -> dict[str, Tensor]:
+        sizes = self._member("matryoshka").prefix_sizes
+        return {f"matryoshka_prefix_{size}": prefix_values[..., index] for index, size in enumerate(sizes)}
+
+    def _total(self, reconstruction: Tensor, sparsity: Tensor) -> Tensor:
+        per_component = reconstruction + sparsity
+        return per_component.mean() if self.component_reduction == "mean" else per_component.sum()
+
+    def _named(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {self._set_name(key): value for key, value in values.items()}

@@ -1,0 +1,67 @@
+r"""L2 reconstruction loss: the squared error between an SAE's reconstruction and its input.
+
+.. math:: \mathrm{L2}_b = \operatorname{reduce}_{d}\,(\hat x_{bd} - x_{bd})^2,
+   \qquad \operatorname{reduce} \in \{\text{mean}, \text{sum}\}
+"""
+
+from jaxtyping import Float
+from torch import Tensor
+
+from sparse_metrics._config import FeatureReduction
+from sparse_metrics._validation import check_feature_reduction, check_same_shape, computation_dtype, to_components
+from sparse_metrics.functional._output import batch_output
+
+
+def _reduce_squared_error(
+    error: Float[Tensor, "*batch_component d_model"], feature_reduction: FeatureReduction
+) -> Float[Tensor, "*batch_component"]:
+    """Square ``error`` and reduce it over the model dimension (the last axis)."""
+    squared = error.square()
+    return squared.mean(dim=-1) if feature_reduction == "mean" else squared.sum(dim=-1)
+
+
+def _l2_reconstruction_update(
+    decoded_activations: Tensor,
+    source_activations: Tensor,
+    num_components: int | None = None,
+    feature_reduction: FeatureReduction = "mean",
+) -> Float[Tensor, "batch component"]:
+    """Validate the inputs and return the per-item error, ``[batch, component]``."""
+    check_feature_reduction(feature_reduction)
+    source = to_components("source_activations", source_activations, num_components)
+    decoded = check_same_shape("decoded_activations", decoded_activations, "source_activations", source_activations)
+    dtype = computation_dtype(decoded, source)
+    error = decoded.view(source.shape).to(dtype) - source.to(dtype)
+    return _reduce_squared_error(error, feature_reduction)
+
+
+def l2_reconstruction_loss(
+    decoded_activations: Float[Tensor, "batch *component d_model"],
+    source_activations: Float[Tensor, "batch *component d_model"],
+    *,
+    feature_reduction: FeatureReduction = "mean",
+    keep_batch_dim: bool = False,
+) -> Float[Tensor, "..."]:
+    """L2 reconstruction loss of a batch.
+
+    Args:
+        decoded_activations: The SAE's reconstruction, ``[batch, feature]`` or ``[batch, component, feature]``.
+        source_activations: The SAE's input, same shape.
+        feature_reduction: ``"mean"`` (prior-art package, saev) or ``"sum"`` (SAELens) over the model dimension.
+        keep_batch_dim: Return the per-item values ``[batch, *component]`` instead of their batch mean.
+
+    Returns:
+        The batch mean ``[*component]`` (0-d without a component axis), or per-item values.
+
+    Example:
+        >>> import torch
+        >>> from sparse_metrics.functional import l2_reconstruction_loss
+        >>> source = torch.tensor([[4.0, 2.0], [2.0, 0.0]])
+        >>> decoded = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+        >>> l2_reconstruction_loss(decoded, source)
+        tensor(3.)
+        >>> l2_reconstruction_loss(decoded, source, feature_reduction="sum", keep_batch_dim=True)
+        tensor([8., 4.])
+    """
+    per_item = _l2_reconstruction_update(decoded_activations, source_activations, None, feature_reduction)
+    return batch_output(per_item, source_activations.ndim == 3, keep_batch_dim)

@@ -1,0 +1,179 @@
+r"""Matryoshka reconstruction loss: the reconstruction error of nested prefixes of the dictionary.
+
+With cumulative prefix widths :math:`m_1 < \dots < m_P` and a feature-major decoder :math:`W \in
+\mathbb{R}^{d_{sae} \times d_{model}}`, prefix :math:`p` reconstructs the input from its first :math:`m_p` features:
+
+.. math:: \hat x^{(p)} = f_{:, :m_p} W_{:m_p} + b, \qquad
+   \mathrm{loss}_b = \sum_p w_p \operatorname{reduce}_d \big(x_{bd} - \hat x^{(p)}_{bd}\big)^2
+
+The reconstructions are built incrementally, :math:`\hat x^{(p)} = \hat x^{(p-1)} + f_{:, m_{p-1}:m_p}
+W_{m_{p-1}:m_p}`, so all prefixes together cost one full decode rather than one decode each.
+"""
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from sparse_metrics._validation import (
+    check_batch_size,
+    check_decoder,
+    check_feature_reduction,
+    check_prefix_sizes,
+    check_prefix_weights,
+    computation_dtype,
+    to_components,
+)
+from sparse_metrics.functional._output import batch_output
+from sparse_metrics.functional.l2_reconstruction import FeatureReduction, _reduce_squared_error
+
+
+def matryoshka_prefix_reconstructions(
+    learned_activations: Float[Tensor, "batch component d_sae"],
+    decoder_weight: Float[Tensor, "component d_sae d_model"],
+    decoder_bias: Float[Tensor, "component d_model"] | None,
+    prefix_sizes: Sequence[int],
+) -> Iterator[Float[Tensor, "batch component d_model"]]:
+    """Yield the reconstruction of each nested prefix of the dictionary, smallest first.
+
+    Each reconstruction adds only the next block of features to the previous one, so the total work is one decode.
+    Inputs are the validated ``[batch, component, ...]`` forms; the bias is added once, to the first prefix.
+
+    Args:
+        learned_activations: Feature activations, ``[batch, component, d_sae]``.
+        decoder_weight: Feature-major decoder, ``[component, d_sae, d_model]``.
+        decoder_bias: Decoder bias ``[component, d_model]``, or ``None``.
+        prefix_sizes: Cumulative widths ``m_1 < ... < m_P <= d_sae``.
+
+    Yields:
+        ``x_hat_p``, ``[batch, component, d_model]``, for ``p = 1 ... P``.
+    """
+    dtype = computation_dtype(learned_activations, decoder_weight)
+    # [component, batch, d_sae]: a batched matmul over components per block of features.
+    features = learned_activations.transpose(0, 1)
+    reconstruction: Tensor | None = None
+    start = 0
+    for stop in prefix_sizes:
+        block = torch.matmul(features[..., start:stop].to(dtype), decoder_weight[:, start:stop].to(dtype))
+        if reconstruction is None:
+            reconstruction = block if decoder_bias is None else block + decoder_bias.to(dtype).unsqueeze(1)
+        else:
+            reconstruction = reconstruction + block
+        start = stop
+        yield reconstruction.transpose(0, 1)
+
+
+def _matryoshka_update(
+    source_activations: Tensor,
+    learned_activations: Tensor,
+    decoder_weight: Tensor,
+    decoder_bias: Tensor | None,
+    prefix_sizes: Sequence[int],
+    num_components: int | None = None,
+    feature_reduction: FeatureReduction = "mean",
+) -> Float[Tensor, "batch component prefix"]:
+    """Validate the inputs and return the per-item error of every prefix, ``[batch, component, prefix]``."""
+    check_feature_reduction(feature_reduction)
+    source = to_components("source_activations", source_activations, num_components)
+    learned = to_components("learned_activations", learned_activations, source.shape[1])
+    check_batch_size("learned_activations", learned, "source_activations", source)
+    sizes = check_prefix_sizes(prefix_sizes, d_sae=learned.shape[-1])
+    weight, bias = check_decoder(
+        decoder_weight,
+        decoder_bias,
+        num_components=source.shape[1],
+        source_is_batched_by_component=source_activations.ndim == 3,
+        d_sae=learned.shape[-1],
+        d_model=source.shape[-1],
+    )
+    target = source.to(computation_dtype(source, learned, weight))
+    errors = [
+        _reduce_squared_error(reconstruction - target, feature_reduction)
+        for reconstruction in matryoshka_prefix_reconstructions(learned, weight, bias, sizes)
+    ]
+    return torch.stack(errors, dim=-1)
+
+
+def _combine_prefixes(
+    prefix_errors: Float[Tensor, "batch component prefix"], prefix_weights: Float[Tensor, " prefix"]
+) -> Float[Tensor, "batch component"]:
+    """Weighted sum of the per-prefix errors."""
+    return prefix_errors @ prefix_weights.to(prefix_errors.dtype)
+
+
+def matryoshka_prefix_errors(
+    source_activations: Float[Tensor, "batch *component d_model"],
+    learned_activations: Float[Tensor, "batch *component d_sae"],
+    decoder_weight: Float[Tensor, "*component d_sae d_model"],
+    decoder_bias: Float[Tensor, "*component d_model"] | None = None,
+    *,
+    prefix_sizes: Sequence[int],
+    feature_reduction: FeatureReduction = "mean",
+) -> Float[Tensor, "batch *component prefix"]:
+    """Per-item reconstruction error of each nested prefix, ``[batch, *component, prefix]``.
+
+    Args:
+        source_activations: The SAE's input, ``[batch, d_model]`` or ``[batch, component, d_model]``.
+        learned_activations: Feature activations, ``[batch, d_sae]`` or ``[batch, component, d_sae]``.
+        decoder_weight: Feature-major decoder ``[*component, d_sae, d_model]`` (SAELens' and saev's ``W_dec``).
+        decoder_bias: Decoder bias ``[*component, d_model]``, or ``None``.
+        prefix_sizes: Cumulative widths ``m_1 < ... < m_P <= d_sae``; list ``d_sae`` to include the full dictionary.
+        feature_reduction: ``"mean"`` or ``"sum"`` of the squared error over the model dimension.
+
+    Example:
+        >>> import torch
+        >>> from sparse_metrics.functional import matryoshka_prefix_errors
+        >>> x = torch.tensor([[1.0, 2.0]])
+        >>> f = torch.tensor([[1.0, 2.0]])
+        >>> w_dec = torch.eye(2)
+        >>> matryoshka_prefix_errors(x, f, w_dec, prefix_sizes=[1, 2], feature_reduction="sum")
+        tensor([[4., 0.]])
+    """
+    per_item = _matryoshka_update(
+        source_activations, learned_activations, decoder_weight, decoder_bias, prefix_sizes, None, feature_reduction
+    )
+    return per_item if source_activations.ndim == 3 else per_item.squeeze(1)
+
+
+def matryoshka_reconstruction_loss(
+    source_activations: Float[Tensor, "batch *component d_model"],
+    learned_activations: Float[Tensor, "batch *component d_sae"],
+    decoder_weight: Float[Tensor, "*component d_sae d_model"],
+    decoder_bias: Float[Tensor, "*component d_model"] | None = None,
+    *,
+    prefix_sizes: Sequence[int],
+    prefix_weights: Sequence[float] | None = None,
+    feature_reduction: FeatureReduction = "mean",
+    keep_batch_dim: bool = False,
+) -> Float[Tensor, "..."]:
+    """Matryoshka reconstruction loss: the weighted sum over prefixes of each prefix's reconstruction error.
+
+    The defaults (``feature_reduction="mean"``, weights ``1/P``) reproduce saev; ``feature_reduction="sum"`` with
+    ``prefix_weights=[1] * P`` reproduces SAELens.
+
+    Args:
+        source_activations: The SAE's input, ``[batch, d_model]`` or ``[batch, component, d_model]``.
+        learned_activations: Feature activations, ``[batch, d_sae]`` or ``[batch, component, d_sae]``.
+        decoder_weight: Feature-major decoder ``[*component, d_sae, d_model]``.
+        decoder_bias: Decoder bias ``[*component, d_model]``, or ``None``.
+        prefix_sizes: Cumulative widths ``m_1 < ... < m_P <= d_sae``.
+        prefix_weights: One non-negative weight per prefix; ``None`` gives ``1/P`` each (the mean over prefixes).
+        feature_reduction: ``"mean"`` or ``"sum"`` of the squared error over the model dimension.
+        keep_batch_dim: Return the per-item values ``[batch, *component]`` instead of their batch mean.
+
+    Example:
+        >>> import torch
+        >>> from sparse_metrics.functional import matryoshka_reconstruction_loss
+        >>> x = torch.tensor([[1.0, 2.0]])
+        >>> f = torch.tensor([[1.0, 2.0]])
+        >>> matryoshka_reconstruction_loss(x, f, torch.eye(2), prefix_sizes=[1, 2], feature_reduction="sum")
+        tensor(2.)
+    """
+    sizes = check_prefix_sizes(prefix_sizes)
+    weights = check_prefix_weights(prefix_weights, len(sizes))
+    prefix_errors = _matryoshka_update(
+        source_activations, learned_activations, decoder_weight, decoder_bias, sizes, None, feature_reduction
+    )
+    per_item = _combine_prefixes(prefix_errors, torch.tensor(weights, device=prefix_errors.device))
+    return batch_output(per_item, source_activations.ndim == 3, keep_batch_dim)

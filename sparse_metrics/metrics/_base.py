@@ -1,0 +1,166 @@
+"""The state and update/forward/compute machinery shared by every per-item-mean metric."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
+from torchmetrics.utilities.exceptions import TorchMetricsUserError
+
+from sparse_metrics._distributed import sync_states
+
+__all__ = ["ItemMeanMetric"]
+
+#: Sums are accumulated in float64: a float32 sum of a million batch means drifts visibly.
+ACCUMULATOR_DTYPE = torch.float64
+
+
+class ItemMeanMetric(Metric):
+    """A metric whose value is, per component, the mean over every item seen of a per-item value.
+
+    Subclasses supply ``_per_item`` (validate the inputs and return ``[batch, component]`` values, through the
+    functional core) and an ``update`` with their argument names. This class owns the state:
+
+    - ``<prefix>_sum``: ``[component]`` float64 sum of the per-item values, reduced by ``"sum"``;
+    - ``<prefix>_count``: int64 number of items, reduced by ``"sum"``;
+    - ``<prefix>_per_item``: list of detached ``[batch, component]`` float64 rows, reduced by ``"cat"``, filled only
+      with ``keep_batch_dim=True``.
+
+    State names carry the class's prefix so that torchmetrics' compute groups can never merge two different metrics.
+    """
+
+    full_state_update: ClassVar[bool] = False
+    is_differentiable: ClassVar[bool] = True
+    higher_is_better: ClassVar[bool] = False
+    plot_lower_bound: ClassVar[float] = 0.0
+
+    #: Prefix of this class's state names.
+    _state_prefix: ClassVar[str]
+
+    def __init__(self, num_components: int = 1, *, keep_batch_dim: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_components = num_components
+        self._keep_batch_dim = keep_batch_dim
+        self._sum_state = f"{self._state_prefix}_sum"
+        self._count_state = f"{self._state_prefix}_count"
+        self._per_item_state = f"{self._state_prefix}_per_item"
+        self.add_state(self._sum_state, torch.zeros(num_components, dtype=ACCUMULATOR_DTYPE), dist_reduce_fx="sum")
+        self.add_state(self._count_state, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state(self._per_item_state, [], dist_reduce_fx="cat")
+
+    @property
+    def keep_batch_dim(self) -> bool:
+        """Whether ``compute``/``forward`` return per-item values ``[item, *component]`` instead of means.
+
+        Setting a different value resets the metric (the states kept differ); setting the same value does nothing.
+        """
+        return self._keep_batch_dim
+
+    @keep_batch_dim.setter
+    def keep_batch_dim(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"`keep_batch_dim` must be a bool, got {type(value).__name__}.")
+        if value != self._keep_batch_dim:
+            self._keep_batch_dim = value
+            self.reset()
+
+    @abstractmethod
+    def _per_item(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Validate the inputs (the arguments of ``update``) and return per-item values ``[batch, component]``."""
+
+    def _item_values(self, per_item: Tensor) -> Tensor:
+        """The ``[batch, component]`` values averaged by this metric, from what ``_per_item`` returned."""
+        return per_item
+
+    def _accumulate(self, per_item: Tensor) -> None:
+        """Add validated per-item values to the state (out of place, with no graph)."""
+        if per_item.shape[0] == 0:
+            return
+        per_item = self._item_values(per_item).detach()
+        total = getattr(self, self._sum_state)
+        setattr(self, self._sum_state, total + per_item.sum(dim=0, dtype=total.dtype))
+        setattr(self, self._count_state, getattr(self, self._count_state) + per_item.shape[0])
+        if self._keep_batch_dim:
+            getattr(self, self._per_item_state).append(per_item.to(ACCUMULATOR_DTYPE))
+
+    def _update_checked(self, *args: Any, **kwargs: Any) -> None:
+        """Body of every ``update``: validate everything before the state is touched."""
+        try:
+            per_item = self._per_item(*args, **kwargs)
+        except (TypeError, ValueError):
+            self._update_count -= 1  # torchmetrics counted this call before it was rejected
+            raise
+        self._accumulate(per_item)
+
+    def _output(self, per_item: Tensor) -> Tensor:
+        """The value reported for per-item values: their mean, or themselves with ``keep_batch_dim``.
+
+        The component axis is dropped for a single-component metric.
+        """
+        values = self._item_values(per_item)
+        if not self._keep_batch_dim:
+            values = values.mean(dim=0)
+        return values.squeeze(-1) if self.num_components == 1 else values
+
+    def _batch_mean(self, per_item: Tensor) -> Tensor:
+        """Batch mean ``[component]`` of per-item values, whatever ``keep_batch_dim`` (the collection's loss)."""
+        return self._item_values(per_item).mean(dim=0)
+
+    def _mean(self) -> Tensor:
+        """Mean ``[component]`` over every item accumulated (or synced), whatever ``keep_batch_dim``."""
+        return getattr(self, self._sum_state) / getattr(self, self._count_state)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Accumulate the batch and return its value, differentiable with respect to the inputs.
+
+        Unlike torchmetrics' default, the per-item values are computed once and feed both the state and the
+        returned batch value; the global state is neither copied nor reset.
+        """
+        if self._is_synced:
+            raise TorchMetricsUserError(
+                "The metric shouldn't be synced when performing ``forward``. HINT: Did you forget to call ``unsync``?"
+            )
+        if self.dist_sync_on_step:
+            # The batch value must be synced across ranks: torchmetrics' generic path does that. Validate first,
+            # since that path resets the state before calling ``update``.
+            self._per_item(*args, **kwargs)
+            return super().forward(*args, **kwargs)
+        per_item = self._per_item(*args, **kwargs)
+        self._record_batch(per_item)
+        self._forward_cache = self._output(per_item)
+        return self._forward_cache
+
+    def _record_batch(self, per_item: Tensor) -> None:
+        """Accumulate already validated per-item values, as ``update`` would (used by forward and the collection)."""
+        self._update_count += 1
+        self._computed = None
+        self._accumulate(per_item)
+        if self.compute_on_cpu:
+            self._move_list_states_to_cpu()
+
+    def compute(self) -> Tensor:
+        """Mean over every item seen (synced across processes), or the per-item values with ``keep_batch_dim``.
+
+        Returns ``[component]``, a 0-d tensor for one component, float64. With no item seen the mean is NaN.
+        """
+        if self._keep_batch_dim:
+            rows = getattr(self, self._per_item_state)
+            values = dim_zero_cat(rows) if rows else self._empty_list_state(self._per_item_state)
+            return values.squeeze(-1) if self.num_components == 1 else values
+        return self._mean()
+
+    def _empty_list_state(self, name: str) -> Tensor:
+        """An empty ``[0, component]`` float64 tensor: the rows of a rank that kept no per-item values."""
+        return torch.zeros(0, self.num_components, dtype=ACCUMULATOR_DTYPE, device=self.device)
+
+    def _sync_dist(self, dist_sync_fn: Any = gather_all_tensors, process_group: Any | None = None) -> None:
+        """Sync every state in at most two collective calls (see :mod:`sparse_metrics._distributed`)."""
+        if dist_sync_fn is not gather_all_tensors:  # a user-supplied sync function keeps torchmetrics' path
+            super()._sync_dist(dist_sync_fn, process_group=process_group)
+            return
+        sync_states([self], process_group or self.process_group)

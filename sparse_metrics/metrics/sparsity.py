@@ -1,0 +1,94 @@
+"""Sparsity penalty metric: coefficient times L1."""
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from sparse_metrics._config import NumComponents, validate_arguments
+from sparse_metrics._validation import check_sparsity_coefficient
+from sparse_metrics.functional.l1_absolute import _l1_absolute_update
+from sparse_metrics.functional.sparsity import _sparsity_from_l1
+from sparse_metrics.metrics._base import ItemMeanMetric
+
+__all__ = ["SparsityLoss"]
+
+
+class SparsityLoss(ItemMeanMetric):
+    r"""Sparsity penalty: the coefficient times the L1 absolute loss, averaged over items.
+
+    .. math:: \mathrm{sparsity}_c = \frac{1}{N} \sum_{b=1}^{N} \lambda_c \sum_{i=1}^{d_{sae}} |f_{bci}|
+
+    The coefficient is read at every update, so a warm-up schedule can change it between steps
+    (``metric.sparsity_coefficient = value``); the epoch value is then the mean of each step's penalty. 0 is
+    allowed, negative values are rejected. A ``[component]`` tensor gives each component its own coefficient.
+    A tensor coefficient is checked (one read of its values) when set, never during updates.
+
+    ``update(learned_activations, **kwargs)`` takes ``[batch, d_sae]`` or ``[batch, component, d_sae]``.
+
+    Args:
+        sparsity_coefficient: A non-negative number, or a ``[component]`` tensor.
+        num_components: Number of SAEs trained side by side (the ``component`` axis).
+        keep_batch_dim: Keep per-item values.
+        kwargs: Passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from sparse_metrics import SparsityLoss
+        >>> metric = SparsityLoss(sparsity_coefficient=0.5)
+        >>> metric(learned_activations=torch.tensor([[1.0, -2.0, 0.0], [0.0, 0.0, 3.0]]))
+        tensor(1.5000)
+        >>> metric.sparsity_coefficient = 0.0  # e.g. a warm-up from zero
+        >>> metric(learned_activations=torch.tensor([[1.0, 1.0, 1.0]]))
+        tensor(0.)
+        >>> metric.compute()  # mean over the three items seen
+        tensor(1., dtype=torch.float64)
+    """
+
+    _state_prefix: ClassVar[str] = "sparsity"
+
+    @validate_arguments
+    def __init__(
+        self,
+        sparsity_coefficient: float | Tensor = 1e-3,
+        num_components: NumComponents = 1,
+        *,
+        keep_batch_dim: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_components, keep_batch_dim=keep_batch_dim, **kwargs)
+        # A tensor coefficient lives in a (non-persistent) buffer so that it follows the metric across devices.
+        self.register_buffer("_coefficient_tensor", None, persistent=False)
+        self._coefficient_number = 0.0
+        self.sparsity_coefficient = sparsity_coefficient
+
+    @property
+    def sparsity_coefficient(self) -> float | Tensor:
+        """The coefficient applied at the next update: a float, or a ``[component]`` / 0-d tensor."""
+        tensor: Tensor | None = self._coefficient_tensor
+        return self._coefficient_number if tensor is None else tensor
+
+    @sparsity_coefficient.setter
+    def sparsity_coefficient(self, value: float | Tensor) -> None:
+        value = check_sparsity_coefficient(value, self.num_components, check_values=True)
+        if isinstance(value, Tensor):
+            self._coefficient_tensor = value.detach().to(device=self.device)
+        else:
+            self._coefficient_tensor = None
+            self._coefficient_number = value
+
+    def update(self, learned_activations: Tensor, **kwargs: Any) -> None:
+        """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
+        self._update_checked(learned_activations)
+
+    def _per_item(self, learned_activations: Tensor, **kwargs: Any) -> Tensor:
+        return self._from_l1(_l1_absolute_update(learned_activations, self.num_components))
+
+    def _from_l1(self, l1_per_item: Tensor) -> Tensor:
+        """The per-item penalty from per-item L1 values (the collection reuses its L1 this way)."""
+        return _sparsity_from_l1(l1_per_item, self.sparsity_coefficient)
+
+    def extra_repr(self) -> str:
+        coefficient = self.sparsity_coefficient
+        shown = coefficient.tolist() if isinstance(coefficient, torch.Tensor) else coefficient
+        return f"sparsity_coefficient={shown}, num_components={self.num_components}"
