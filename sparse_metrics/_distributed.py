@@ -13,7 +13,7 @@ the same per-rank values in the same order: the result is bitwise identical on a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,7 +25,13 @@ from torchmetrics.utilities.data import dim_zero_cat, dim_zero_max, dim_zero_min
 
 __all__ = ["sync_states", "synced_states"]
 
-_TENSOR_REDUCTIONS = {dim_zero_sum: torch.sum, dim_zero_max: torch.amax, dim_zero_min: torch.amin}
+_TENSOR_REDUCTIONS: dict[Any, Callable[..., Tensor]] = {
+    dim_zero_sum: torch.sum,
+    dim_zero_max: torch.amax,
+    dim_zero_min: torch.amin,
+}
+#: (metric, state name, value): a tensor state, or a list state's rows concatenated.
+_State = tuple[Metric, str, Tensor]
 
 
 def _as_bytes(tensor: Tensor) -> Tensor:
@@ -43,6 +49,68 @@ def _all_gather(buffer: Tensor, group: Any, world_size: int) -> list[Tensor]:
     return gathered
 
 
+def _collect(metrics: Sequence[Metric]) -> tuple[list[_State], list[_State]]:
+    """Split the metrics' states into tensor states and list states (the latter concatenated into rows)."""
+    tensor_states: list[_State] = []
+    list_states: list[_State] = []
+    for metric in metrics:
+        for name, reduction in metric._reductions.items():
+            value = getattr(metric, name)
+            if isinstance(value, Tensor) and reduction in _TENSOR_REDUCTIONS:
+                tensor_states.append((metric, name, value))
+            elif isinstance(value, list) and reduction is dim_zero_cat:
+                rows = dim_zero_cat(value) if value else metric._empty_list_state(name)  # type: ignore[operator]
+                list_states.append((metric, name, rows))
+            else:
+                raise TypeError(
+                    f"{type(metric).__name__}.{name}: packed sync supports tensor states reduced by sum/max/min "
+                    f"and list states reduced by cat, got {type(value).__name__} with {reduction}."
+                )
+    return tensor_states, list_states
+
+
+def _sync_tensor_states(
+    tensor_states: list[_State], row_counts: Tensor, group: Any, world_size: int
+) -> list[list[int]]:
+    """Collective 1: reduce every tensor state in place; return each rank's list-state row counts."""
+    header = torch.cat([_as_bytes(value) for _, _, value in tensor_states] + [_as_bytes(row_counts)])
+    values_by_state: list[list[Tensor]] = [[] for _ in tensor_states]
+    rows_by_rank: list[list[int]] = []
+    for rank_buffer in _all_gather(header, group, world_size):
+        offset = 0
+        for values, (_, _, value) in zip(values_by_state, tensor_states, strict=True):
+            end = offset + value.numel() * value.element_size()
+            values.append(_from_bytes(rank_buffer[offset:end], value, value.shape))
+            offset = end
+        rows_by_rank.append(_from_bytes(rank_buffer[offset:], row_counts, row_counts.shape).tolist())
+    for (metric, name, value), values in zip(tensor_states, values_by_state, strict=True):
+        # Reduced in rank order on every rank, so all ranks hold bitwise identical results.
+        reduce = _TENSOR_REDUCTIONS[metric._reductions[name]]
+        setattr(metric, name, reduce(torch.stack(values), dim=0).to(value.dtype))
+    return rows_by_rank
+
+
+def _sync_list_states(list_states: list[_State], rows_by_rank: list[list[int]], group: Any, world_size: int) -> None:
+    """Collective 2 (only if some rank has rows): concatenate every list state over the ranks, in rank order."""
+    row_nbytes = [rows.shape[1:].numel() * rows.element_size() for _, _, rows in list_states]
+    rank_nbytes = [sum(n * b for n, b in zip(rows, row_nbytes, strict=True)) for rows in rows_by_rank]
+    if max(rank_nbytes) == 0:
+        for metric, name, rows in list_states:
+            setattr(metric, name, [rows])
+        return
+    payload = torch.zeros(max(rank_nbytes), dtype=torch.uint8, device=list_states[0][2].device)
+    local = torch.cat([_as_bytes(rows) for _, _, rows in list_states])
+    payload[: local.numel()] = local
+    gathered = _all_gather(payload, group, world_size)
+    for index, (metric, name, rows) in enumerate(list_states):
+        pieces = []
+        for rank_buffer, rows_of_rank in zip(gathered, rows_by_rank, strict=True):
+            offset = sum(n * b for n, b in zip(rows_of_rank[:index], row_nbytes[:index], strict=True))
+            chunk = rank_buffer[offset : offset + rows_of_rank[index] * row_nbytes[index]]
+            pieces.append(_from_bytes(chunk, rows, (rows_of_rank[index], *rows.shape[1:])))
+        setattr(metric, name, [torch.cat(pieces)])
+
+
 def sync_states(metrics: Sequence[Metric], process_group: Any = None) -> None:
     """Replace the states of ``metrics`` in place by their reduction over ``process_group``.
 
@@ -50,65 +118,15 @@ def sync_states(metrics: Sequence[Metric], process_group: Any = None) -> None:
     list states provides ``_empty_list_state(name)``: an empty tensor with the dtype, device and trailing shape of
     that state's rows (a rank may have none). Every rank must call this with the same metrics, configured alike.
     """
-    world_size = dist.get_world_size(process_group)
-    tensor_states: list[tuple[Metric, str, Tensor]] = []
-    list_states: list[tuple[Metric, str, Tensor]] = []
-    for metric in metrics:
-        for name, reduction in metric._reductions.items():
-            value = getattr(metric, name)
-            if isinstance(value, Tensor) and reduction in _TENSOR_REDUCTIONS:
-                tensor_states.append((metric, name, value))
-            elif isinstance(value, list) and reduction is dim_zero_cat:
-                rows = dim_zero_cat(value) if value else metric._empty_list_state(name)  # type: ignore[attr-defined]
-                list_states.append((metric, name, rows))
-            else:
-                raise TypeError(
-                    f"{type(metric).__name__}.{name}: packed sync supports tensor states reduced by sum/max/min "
-                    f"and list states reduced by cat, got {type(value).__name__} with {reduction}."
-                )
+    tensor_states, list_states = _collect(metrics)
     if not tensor_states and not list_states:
         return
+    world_size = dist.get_world_size(process_group)
     device = (tensor_states or list_states)[0][2].device
-
-    # 1. Tensor states and the row count of each list state, in one fixed-size buffer.
     row_counts = torch.tensor([rows.shape[0] for _, _, rows in list_states], dtype=torch.int64, device=device)
-    header = torch.cat([_as_bytes(value) for _, _, value in tensor_states] + [_as_bytes(row_counts)])
-    gathered = _all_gather(header, process_group, world_size)
-    parts: list[list[Tensor]] = [[] for _ in tensor_states]
-    per_rank_rows: list[list[int]] = []
-    for rank_buffer in gathered:
-        offset = 0
-        for index, (_, _, value) in enumerate(tensor_states):
-            end = offset + value.numel() * value.element_size()
-            parts[index].append(_from_bytes(rank_buffer[offset:end], value, value.shape))
-            offset = end
-        per_rank_rows.append(_from_bytes(rank_buffer[offset:], row_counts, row_counts.shape).tolist())
-    for (metric, name, value), values_by_rank in zip(tensor_states, parts):
-        # Reduced in rank order on every rank, so all ranks hold bitwise identical results.
-        reduce = _TENSOR_REDUCTIONS[metric._reductions[name]]
-        setattr(metric, name, reduce(torch.stack(values_by_rank), dim=0).to(value.dtype))
-    if not list_states:
-        return
-
-    # 2. Every list state's rows, as bytes, padded to the longest rank.
-    row_nbytes = [rows.shape[1:].numel() * rows.element_size() for _, _, rows in list_states]
-    rank_nbytes = [sum(n * b for n, b in zip(rows, row_nbytes)) for rows in per_rank_rows]
-    if max(rank_nbytes) == 0:
-        for metric, name, rows in list_states:
-            setattr(metric, name, [rows])
-        return
-    payload = torch.zeros(max(rank_nbytes), dtype=torch.uint8, device=device)
-    local = torch.cat([_as_bytes(rows) for _, _, rows in list_states])
-    payload[: local.numel()] = local
-    gathered = _all_gather(payload, process_group, world_size)
-    for index, (metric, name, rows) in enumerate(list_states):
-        pieces = []
-        for rank_buffer, rows_of_rank in zip(gathered, per_rank_rows):
-            offset = sum(n * b for n, b in zip(rows_of_rank[:index], row_nbytes[:index]))
-            count = rows_of_rank[index]
-            chunk = rank_buffer[offset : offset + count * row_nbytes[index]]
-            pieces.append(_from_bytes(chunk, rows, (count, *rows.shape[1:])))
-        setattr(metric, name, [torch.cat(pieces)])
+    rows_by_rank = _sync_tensor_states(tensor_states, row_counts, process_group, world_size)
+    if list_states:
+        _sync_list_states(list_states, rows_by_rank, process_group, world_size)
 
 
 @contextmanager
@@ -130,7 +148,7 @@ def synced_states(metrics: Sequence[Metric], process_group: Any = None) -> Itera
     try:
         yield
     finally:
-        for metric, states in zip(to_sync, local):
+        for metric, states in zip(to_sync, local, strict=True):
             for name, value in states.items():
                 setattr(metric, name, value)
             metric._to_sync = metric.sync_on_compute

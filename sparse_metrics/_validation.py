@@ -6,6 +6,7 @@ synchronisation on an accelerator. Each error names the argument, what was expec
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -133,7 +134,7 @@ def check_prefix_sizes(prefix_sizes: Sequence[int], d_sae: int | None = None) ->
         raise ValueError("`prefix_sizes` must list at least one prefix width, got [].")
     if any(isinstance(m, bool) or not isinstance(m, int) for m in sizes):
         raise TypeError(f"`prefix_sizes` must be integers, got {list(sizes)}.")
-    if sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+    if sizes[0] < 1 or any(b <= a for a, b in itertools.pairwise(sizes)):
         raise ValueError(f"`prefix_sizes` must be cumulative widths m_1 < m_2 < ... with m_1 >= 1, got {list(sizes)}.")
     if d_sae is not None and sizes[-1] > d_sae:
         raise ValueError(

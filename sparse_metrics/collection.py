@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 
 from sparse_metrics._config import ComponentReduction, FeatureReduction, NumComponents, validate_arguments
 from sparse_metrics._distributed import synced_states
@@ -93,7 +93,7 @@ class SparseAutoencoderLoss(MetricCollection):
         if matryoshka_prefix_weights is not None and matryoshka_prefix_sizes is None:
             raise ValueError("`matryoshka_prefix_weights` needs `matryoshka_prefix_sizes`, which is None.")
         common: dict[str, Any] = {"keep_batch_dim": keep_batch_dim, **kwargs}
-        members: dict[str, ItemMeanMetric] = {
+        members: dict[str, Metric | MetricCollection] = {
             "l2": L2ReconstructionLoss(num_components, feature_reduction=feature_reduction, **common),
             "l0": L0NormMetric(num_components, **common),
             "l1": L1AbsoluteLoss(num_components, **common),
@@ -119,17 +119,22 @@ class SparseAutoencoderLoss(MetricCollection):
     @property
     def sparsity_coefficient(self) -> float | Tensor:
         """The sparsity member's coefficient; set it to change the penalty from the next step on."""
-        return self._member("sparsity").sparsity_coefficient  # type: ignore[no-any-return]
+        return self._sparsity.sparsity_coefficient
 
     @sparsity_coefficient.setter
     def sparsity_coefficient(self, value: float | Tensor) -> None:
-        self._member("sparsity").sparsity_coefficient = value  # type: ignore[union-attr]
-
-    def _member(self, key: str) -> Any:
-        return self._modules[key]
+        self._sparsity.sparsity_coefficient = value
 
     def _members(self) -> dict[str, ItemMeanMetric]:
-        return {str(key): module for key, module in self._modules.items()}  # type: ignore[misc]
+        return {key: cast(ItemMeanMetric, module) for key, module in self._modules.items()}
+
+    @property
+    def _sparsity(self) -> SparsityLoss:
+        return cast(SparsityLoss, self._modules["sparsity"])
+
+    @property
+    def _matryoshka(self) -> MatryoshkaReconstructionLoss | None:
+        return cast(MatryoshkaReconstructionLoss | None, self._modules.get("matryoshka"))
 
     def _per_item(
         self,
@@ -146,15 +151,15 @@ class SparseAutoencoderLoss(MetricCollection):
             "l2": members["l2"]._per_item(decoded_activations, source_activations),
             "l0": members["l0"]._per_item(learned_activations),
             "l1": l1,
-            "sparsity": members["sparsity"]._from_l1(l1),
+            "sparsity": self._sparsity._from_l1(l1),
         }
-        if "matryoshka" in members:
+        if self._matryoshka is not None:
             if decoder_weight is None:
                 raise ValueError(
                     "`decoder_weight` is required when `matryoshka_prefix_sizes` is set: pass the feature-major "
                     "decoder [*component, d_sae, d_model]."
                 )
-            per_item["matryoshka"] = members["matryoshka"]._per_item(
+            per_item["matryoshka"] = self._matryoshka._per_item(
                 source_activations, learned_activations, decoder_weight, decoder_bias
             )
         return per_item
@@ -180,7 +185,7 @@ class SparseAutoencoderLoss(MetricCollection):
             )
         self._record(per_item)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         source_activations: Tensor,
         learned_activations: Tensor,
@@ -196,8 +201,8 @@ class SparseAutoencoderLoss(MetricCollection):
         self._record(per_item)
         members = self._members()
         values = {key: members[key]._output(values) for key, values in per_item.items()}
-        if "matryoshka" in per_item:
-            values.update(self._prefix_values(members["matryoshka"]._prefix_output(per_item["matryoshka"])))
+        if self._matryoshka is not None:
+            values.update(self._prefix_values(self._matryoshka._prefix_output(per_item["matryoshka"])))
         reconstruction = members[self.reconstruction_key]._batch_mean(per_item[self.reconstruction_key])
         values["loss"] = self._total(reconstruction, members["sparsity"]._batch_mean(per_item["sparsity"]))
         return self._named(values)
@@ -208,13 +213,13 @@ class SparseAutoencoderLoss(MetricCollection):
         first = next(iter(members.values()))
         with synced_states(list(members.values()), first.process_group):
             values = {key: member.compute() for key, member in members.items()}
-            if "matryoshka" in members:
-                values.update(self._prefix_values(members["matryoshka"].compute_prefix_losses()))
+            if self._matryoshka is not None:
+                values.update(self._prefix_values(self._matryoshka.compute_prefix_losses()))
             values["loss"] = self._total(members[self.reconstruction_key]._mean(), members["sparsity"]._mean())
         return self._named(values)
 
     def _prefix_values(self, prefix_values: Tensor) -> dict[str, Tensor]:
-        sizes = self._member("matryoshka").prefix_sizes
+        sizes = self._matryoshka.prefix_sizes if self._matryoshka is not None else ()
         return {f"matryoshka_prefix_{size}": prefix_values[..., index] for index, size in enumerate(sizes)}
 
     def _total(self, reconstruction: Tensor, sparsity: Tensor) -> Tensor:

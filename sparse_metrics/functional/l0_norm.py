@@ -16,7 +16,8 @@ def _l0_norm_update(learned_activations: Tensor, num_components: int | None = No
     learned = to_components("learned_activations", learned_activations, num_components)
     # The 0-"norm" counts non-zeros in one fused pass, with no [batch, d_sae] boolean temporary. A count is not
     # differentiable, so the input is detached rather than kept alive by autograd.
-    return torch.linalg.vector_norm(learned.detach(), ord=0, dim=-1, dtype=computation_dtype(learned))
+    per_item: Tensor = torch.linalg.vector_norm(learned.detach(), ord=0, dim=-1, dtype=computation_dtype(learned))
+    return per_item
 
 
 def l0_norm(

@@ -17,7 +17,8 @@ def _l1_absolute_update(
     """Validate the input and return the per-item L1 norm, ``[batch, component]``."""
     learned = to_components("learned_activations", learned_activations, num_components)
     # One fused pass over [batch, d_sae], accumulating in float32 even for half inputs; no |f| temporary.
-    return torch.linalg.vector_norm(learned, ord=1, dim=-1, dtype=computation_dtype(learned))
+    per_item: Tensor = torch.linalg.vector_norm(learned, ord=1, dim=-1, dtype=computation_dtype(learned))
+    return per_item
 
 
 def l1_absolute_loss(

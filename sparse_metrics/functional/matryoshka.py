@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from sparse_metrics._config import FeatureReduction
 from sparse_metrics._validation import (
     check_batch_size,
     check_decoder,
@@ -26,7 +27,7 @@ from sparse_metrics._validation import (
     to_components,
 )
 from sparse_metrics.functional._output import batch_output
-from sparse_metrics.functional.l2_reconstruction import FeatureReduction, _reduce_squared_error
+from sparse_metrics.functional.l2_reconstruction import _reduce_squared_error
 
 
 def matryoshka_prefix_reconstructions(

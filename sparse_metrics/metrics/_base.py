@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+import functools
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -34,10 +36,10 @@ class ItemMeanMetric(Metric):
     State names carry the class's prefix so that torchmetrics' compute groups can never merge two different metrics.
     """
 
-    full_state_update: ClassVar[bool] = False
-    is_differentiable: ClassVar[bool] = True
-    higher_is_better: ClassVar[bool] = False
-    plot_lower_bound: ClassVar[float] = 0.0
+    full_state_update = False
+    is_differentiable = True
+    higher_is_better = False
+    plot_lower_bound = 0.0
 
     #: Prefix of this class's state names.
     _state_prefix: ClassVar[str]
@@ -82,20 +84,30 @@ class ItemMeanMetric(Metric):
         if per_item.shape[0] == 0:
             return
         per_item = self._item_values(per_item).detach()
-        total = getattr(self, self._sum_state)
+        total = self._tensor_state(self._sum_state)
         setattr(self, self._sum_state, total + per_item.sum(dim=0, dtype=total.dtype))
-        setattr(self, self._count_state, getattr(self, self._count_state) + per_item.shape[0])
+        setattr(self, self._count_state, self._tensor_state(self._count_state) + per_item.shape[0])
         if self._keep_batch_dim:
             getattr(self, self._per_item_state).append(per_item.to(ACCUMULATOR_DTYPE))
 
-    def _update_checked(self, *args: Any, **kwargs: Any) -> None:
-        """Body of every ``update``: validate everything before the state is touched."""
-        try:
-            per_item = self._per_item(*args, **kwargs)
-        except (TypeError, ValueError):
-            self._update_count -= 1  # torchmetrics counted this call before it was rejected
-            raise
-        self._accumulate(per_item)
+    def _wrap_update(self, update: Callable[..., None]) -> Callable[..., None]:
+        """Make a rejected ``update`` leave the metric exactly as it was.
+
+        ``_per_item`` validates everything before any state changes; torchmetrics' wrapper, however, counts the call
+        and drops the cached ``compute`` result before ``update`` runs. Those are restored if it raises.
+        """
+        wrapped = super()._wrap_update(update)
+
+        @functools.wraps(update)
+        def update_or_restore(*args: Any, **kwargs: Any) -> None:
+            update_count, computed = self._update_count, self._computed
+            try:
+                wrapped(*args, **kwargs)
+            except Exception:
+                self._update_count, self._computed = update_count, computed
+                raise
+
+        return update_or_restore
 
     def _output(self, per_item: Tensor) -> Tensor:
         """The value reported for per-item values: their mean, or themselves with ``keep_batch_dim``.
@@ -113,7 +125,11 @@ class ItemMeanMetric(Metric):
 
     def _mean(self) -> Tensor:
         """Mean ``[component]`` over every item accumulated (or synced), whatever ``keep_batch_dim``."""
-        return getattr(self, self._sum_state) / getattr(self, self._count_state)
+        return self._tensor_state(self._sum_state) / self._tensor_state(self._count_state)
+
+    def _tensor_state(self, name: str) -> Tensor:
+        value: Tensor = getattr(self, name)
+        return value
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """Accumulate the batch and return its value, differentiable with respect to the inputs.
@@ -129,11 +145,13 @@ class ItemMeanMetric(Metric):
             # The batch value must be synced across ranks: torchmetrics' generic path does that. Validate first,
             # since that path resets the state before calling ``update``.
             self._per_item(*args, **kwargs)
-            return super().forward(*args, **kwargs)
+            synced_value: Tensor = super().forward(*args, **kwargs)
+            return synced_value
         per_item = self._per_item(*args, **kwargs)
         self._record_batch(per_item)
-        self._forward_cache = self._output(per_item)
-        return self._forward_cache
+        value = self._output(per_item)
+        self._forward_cache = value  # type: ignore[assignment]  # torchmetrics annotates it as None
+        return value
 
     def _record_batch(self, per_item: Tensor) -> None:
         """Accumulate already validated per-item values, as ``update`` would (used by forward and the collection)."""

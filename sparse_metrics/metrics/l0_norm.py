@@ -34,7 +34,7 @@ class L0NormMetric(ItemMeanMetric):
         tensor(1.5000)
     """
 
-    is_differentiable: ClassVar[bool] = False
+    is_differentiable = False
 
     _state_prefix: ClassVar[str] = "l0"
 
@@ -44,7 +44,7 @@ class L0NormMetric(ItemMeanMetric):
 
     def update(self, learned_activations: Tensor, **kwargs: Any) -> None:
         """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
-        self._update_checked(learned_activations)
+        self._accumulate(self._per_item(learned_activations))
 
     def _per_item(self, learned_activations: Tensor, **kwargs: Any) -> Tensor:
         return _l0_norm_update(learned_activations, self.num_components)

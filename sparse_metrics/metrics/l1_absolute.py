@@ -42,7 +42,7 @@ class L1AbsoluteLoss(ItemMeanMetric):
 
     def update(self, learned_activations: Tensor, **kwargs: Any) -> None:
         """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
-        self._update_checked(learned_activations)
+        self._accumulate(self._per_item(learned_activations))
 
     def _per_item(self, learned_activations: Tensor, **kwargs: Any) -> Tensor:
         return _l1_absolute_update(learned_activations, self.num_components)

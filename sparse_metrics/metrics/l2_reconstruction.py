@@ -55,7 +55,7 @@ class L2ReconstructionLoss(ItemMeanMetric):
 
     def update(self, decoded_activations: Tensor, source_activations: Tensor, **kwargs: Any) -> None:
         """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
-        self._update_checked(decoded_activations, source_activations)
+        self._accumulate(self._per_item(decoded_activations, source_activations))
 
     def _per_item(self, decoded_activations: Tensor, source_activations: Tensor, **kwargs: Any) -> Tensor:
         return _l2_reconstruction_update(

@@ -53,6 +53,10 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
 
     _state_prefix: ClassVar[str] = "matryoshka"
 
+    _prefix_weights: Tensor
+    matryoshka_prefix_sum: Tensor
+    matryoshka_count: Tensor
+
     @validate_arguments
     def __init__(
         self,
@@ -86,7 +90,7 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
         **kwargs: Any,
     ) -> None:
         """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
-        self._update_checked(source_activations, learned_activations, decoder_weight, decoder_bias)
+        self._accumulate(self._per_item(source_activations, learned_activations, decoder_weight, decoder_bias))
 
     def _per_item(
         self,

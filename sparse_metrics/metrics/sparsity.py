@@ -47,6 +47,8 @@ class SparsityLoss(ItemMeanMetric):
 
     _state_prefix: ClassVar[str] = "sparsity"
 
+    _coefficient_tensor: Tensor | None
+
     @validate_arguments
     def __init__(
         self,
@@ -79,7 +81,7 @@ class SparsityLoss(ItemMeanMetric):
 
     def update(self, learned_activations: Tensor, **kwargs: Any) -> None:
         """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
-        self._update_checked(learned_activations)
+        self._accumulate(self._per_item(learned_activations))
 
     def _per_item(self, learned_activations: Tensor, **kwargs: Any) -> Tensor:
         return self._from_l1(_l1_absolute_update(learned_activations, self.num_components))
@@ -89,6 +91,7 @@ class SparsityLoss(ItemMeanMetric):
         return _sparsity_from_l1(l1_per_item, self.sparsity_coefficient)
 
     def extra_repr(self) -> str:
+        """Show the coefficient in ``repr``."""
         coefficient = self.sparsity_coefficient
         shown = coefficient.tolist() if isinstance(coefficient, torch.Tensor) else coefficient
         return f"sparsity_coefficient={shown}, num_components={self.num_components}"

@@ -1,0 +1,64 @@
+"""Hand-written float64 reference formulas, independent of the package, one item at a time where it is cheap.
+
+Every input is ``[batch, component, feature]``; every per-item result ``[batch, component]``.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def per_item_l2(decoded: Tensor, source: Tensor, feature_reduction: str = "mean") -> Tensor:
+    squared = (decoded.double() - source.double()) ** 2
+    return squared.mean(-1) if feature_reduction == "mean" else squared.sum(-1)
+
+
+def per_item_l1(learned: Tensor) -> Tensor:
+    return learned.double().abs().sum(-1)
+
+
+def per_item_l0(learned: Tensor) -> Tensor:
+    return (learned != 0).double().sum(-1)
+
+
+def per_item_matryoshka_prefixes(
+    source: Tensor,
+    learned: Tensor,
+    decoder_weight: Tensor,
+    decoder_bias: Tensor | None,
+    prefix_sizes: Sequence[int],
+    feature_reduction: str = "mean",
+) -> Tensor:
+    """``[batch, component, prefix]``: one separate, full decode per prefix (the SAELens way)."""
+    source, learned, weight = source.double(), learned.double(), decoder_weight.double()
+    errors = []
+    for size in prefix_sizes:
+        decoded = torch.einsum("bcf,cfd->bcd", learned[..., :size], weight[:, :size])
+        if decoder_bias is not None:
+            decoded = decoded + decoder_bias.double()
+        errors.append(per_item_l2(decoded, source, feature_reduction))
+    return torch.stack(errors, dim=-1)
+
+
+def per_item_matryoshka(
+    source: Tensor,
+    learned: Tensor,
+    decoder_weight: Tensor,
+    decoder_bias: Tensor | None,
+    prefix_sizes: Sequence[int],
+    prefix_weights: Sequence[float] | None = None,
+    feature_reduction: str = "mean",
+) -> Tensor:
+    errors = per_item_matryoshka_prefixes(
+        source, learned, decoder_weight, decoder_bias, prefix_sizes, feature_reduction
+    )
+    weights = prefix_weights if prefix_weights is not None else [1.0 / len(prefix_sizes)] * len(prefix_sizes)
+    return (errors * torch.tensor(weights, dtype=torch.float64)).sum(-1)
+
+
+def sparse_activations(*shape: int, density: float = 0.3, generator: torch.Generator | None = None) -> Tensor:
+    """Random activations with exact zeros, as a ReLU SAE produces."""
+    values = torch.randn(*shape, generator=generator).abs()
+    mask = torch.rand(*shape, generator=generator) < density
+    return values * mask

@@ -1,0 +1,209 @@
+"""SparseAutoencoderLoss: members, the differentiable total loss, epoch values."""
+
+import pytest
+import torch
+
+import sparse_metrics as sm
+import sparse_metrics.metrics.l1_absolute as l1_metric
+import sparse_metrics.metrics.sparsity as sparsity_metric
+from sparse_metrics import collection
+from sparse_metrics.functional import l1_absolute
+from tests import reference
+
+
+def _data(generator, batch=6, components=3, d_model=5, d_sae=12, requires_grad=False):
+    source = torch.randn(batch, components, d_model, generator=generator)
+    decoded = (source + 0.5 * torch.randn(batch, components, d_model, generator=generator)).requires_grad_(
+        requires_grad
+    )
+    learned = reference.sparse_activations(batch, components, d_sae, generator=generator).requires_grad_(requires_grad)
+    weight = torch.randn(components, d_sae, d_model, generator=generator).requires_grad_(requires_grad)
+    bias = torch.randn(components, d_model, generator=generator).requires_grad_(requires_grad)
+    return {
+        "source_activations": source,
+        "decoded_activations": decoded,
+        "learned_activations": learned,
+        "decoder_weight": weight,
+        "decoder_bias": bias,
+    }
+
+
+def _reference_loss(
+    inputs, coefficient, component_reduction, prefix_sizes=None, prefix_weights=None, feature_reduction="mean"
+):
+    """The total loss written out by hand, in float64, differentiable."""
+    source, learned = inputs["source_activations"], inputs["learned_activations"]
+    if prefix_sizes is None:
+        reconstruction = reference.per_item_l2(inputs["decoded_activations"], source, feature_reduction)
+    else:
+        reconstruction = reference.per_item_matryoshka(
+            source,
+            learned,
+            inputs["decoder_weight"],
+            inputs["decoder_bias"],
+            prefix_sizes,
+            prefix_weights,
+            feature_reduction,
+        )
+    per_component = (reconstruction + coefficient * reference.per_item_l1(learned)).mean(0)
+    return per_component.mean() if component_reduction == "mean" else per_component.sum()
+
+
+def test_keys_of_forward_and_compute(generator):
+    inputs = _data(generator)
+    plain = sm.SparseAutoencoderLoss(num_components=3)
+    assert set(plain.keys()) == {"l2", "l0", "l1", "sparsity"}
+    assert set(plain(**inputs)) == {"l2", "l0", "l1", "sparsity", "loss"}
+    assert set(plain.compute()) == {"l2", "l0", "l1", "sparsity", "loss"}
+    matryoshka = sm.SparseAutoencoderLoss(num_components=3, matryoshka_prefix_sizes=[4, 12])
+    expected = {"l2", "l0", "l1", "sparsity", "matryoshka", "matryoshka_prefix_4", "matryoshka_prefix_12", "loss"}
+    assert set(matryoshka(**inputs)) == expected
+    assert set(matryoshka.compute()) == expected
+
+
+@pytest.mark.parametrize("component_reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    ("prefix_sizes", "prefix_weights", "feature_reduction"),
+    [(None, None, "mean"), (None, None, "sum"), ([3, 6, 12], None, "mean"), ([6, 12], [1.0, 1.0], "sum")],
+)
+def test_loss_and_its_gradients_equal_the_reference(
+    generator, component_reduction, prefix_sizes, prefix_weights, feature_reduction
+):
+    inputs = _data(generator, requires_grad=True)
+    loss_fn = sm.SparseAutoencoderLoss(
+        0.05,
+        3,
+        matryoshka_prefix_sizes=prefix_sizes,
+        matryoshka_prefix_weights=prefix_weights,
+        feature_reduction=feature_reduction,
+        component_reduction=component_reduction,
+    )
+    out = loss_fn(**inputs)
+    assert out["loss"].shape == ()
+    assert out["loss"].requires_grad
+    differentiable = {k: v for k, v in inputs.items() if k != "source_activations"}
+    ours = torch.autograd.grad(out["loss"], list(differentiable.values()), allow_unused=True)
+    expected_loss = _reference_loss(inputs, 0.05, component_reduction, prefix_sizes, prefix_weights, feature_reduction)
+    theirs = torch.autograd.grad(expected_loss, list(differentiable.values()), allow_unused=True)
+    torch.testing.assert_close(out["loss"].double(), expected_loss, rtol=1e-5, atol=1e-6)
+    for name, mine, expected in zip(differentiable, ours, theirs, strict=True):
+        if expected is None:
+            assert mine is None or not mine.abs().sum(), name
+        else:
+            torch.testing.assert_close(mine, expected, rtol=1e-4, atol=1e-6, msg=name)
+    if prefix_sizes is not None:  # the Matryoshka term trains the decoder
+        for gradient in ours[2:]:
+            assert gradient is not None
+            assert gradient.abs().sum() > 0
+
+
+def test_epoch_values_over_uneven_batches(generator):
+    batches = [_data(generator, batch=n) for n in (5, 1, 9)]
+    for batch in batches[1:]:  # one SAE: same decoder every step
+        batch["decoder_weight"], batch["decoder_bias"] = batches[0]["decoder_weight"], batches[0]["decoder_bias"]
+    loss_fn = sm.SparseAutoencoderLoss(0.1, 3, matryoshka_prefix_sizes=[6, 12], component_reduction="sum")
+    for index, batch in enumerate(batches):
+        if index % 2:
+            loss_fn.update(**batch)
+        else:
+            loss_fn(**batch)
+    epoch = loss_fn.compute()
+    merged = {
+        k: torch.cat([b[k] for b in batches])
+        for k in ("source_activations", "decoded_activations", "learned_activations")
+    }
+    merged |= {"decoder_weight": batches[0]["decoder_weight"], "decoder_bias": batches[0]["decoder_bias"]}
+    torch.testing.assert_close(epoch["loss"], _reference_loss(merged, 0.1, "sum", [6, 12]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        epoch["l0"], reference.per_item_l0(merged["learned_activations"]).mean(0), rtol=1e-12, atol=0
+    )
+    prefixes = reference.per_item_matryoshka_prefixes(
+        merged["source_activations"],
+        merged["learned_activations"],
+        merged["decoder_weight"],
+        merged["decoder_bias"],
+        [6, 12],
+    ).mean(0)
+    torch.testing.assert_close(epoch["matryoshka_prefix_6"], prefixes[:, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(epoch["matryoshka_prefix_12"], prefixes[:, 1], rtol=1e-5, atol=1e-6)
+    for value in epoch.values():
+        assert not value.requires_grad
+
+
+def test_update_builds_no_graph_and_states_hold_none(generator):
+    inputs = _data(generator, requires_grad=True)
+    loss_fn = sm.SparseAutoencoderLoss(0.1, 3, matryoshka_prefix_sizes=[12], keep_batch_dim=True)
+    loss_fn.update(**inputs)
+    loss_fn(**inputs)["loss"].backward()
+    for member in loss_fn.values(copy_state=False):
+        for value in member.metric_state.values():
+            for tensor in value if isinstance(value, list) else [value]:
+                assert tensor.grad_fn is None
+                assert not tensor.requires_grad
+
+
+def test_keep_batch_dim_members_and_scalar_loss(generator):
+    inputs = _data(generator, batch=4)
+    loss_fn = sm.SparseAutoencoderLoss(0.1, 3, keep_batch_dim=True)
+    out = loss_fn(**inputs)
+    assert out["l2"].shape == (4, 3)
+    assert out["loss"].shape == ()
+    epoch = loss_fn.compute()
+    assert epoch["l2"].shape == (4, 3)
+    torch.testing.assert_close(epoch["loss"], _reference_loss(inputs, 0.1, "mean"), rtol=1e-6, atol=1e-6)
+
+
+def test_one_component_values_are_scalars(generator):
+    inputs = {k: v[:, 0] if k.endswith("activations") else v[0] for k, v in _data(generator).items()}
+    out = sm.SparseAutoencoderLoss(0.1, matryoshka_prefix_sizes=[4, 12])(**inputs)
+    assert all(value.shape == () for value in out.values())
+
+
+def test_sparsity_coefficient_schedule_through_the_collection(generator):
+    inputs = _data(generator)
+    loss_fn = sm.SparseAutoencoderLoss(0.0, 3)
+    assert loss_fn(**inputs)["sparsity"].abs().sum() == 0
+    loss_fn.sparsity_coefficient = torch.tensor([0.0, 1.0, 2.0])
+    out = loss_fn(**inputs)
+    expected = reference.per_item_l1(inputs["learned_activations"]).mean(0) * torch.tensor([0.0, 1.0, 2.0]).double()
+    torch.testing.assert_close(out["sparsity"].double(), expected, rtol=1e-6, atol=1e-6)
+    assert isinstance(loss_fn.sparsity_coefficient, torch.Tensor)
+
+
+def test_prefix_and_postfix_name_every_key(generator):
+    loss_fn = sm.SparseAutoencoderLoss(num_components=3, prefix="train/", postfix="_epoch")
+    assert set(loss_fn(**_data(generator))) == {f"train/{k}_epoch" for k in ("l2", "l0", "l1", "sparsity", "loss")}
+
+
+def test_compute_groups_on_and_off_agree(generator):
+    batches = [_data(generator, batch=n) for n in (4, 7)]
+    batches[0]["learned_activations"] = (batches[0]["learned_activations"] > 0).float()  # L0 == L1 on this batch
+    results = []
+    for compute_groups in (True, False):
+        loss_fn = sm.SparseAutoencoderLoss(0.1, 3, compute_groups=compute_groups)
+        for batch in batches:
+            loss_fn.update(**batch)
+        results.append(loss_fn.compute())
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key])
+    assert not torch.allclose(results[0]["l0"], results[0]["l1"])
+
+
+def test_l1_is_computed_once_per_step(generator, monkeypatch):
+    """The sparsity penalty reuses the step's L1 instead of reading the activations again."""
+    calls = []
+    original = l1_absolute._l1_absolute_update
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(collection, "_l1_absolute_update", counting)
+    monkeypatch.setattr(l1_absolute, "_l1_absolute_update", counting)
+    monkeypatch.setattr(l1_metric, "_l1_absolute_update", counting)
+    monkeypatch.setattr(sparsity_metric, "_l1_absolute_update", counting)
+    loss_fn = sm.SparseAutoencoderLoss(0.1, 3)
+    loss_fn(**_data(generator))
+    assert len(calls) == 1
+    loss_fn.update(**_data(generator))
+    assert len(calls) == 2
