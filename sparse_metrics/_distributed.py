@@ -56,15 +56,15 @@ def _collect(metrics: Sequence[Metric]) -> tuple[list[_State], list[_State]]:
     for metric in metrics:
         for name, reduction in metric._reductions.items():
             value = getattr(metric, name)
-            if isinstance(value, Tensor) and reduction in _TENSOR_REDUCTIONS:
+            if isinstance(value, Tensor) and callable(reduction):
                 tensor_states.append((metric, name, value))
             elif isinstance(value, list) and reduction is dim_zero_cat:
                 rows = dim_zero_cat(value) if value else metric._empty_list_state(name)  # type: ignore[operator]
                 list_states.append((metric, name, rows))
             else:
                 raise TypeError(
-                    f"{type(metric).__name__}.{name}: packed sync supports tensor states reduced by sum/max/min "
-                    f"and list states reduced by cat, got {type(value).__name__} with {reduction}."
+                    f"{type(metric).__name__}.{name}: packed sync supports tensor states with a reduction and list "
+                    f"states reduced by cat, got {type(value).__name__} with {reduction}."
                 )
     return tensor_states, list_states
 
@@ -84,9 +84,15 @@ def _sync_tensor_states(
             offset = end
         rows_by_rank.append(_from_bytes(rank_buffer[offset:], row_counts, row_counts.shape).tolist())
     for (metric, name, value), values in zip(tensor_states, values_by_state, strict=True):
-        # Reduced in rank order on every rank, so all ranks hold bitwise identical results.
-        reduce = _TENSOR_REDUCTIONS[metric._reductions[name]]
-        setattr(metric, name, reduce(torch.stack(values), dim=0).to(value.dtype))
+        # Reduced in rank order on every rank, so all ranks hold bitwise identical results. A custom reduction gets
+        # the per-rank values stacked on a new first axis, as torchmetrics gives them.
+        reduction = metric._reductions[name]
+        stacked = torch.stack(values)
+        if reduction in _TENSOR_REDUCTIONS:
+            reduced = _TENSOR_REDUCTIONS[reduction](stacked, dim=0)
+        else:
+            reduced = reduction(stacked)
+        setattr(metric, name, reduced.to(value.dtype))
     return rows_by_rank
 
 
@@ -114,7 +120,8 @@ def _sync_list_states(list_states: list[_State], rows_by_rank: list[list[int]], 
 def sync_states(metrics: Sequence[Metric], process_group: Any = None) -> None:
     """Replace the states of ``metrics`` in place by their reduction over ``process_group``.
 
-    Tensor states must be reduced by ``"sum"``, ``"max"`` or ``"min"``; list states by ``"cat"``, and a metric with
+    Tensor states need a reduction: ``"sum"``, ``"max"``, ``"min"`` or a callable taking the per-rank values stacked on
+    a new first axis (torchmetrics' convention); list states must be reduced by ``"cat"``, and a metric with
     list states provides ``_empty_list_state(name)``: an empty tensor with the dtype, device and trailing shape of
     that state's rows (a rank may have none). Every rank must call this with the same metrics, configured alike.
     """

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from abc import abstractmethod
 import functools
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
