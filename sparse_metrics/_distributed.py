@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -86,7 +86,7 @@ def _sync_tensor_states(
     for (metric, name, value), values in zip(tensor_states, values_by_state, strict=True):
         # Reduced in rank order on every rank, so all ranks hold bitwise identical results. A custom reduction gets
         # the per-rank values stacked on a new first axis, as torchmetrics gives them.
-        reduction = metric._reductions[name]
+        reduction = cast(Callable[[Tensor], Tensor], metric._reductions[name])  # checked by _collect
         stacked = torch.stack(values)
         if reduction in _TENSOR_REDUCTIONS:
             reduced = _TENSOR_REDUCTIONS[reduction](stacked, dim=0)
