@@ -16,13 +16,50 @@ from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from sparse_metrics._distributed import sync_states
 
-__all__ = ["ItemMeanMetric"]
+__all__ = ["ACCUMULATOR_DTYPE", "ItemMeanMetric", "PackedSyncMetric"]
 
 #: Sums are accumulated in float64: a float32 sum of a million batch means drifts visibly.
 ACCUMULATOR_DTYPE = torch.float64
 
 
-class ItemMeanMetric(Metric):
+class PackedSyncMetric(Metric):
+    """Base of every sparse_metrics metric: packed distributed sync, and rejected updates that change nothing.
+
+    - ``compute()`` syncs every state in at most two collective calls (see :mod:`sparse_metrics._distributed`):
+      tensor states reduced by sum/max/min or a callable, list states by ``"cat"``. A subclass with list states
+      implements ``_empty_list_state(name)``.
+    - An ``update`` that raises leaves the metric exactly as it was, provided it validates everything before it
+      touches a state (the update count and cached result torchmetrics changes first are restored).
+    """
+
+    def _wrap_update(self, update: Callable[..., None]) -> Callable[..., None]:
+        """Make a rejected ``update`` leave the metric exactly as it was.
+
+        ``_per_item`` validates everything before any state changes; torchmetrics' wrapper, however, counts the call
+        and drops the cached ``compute`` result before ``update`` runs. Those are restored if it raises.
+        """
+        wrapped = super()._wrap_update(update)
+
+        @functools.wraps(update)
+        def update_or_restore(*args: Any, **kwargs: Any) -> None:
+            update_count, computed = self._update_count, self._computed
+            try:
+                wrapped(*args, **kwargs)
+            except Exception:
+                self._update_count, self._computed = update_count, computed
+                raise
+
+        return update_or_restore
+
+    def _sync_dist(self, dist_sync_fn: Any = gather_all_tensors, process_group: Any | None = None) -> None:
+        """Sync every state in at most two collective calls (see :mod:`sparse_metrics._distributed`)."""
+        if dist_sync_fn is not gather_all_tensors:  # a user-supplied sync function keeps torchmetrics' path
+            super()._sync_dist(dist_sync_fn, process_group=process_group)
+            return
+        sync_states([self], process_group or self.process_group)
+
+
+class ItemMeanMetric(PackedSyncMetric):
     """A metric whose value is, per component, the mean over every item seen of a per-item value.
 
     Subclasses supply ``_per_item`` (validate the inputs and return ``[batch, component]`` values, through the
@@ -90,25 +127,6 @@ class ItemMeanMetric(Metric):
         if self._keep_batch_dim:
             getattr(self, self._per_item_state).append(per_item.to(ACCUMULATOR_DTYPE))
 
-    def _wrap_update(self, update: Callable[..., None]) -> Callable[..., None]:
-        """Make a rejected ``update`` leave the metric exactly as it was.
-
-        ``_per_item`` validates everything before any state changes; torchmetrics' wrapper, however, counts the call
-        and drops the cached ``compute`` result before ``update`` runs. Those are restored if it raises.
-        """
-        wrapped = super()._wrap_update(update)
-
-        @functools.wraps(update)
-        def update_or_restore(*args: Any, **kwargs: Any) -> None:
-            update_count, computed = self._update_count, self._computed
-            try:
-                wrapped(*args, **kwargs)
-            except Exception:
-                self._update_count, self._computed = update_count, computed
-                raise
-
-        return update_or_restore
-
     def _output(self, per_item: Tensor) -> Tensor:
         """The value reported for per-item values: their mean, or themselves with ``keep_batch_dim``.
 
@@ -175,10 +193,3 @@ class ItemMeanMetric(Metric):
     def _empty_list_state(self, name: str) -> Tensor:
         """An empty ``[0, component]`` float64 tensor: the rows of a rank that kept no per-item values."""
         return torch.zeros(0, self.num_components, dtype=ACCUMULATOR_DTYPE, device=self.device)
-
-    def _sync_dist(self, dist_sync_fn: Any = gather_all_tensors, process_group: Any | None = None) -> None:
-        """Sync every state in at most two collective calls (see :mod:`sparse_metrics._distributed`)."""
-        if dist_sync_fn is not gather_all_tensors:  # a user-supplied sync function keeps torchmetrics' path
-            super()._sync_dist(dist_sync_fn, process_group=process_group)
-            return
-        sync_states([self], process_group or self.process_group)
