@@ -1,0 +1,433 @@
+"""Benchmark sparse_metrics' SAE losses against hand-written baselines.
+
+Every comparison is measured with paired, alternating runs: each round times every contender once, in an order
+that rotates from round to round, and the reported ratio is the median of the per-round ratios (robust to other
+processes sharing the machine). Absolute medians are reported too. Rows:
+
+1. ``SparseAutoencoderLoss`` forward (l2, l0, l1, sparsity, differentiable loss, state) vs a hand-written
+   objective; target ratio <= 0.3. Forward+backward of ``out["loss"]`` vs the hand-written loss; target <= 0.5.
+2. The floor, one read pass over ``f`` (``f.sum()``): our eager forward's ratio to it (informational; the
+   compiled-path goal is <= 3x), and ``torch.compile`` of the functional l0+l1 core vs the floor (target <= 3),
+   run in a subprocess with a time limit so that a failing or slow compile cannot break the report.
+3. ``MatryoshkaReconstructionLoss`` with P equal prefixes, forward+backward, vs one full decode; target <= 1.2.
+   The SAELens way (one decode per prefix) is an informational row.
+
+Usage::
+
+    python benchmarks/bench_loss.py            # full size (batch 4096, d_model 512, d_sae 16384), < 3 min
+    python benchmarks/bench_loss.py --quick    # tiny smoke run, a few seconds
+
+The exit code is 0 whether or not the targets are met: this is a report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sparse_metrics import MatryoshkaReconstructionLoss, SparseAutoencoderLoss
+
+RESULT_TAG = "BENCH_COMPILED_RESULT "
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------------------
+
+
+def measure(
+    contenders: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    before: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Time every contender once per round, rotating the order each round; return per-round times in ms.
+
+    ``before`` runs (untimed) before every call, e.g. to drop gradients. Return values are discarded at once so
+    that no autograd graph outlives its call.
+    """
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            if before is not None:
+                before()
+            contenders[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if before is not None:
+                before()
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
+@dataclass
+class Row:
+    name: str
+    ours_ms: float | None
+    base_ms: float | None
+    ratio: float | None
+    target: float | None  # None: informational row
+    note: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.ratio is None:
+            return "skipped"
+        if self.target is None:
+            return "info"
+        return "PASS" if self.ratio <= self.target else "FAIL"
+
+
+def row_from(name: str, times: dict[str, list[float]], ours: str, base: str, target: float | None, note: str = ""):
+    return Row(
+        name,
+        statistics.median(times[ours]),
+        statistics.median(times[base]),
+        median_ratio(times[ours], times[base]),
+        target,
+        note,
+    )
+
+
+def print_table(rows: list[Row]) -> None:
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    width = max(len(row.name) for row in rows)
+    header = f"{'row':<{width}} {'ours ms':>10} {'base ms':>10} {'ratio':>7} {'target':>7} {'result':>7}  notes"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        target = "info" if row.target is None else f"<={row.target:g}"
+        print(
+            f"{row.name:<{width}} {fmt(row.ours_ms, '10.1f')} {fmt(row.base_ms, '10.1f')} {fmt(row.ratio, '7.3f')} "
+            f"{target:>7} {row.status:>7}  {row.note}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_activations(batch: int, d_sae: int, density: float, generator: torch.Generator) -> torch.Tensor:
+    """ReLU-like feature activations: non-negative, each entry non-zero with probability ``density``."""
+    values = torch.randn(batch, d_sae, generator=generator).abs_()
+    mask = torch.rand(batch, d_sae, generator=generator) < density
+    return values.mul_(mask)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (
+        f"CPU: {cpu} ({os.cpu_count()} logical cores), torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
+        f"capability {torch.backends.cpu.get_cpu_capability()}, python {platform.python_version()}, "
+        f"load average {load}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1 + 2. The SAE loss and the read floor
+# --------------------------------------------------------------------------------------------------------------
+
+
+def bench_sae_loss(args: argparse.Namespace, x, x_hat, f) -> list[Row]:
+    coefficient = args.sparsity_coefficient
+    metric = SparseAutoencoderLoss(sparsity_coefficient=coefficient)
+    assert not any(m.keep_batch_dim for m in metric.values())
+
+    def ours_forward():
+        return metric(source_activations=x, learned_activations=f, decoded_activations=x_hat)
+
+    def baseline_forward():
+        mse = ((x_hat - x) ** 2).mean()
+        l0 = (f > 0).float().sum(1).mean()
+        l1 = f.abs().sum(1).mean()
+        return mse + coefficient * l1, l0, l1
+
+    def floor():
+        return f.sum()
+
+    def clear_grads():
+        f.grad = None
+        x_hat.grad = None
+
+    # Sanity: the two sides compute the same loss.
+    out = ours_forward()
+    base_loss, base_l0, _ = baseline_forward()
+    loss_diff = abs(out["loss"].item() - base_loss.item())
+    l0_diff = abs(out["l0"].item() - base_l0.item())
+    print(f"check: |loss ours - hand-written| = {loss_diff:.3g}, |l0 ours - hand-written| = {l0_diff:.3g}")
+    del out, base_loss, base_l0
+
+    start = time.perf_counter()
+    forward = measure(
+        {"ours": ours_forward, "baseline": baseline_forward, "floor": floor}, args.repeats, before=clear_grads
+    )
+    print(f"[forward section: {time.perf_counter() - start:.1f} s]")
+
+    start = time.perf_counter()
+    backward = measure(
+        {
+            "ours": lambda: ours_forward()["loss"].backward(),
+            "baseline": lambda: baseline_forward()[0].backward(),
+        },
+        args.repeats,
+        before=clear_grads,
+    )
+    clear_grads()
+    print(f"[forward+backward section: {time.perf_counter() - start:.1f} s]")
+
+    return [
+        row_from("1a SparseAutoencoderLoss forward vs hand-written", forward, "ours", "baseline", 0.3),
+        row_from("1b forward+backward vs hand-written", backward, "ours", "baseline", 0.5),
+        row_from(
+            "2a eager forward vs floor f.sum()",
+            forward,
+            "ours",
+            "floor",
+            None,
+            f"floor {statistics.median(forward['floor']):.1f} ms; compiled goal <=3",
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2b. torch.compile of the functional l0 + l1 core (in a subprocess, time-capped)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def compiled_worker(args: argparse.Namespace) -> None:
+    """Run in a child process: compile the functional l0+l1 core, time it against the floor, print JSON."""
+    import torch._dynamo
+
+    from sparse_metrics.functional import l0_norm, l1_absolute_loss
+
+    generator = torch.Generator().manual_seed(args.seed)
+    f = make_activations(args.batch, args.d_sae, args.density, generator).requires_grad_()
+
+    def core(learned: torch.Tensor):
+        return l0_norm(learned), l1_absolute_loss(learned)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(core, dynamic=False)
+    start = time.perf_counter()
+    got = compiled(f)
+    compile_s = time.perf_counter() - start
+    want = core(f)
+    max_diff = max(abs(g.item() - w.item()) / max(abs(w.item()), 1e-12) for g, w in zip(got, want))
+    times = measure(
+        {"compiled": lambda: compiled(f), "eager": lambda: core(f), "floor": lambda: f.sum()}, args.repeats
+    )
+    result = {
+        "compile_s": compile_s,
+        "max_rel_diff": max_diff,
+        "compiled_ms": statistics.median(times["compiled"]),
+        "eager_ms": statistics.median(times["eager"]),
+        "floor_ms": statistics.median(times["floor"]),
+        "compiled_over_floor": median_ratio(times["compiled"], times["floor"]),
+        "eager_over_floor": median_ratio(times["eager"], times["floor"]),
+        "compiled_over_eager": median_ratio(times["compiled"], times["eager"]),
+    }
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def bench_compiled(args: argparse.Namespace) -> list[Row]:
+    name = "2b compiled l0+l1 core vs floor f.sum()"
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--compiled-worker",
+        f"--batch={args.batch}",
+        f"--d-model={args.d_model}",
+        f"--d-sae={args.d_sae}",
+        f"--density={args.density}",
+        f"--repeats={args.repeats}",
+        f"--seed={args.seed}",
+    ]
+    start = time.perf_counter()
+    try:
+        completed = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.compile_timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return [Row(name, None, None, None, 3.0, f"compile+timing exceeded {args.compile_timeout:g} s, skipped")]
+    finally:
+        print(f"[compiled section: {time.perf_counter() - start:.1f} s]")
+    lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if completed.returncode != 0 or not lines:
+        tail = (completed.stderr.strip().splitlines() or ["no output"])[-1][:100]
+        return [Row(name, None, None, None, 3.0, f"compile failed (rc {completed.returncode}): {tail}")]
+    result = json.loads(lines[-1][len(RESULT_TAG) :])
+    note = (
+        f"compile {result['compile_s']:.1f} s; eager core {result['eager_ms']:.1f} ms "
+        f"({result['eager_over_floor']:.2f}x floor); rel diff {result['max_rel_diff']:.1e}"
+    )
+    return [Row(name, result["compiled_ms"], result["floor_ms"], result["compiled_over_floor"], 3.0, note)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. Matryoshka
+# --------------------------------------------------------------------------------------------------------------
+
+
+def bench_matryoshka(args: argparse.Namespace, x, f, generator: torch.Generator) -> list[Row]:
+    d_sae, d_model, prefixes = args.d_sae, args.d_model, args.prefixes
+    sizes = sorted({max(1, d_sae * (i + 1) // prefixes) for i in range(prefixes)})
+    weight = (torch.randn(d_sae, d_model, generator=generator) / d_sae**0.5).requires_grad_()
+    bias = torch.zeros(d_model).requires_grad_()
+    metric = MatryoshkaReconstructionLoss(sizes)
+    assert not metric.keep_batch_dim
+
+    def clear_grads():
+        f.grad = None
+        weight.grad = None
+        bias.grad = None
+
+    def ours():
+        metric(source_activations=x, learned_activations=f, decoder_weight=weight, decoder_bias=bias).backward()
+
+    def full_decode():
+        ((f @ weight + bias - x) ** 2).mean().backward()
+
+    def saelens_way():
+        loss = 0.0
+        for size in sizes:
+            loss = loss + ((f[:, :size] @ weight[:size] + bias - x) ** 2).mean()
+        (loss / len(sizes)).backward()
+
+    start = time.perf_counter()
+    times = measure({"ours": ours, "full": full_decode}, args.matryoshka_repeats, before=clear_grads)
+    print(f"[matryoshka section: {time.perf_counter() - start:.1f} s]")
+    rows = [row_from(f"3a Matryoshka ({len(sizes)} prefixes) fwd+bwd vs 1 decode", times, "ours", "full", 1.2)]
+    if args.saelens_repeats > 0:
+        start = time.perf_counter()
+        # The SAELens way is slow (sum of prefix widths / d_sae decodes): no separate warm-up, few rounds.
+        saelens = measure({"ours": ours, "saelens": saelens_way}, args.saelens_repeats, warmup=0, before=clear_grads)
+        print(f"[SAELens-way section: {time.perf_counter() - start:.1f} s]")
+        rows.append(
+            row_from(
+                f"3b Matryoshka vs SAELens way ({len(sizes)} decodes)",
+                saelens,
+                "ours",
+                "saelens",
+                None,
+                f"{args.saelens_repeats} rounds, no warm-up",
+            )
+        )
+    clear_grads()
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=None, help="items per batch (default 4096; --quick: 64)")
+    parser.add_argument("--d-model", type=int, default=None, help="model width (default 512; --quick: 32)")
+    parser.add_argument("--d-sae", type=int, default=None, help="dictionary size (default 16384; --quick: 256)")
+    parser.add_argument("--repeats", type=int, default=None, help="paired rounds for rows 1-2 (default 11)")
+    parser.add_argument("--matryoshka-repeats", type=int, default=None, help="paired rounds for row 3a (default 5)")
+    parser.add_argument("--saelens-repeats", type=int, default=None, help="rounds for row 3b, 0 skips (default 1)")
+    parser.add_argument("--prefixes", type=int, default=8, help="Matryoshka prefixes, equal widths (default 8)")
+    parser.add_argument("--density", type=float, default=0.02, help="fraction of non-zero activations (0.02)")
+    parser.add_argument("--sparsity-coefficient", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the torch.compile row (default: on, off with --quick)",
+    )
+    parser.add_argument("--compile-timeout", type=float, default=100.0, help="seconds allowed for the compile row")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run of seconds")
+    parser.add_argument("--compiled-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    full = {"batch": 4096, "d_model": 512, "d_sae": 16384, "repeats": 11, "matryoshka_repeats": 5}
+    quick = {"batch": 64, "d_model": 32, "d_sae": 256, "repeats": 3, "matryoshka_repeats": 3}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.saelens_repeats is None:
+        args.saelens_repeats = 1
+    if args.compile is None:
+        args.compile = not args.quick
+    if min(args.batch, args.d_model, args.d_sae, args.repeats, args.matryoshka_repeats, args.prefixes) < 1:
+        parser.error("sizes, repeats and --prefixes must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.compiled_worker:
+        compiled_worker(args)
+        return 0
+
+    began = time.perf_counter()
+    print(machine_description())
+    print(
+        f"sizes: batch {args.batch}, d_model {args.d_model}, d_sae {args.d_sae}, fp32, density {args.density:g}; "
+        f"rounds: {args.repeats} (rows 1-2), {args.matryoshka_repeats} (3a), {args.saelens_repeats} (3b)"
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, args.d_model, generator=generator)
+    x_hat = (x + 0.1 * torch.randn(args.batch, args.d_model, generator=generator)).requires_grad_()
+    f = make_activations(args.batch, args.d_sae, args.density, generator).requires_grad_()
+
+    rows = bench_sae_loss(args, x, x_hat, f)
+    rows += bench_matryoshka(args, x, f, generator)
+    del f, x_hat
+    if args.compile:
+        rows += bench_compiled(args)
+    else:
+        rows.append(Row("2b compiled l0+l1 core vs floor f.sum()", None, None, None, 3.0, "not run (--no-compile)"))
+    rows.sort(key=lambda row: row.name)
+
+    print()
+    print_table(rows)
+    judged = [row for row in rows if row.target is not None and row.ratio is not None]
+    failed = [row.name.split(" ", 1)[0] for row in judged if row.status == "FAIL"]
+    print(
+        f"\nSUMMARY: {len(judged) - len(failed)}/{len(judged)} targets met"
+        + (f" (failed: {', '.join(failed)})" if failed else "")
+        + f"; ratio = median over paired rounds of ours/baseline; total {time.perf_counter() - began:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

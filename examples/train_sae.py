@@ -1,0 +1,280 @@
+"""Train a small ReLU sparse autoencoder on synthetic data, with ``SparseAutoencoderLoss`` as its loss.
+
+The data have a known sparse ground truth: a few hundred unit-norm "true feature" directions in superposition in a
+64-dimensional space, each item a sparse non-negative combination of a handful of them plus a little noise. A good
+SAE learns decoder rows that point along those directions, so besides the loss terms the script reports how many
+true directions the trained dictionary recovered.
+
+The loop uses the metric collection as a training loss should be used under DDP:
+
+- ``forward`` on every batch returns the differentiable ``"loss"`` of that batch (and accumulates the batch);
+- ``compute()`` at the end of each epoch returns exact means over every item seen by every process, and must be
+  called on every rank, since it is a collective;
+- ``reset()`` starts the next epoch.
+
+``--batch-size`` is the global batch: with ``--nproc 2`` each process takes half of every batch from its own shard,
+and DDP averages the two halves' gradients. The two-process run therefore trains the same model on the same
+batches as the single-process run and prints the same table, up to floating-point rounding.
+
+Examples:
+    python examples/train_sae.py
+    python examples/train_sae.py --matryoshka
+    python examples/train_sae.py --nproc 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+import sparse_metrics as sm
+
+D_MODEL = 64  # width of the activations the SAE reads
+NUM_TRUE_FEATURES = 256  # ground-truth directions, 4x more than dimensions: they must share the space
+ACTIVE_PER_ITEM = 4.0  # expected number of true features active on one item
+NOISE_STD = 0.05  # relative to an item's signal, which is scaled to unit variance per dimension
+RECOVERY_COSINE = 0.9  # a true direction counts as recovered if some decoder row is at least this close
+
+# Columns of the per-epoch table, in order; Matryoshka runs append one column per prefix.
+TABLE_KEYS = ("loss", "l2", "l0", "l1", "sparsity")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=_positive_int, default=10, help="passes over the data (default: 10)")
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        help="items per optimiser step, over all processes together (default: 256)",
+    )
+    parser.add_argument(
+        "--num-samples", type=_positive_int, default=16384, help="size of the synthetic data set (default: 16384)"
+    )
+    parser.add_argument("--d-sae", type=_positive_int, default=512, help="dictionary size (default: 512)")
+    parser.add_argument(
+        "--sparsity-coefficient", type=float, default=2e-2, help="weight of the L1 penalty (default: 2e-2)"
+    )
+    parser.add_argument(
+        "--matryoshka",
+        action="store_true",
+        help="reconstruct from nested prefixes of the dictionary (d_sae/8, d_sae/4, d_sae/2, d_sae)",
+    )
+    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 1e-2)")
+    parser.add_argument(
+        "--nproc", type=_positive_int, default=1, help="processes (DDP on the gloo backend when > 1; default: 1)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initial SAE and the shuffles")
+    args = parser.parse_args(argv)
+    if args.batch_size % args.nproc:
+        parser.error(f"--batch-size ({args.batch_size}) must be divisible by --nproc ({args.nproc})")
+    if args.num_samples < args.batch_size:
+        parser.error(f"--num-samples ({args.num_samples}) must be at least --batch-size ({args.batch_size})")
+    if args.matryoshka and args.d_sae < 8:
+        parser.error(f"--matryoshka needs --d-sae of at least 8 for its 4 prefixes, got {args.d_sae}")
+    return args
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def make_data(num_samples: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Synthetic activations with a known sparse code: ``(activations [N, D_MODEL], directions [F_true, D_MODEL])``."""
+    directions = nn.functional.normalize(torch.randn(NUM_TRUE_FEATURES, D_MODEL, generator=generator), dim=-1)
+    active = torch.rand(num_samples, NUM_TRUE_FEATURES, generator=generator) < ACTIVE_PER_ITEM / NUM_TRUE_FEATURES
+    magnitudes = torch.rand(num_samples, NUM_TRUE_FEATURES, generator=generator)
+    signal = (active * magnitudes) @ directions
+    # Unit variance per dimension (mean squared norm D_MODEL), a common SAE convention: the mean-over-d_model L2 of
+    # an SAE that outputs zeros is then about 1, whatever the data's sizes.
+    signal = signal * math.sqrt(D_MODEL / signal.square().sum(dim=-1).mean())
+    activations = signal + NOISE_STD * torch.randn(num_samples, D_MODEL, generator=generator)
+    return activations, directions
+
+
+class SparseAutoencoder(nn.Module):
+    """A ReLU SAE: ``f = ReLU((x - b_dec) W_enc + b_enc)``, ``x_hat = f W_dec + b_dec``.
+
+    ``W_dec`` is feature-major, ``[d_sae, d_model]``: one row per dictionary feature, the layout that
+    ``sparse_metrics`` expects for the Matryoshka loss.
+    """
+
+    def __init__(self, d_model: int, d_sae: int, generator: torch.Generator) -> None:
+        super().__init__()
+        # Unit-norm rows from the start, as normalize_decoder keeps them.
+        decoder = nn.functional.normalize(torch.randn(d_sae, d_model, generator=generator), dim=-1)
+        self.W_dec = nn.Parameter(decoder)
+        # Encoder initialised as a scaled-down transpose of the decoder: every feature starts out reading its own
+        # direction, and weakly enough that the hundreds of features active at first do not swamp the reconstruction.
+        self.W_enc = nn.Parameter(0.1 * decoder.T.contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_model))
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def decode(self, f: Tensor) -> Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.encode(x)
+        return f, self.decode(f)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        # Unit-norm decoder rows: otherwise the SAE lowers the L1 penalty by shrinking f and growing W_dec.
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True))
+
+
+def matryoshka_prefix_sizes(d_sae: int) -> list[int]:
+    return [d_sae // 8, d_sae // 4, d_sae // 2, d_sae]
+
+
+def recovered_fraction(decoder: Tensor, directions: Tensor) -> float:
+    """Fraction of the true directions matched by some (unit-norm) decoder row with cosine >= RECOVERY_COSINE."""
+    best_cosine = (directions @ decoder.T).amax(dim=-1)
+    return (best_cosine >= RECOVERY_COSINE).float().mean().item()
+
+
+def train(rank: int, world_size: int, args: argparse.Namespace, port: int | None = None) -> list[dict[str, float]]:
+    """Train on this rank's shard; return every epoch's ``compute()`` values (the same on every rank)."""
+    distributed = world_size > 1
+    if distributed:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    # Every rank draws the same data, initial SAE and shuffles from one seeded generator, so nothing needs to be sent
+    # around and each rank can pick its own shard.
+    generator = torch.Generator().manual_seed(args.seed)
+    activations, directions = make_data(args.num_samples, generator)
+    sae = SparseAutoencoder(D_MODEL, args.d_sae, generator)
+    model: nn.Module = DistributedDataParallel(sae) if distributed else sae
+    optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr)
+
+    prefix_sizes = matryoshka_prefix_sizes(args.d_sae) if args.matryoshka else None
+    loss_fn = sm.SparseAutoencoderLoss(
+        sparsity_coefficient=args.sparsity_coefficient, num_components=1, matryoshka_prefix_sizes=prefix_sizes
+    )
+    # The Matryoshka loss decodes the dictionary's prefixes itself, so it needs the decoder; the plain loss does not.
+    decoder = {"decoder_weight": sae.W_dec, "decoder_bias": sae.b_dec} if args.matryoshka else {}
+
+    local_batch = args.batch_size // world_size
+    steps_per_epoch = args.num_samples // args.batch_size  # the last partial batch is dropped
+    is_printer = rank == 0
+    if is_printer:
+        processes = f"{world_size} processes (DDP, gloo)" if distributed else "1 process"
+        print(
+            f"SAE d_model={D_MODEL} d_sae={args.d_sae} on {args.num_samples} synthetic items "
+            f"({NUM_TRUE_FEATURES} true features, {ACTIVE_PER_ITEM:g} active per item on average); "
+            f"{processes}, {steps_per_epoch} steps of {args.batch_size} items per epoch"
+        )
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        # Every rank draws the same permutation and takes every world_size-th item of it: the shards are disjoint,
+        # and the ranks' i-th batches together hold exactly the items of the single-process run's i-th batch.
+        order = torch.randperm(args.num_samples, generator=generator)
+        shard = order[rank::world_size][: steps_per_epoch * local_batch]
+        for indices in shard.split(local_batch):
+            x = activations[indices]
+            f, x_hat = model(x)
+            out = loss_fn(source_activations=x, learned_activations=f, decoded_activations=x_hat, **decoder)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()  # DDP averages the gradients over the ranks here
+            optimizer.step()
+            sae.normalize_decoder()
+        # compute() syncs the states across ranks: every rank must call it, even those that print nothing.
+        epoch_values = {name: value.item() for name, value in loss_fn.compute().items()}
+        loss_fn.reset()
+        history.append(epoch_values)
+        if is_printer:
+            if epoch == 1:
+                print(_table_row({"epoch": "epoch", **{name: name for name in epoch_values}}))
+            print(_table_row({"epoch": epoch, **epoch_values}))
+    if is_printer:
+        fraction = recovered_fraction(sae.W_dec.detach(), directions)
+        print(
+            f"recovered {fraction:.0%} of the {NUM_TRUE_FEATURES} true directions (cosine >= {RECOVERY_COSINE}); "
+            f"trained in {time.perf_counter() - start:.1f} s"
+        )
+    if distributed:
+        dist.destroy_process_group()
+    return history
+
+
+def _table_row(cells: dict[str, Any]) -> str:
+    # Column order: epoch, the TABLE_KEYS, then whatever else compute() returned (the Matryoshka terms).
+    names = ["epoch", *TABLE_KEYS, *(name for name in cells if name not in ("epoch", *TABLE_KEYS))]
+    return "  ".join(_format_cell(name, cells[name]) for name in names)
+
+
+def _format_cell(name: str, value: Any) -> str:
+    width = max(9, len(name))
+    if isinstance(value, float):
+        return f"{value:>{width}.4g}"
+    return f"{value:>{width}}"
+
+
+def _spawned_rank(rank: int, world_size: int, args: argparse.Namespace, port: int, results: Any) -> None:
+    torch.set_num_threads(1)  # see _one_thread: the ranks already fill the cores
+    history = train(rank, world_size, args, port)
+    if rank == 0:
+        results.put(history)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    # The tensors here are small: a second intra-op thread costs more in hand-offs than it saves, and when other work
+    # shares the cores it can make a run several times slower. The caller's setting is restored afterwards.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _free_port() -> int:
+    # Port 0 asks the OS for any free port. It is released again before the ranks bind it, which leaves a small
+    # window for another program to take it; acceptable for an example.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Train and print the per-epoch table.
+
+    Returns:
+        The last epoch's ``compute()`` values (``loss``, ``l2``, ``l0``, ``l1``, ``sparsity`` and, with
+        ``--matryoshka``, ``matryoshka`` and ``matryoshka_prefix_<m>``), plus ``first_epoch_loss``, the first
+        epoch's loss, to compare against.
+    """
+    args = parse_args(argv)
+    if args.nproc == 1:
+        with _one_thread():
+            history = train(0, 1, args)
+    else:
+        # "spawn" starts clean interpreters (fork and threads do not mix); they import this file by its module name.
+        context = mp.get_context("spawn")
+        results = context.SimpleQueue()
+        # Joining before reading is safe: the one message (rank 0's history, a few hundred bytes) fits in the pipe.
+        mp.spawn(_spawned_rank, args=(args.nproc, args, _free_port(), results), nprocs=args.nproc, join=True)
+        history = results.get()
+    return {**history[-1], "first_epoch_loss": history[0]["loss"]}
+
+
+if __name__ == "__main__":
+    main()
