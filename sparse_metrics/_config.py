@@ -9,10 +9,12 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, validate_call
 
-__all__ = ["ComponentReduction", "FeatureReduction", "NumComponents", "validate_arguments"]
+__all__ = ["ComponentReduction", "FeatureReduction", "NanStrategy", "NumComponents", "validate_arguments"]
 
 NumComponents = Annotated[int, Field(ge=1, description="How many SAEs are trained side by side.")]
 FeatureReduction = Literal["mean", "sum"]
 ComponentReduction = Literal["mean", "sum"]
+#: What a metric does with an item whose value is NaN or infinite (see ``ItemMeanMetric``).
+NanStrategy = Literal["propagate", "ignore", "error"]
 
 validate_arguments = validate_call(config=ConfigDict(strict=True, arbitrary_types_allowed=True))

@@ -16,6 +16,7 @@ __all__ = [
     "check_batch_size",
     "check_decoder",
     "check_feature_reduction",
+    "check_nan_strategy",
     "check_prefix_sizes",
     "check_prefix_weights",
     "check_same_shape",
@@ -162,6 +163,12 @@ def check_feature_reduction(feature_reduction: object) -> None:
     """Check the reduction over the model dimension is ``"mean"`` or ``"sum"``."""
     if feature_reduction not in ("mean", "sum"):
         raise ValueError(f"`feature_reduction` must be 'mean' or 'sum', got {feature_reduction!r}.")
+
+
+def check_nan_strategy(nan_strategy: object) -> None:
+    """Check the handling of non-finite items is ``"propagate"``, ``"ignore"`` or ``"error"``."""
+    if nan_strategy not in ("propagate", "ignore", "error"):
+        raise ValueError(f"`nan_strategy` must be 'propagate', 'ignore' or 'error', got {nan_strategy!r}.")
 
 
 def check_sparsity_coefficient(coefficient: object, num_components: int, *, check_values: bool) -> float | Tensor:

@@ -9,10 +9,16 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
-from sparse_metrics._config import ComponentReduction, FeatureReduction, NumComponents, validate_arguments
+from sparse_metrics._config import (
+    ComponentReduction,
+    FeatureReduction,
+    NanStrategy,
+    NumComponents,
+    validate_arguments,
+)
 from sparse_metrics._distributed import synced_states
 from sparse_metrics.functional.l1_absolute import _l1_absolute_update
-from sparse_metrics.metrics._base import ItemMeanMetric
+from sparse_metrics.metrics._base import ItemMeanMetric, screen_items
 from sparse_metrics.metrics.l0_norm import L0NormMetric
 from sparse_metrics.metrics.l1_absolute import L1AbsoluteLoss
 from sparse_metrics.metrics.l2_reconstruction import L2ReconstructionLoss
@@ -57,6 +63,9 @@ class SparseAutoencoderLoss(MetricCollection):
         prefix: Prefix for every output key (torchmetrics' convention).
         postfix: Postfix for every output key.
         compute_groups: Passed to :class:`torchmetrics.MetricCollection`.
+        nan_strategy: ``"propagate"`` (default), ``"ignore"`` or ``"error"`` for items with a NaN or infinite value
+            in any member (see :class:`~sparse_metrics.metrics._base.ItemMeanMetric`); "ignore" drops such an item
+            from every member and from ``"loss"``.
         kwargs: Passed to every member (``process_group``, ``sync_on_compute``, ...).
 
     Example:
@@ -88,11 +97,12 @@ class SparseAutoencoderLoss(MetricCollection):
         prefix: str | None = None,
         postfix: str | None = None,
         compute_groups: bool = True,
+        nan_strategy: NanStrategy = "propagate",
         **kwargs: Any,
     ) -> None:
         if matryoshka_prefix_weights is not None and matryoshka_prefix_sizes is None:
             raise ValueError("`matryoshka_prefix_weights` needs `matryoshka_prefix_sizes`, which is None.")
-        common: dict[str, Any] = {"keep_batch_dim": keep_batch_dim, **kwargs}
+        common: dict[str, Any] = {"keep_batch_dim": keep_batch_dim, "nan_strategy": nan_strategy, **kwargs}
         members: dict[str, Metric | MetricCollection] = {
             "l2": L2ReconstructionLoss(num_components, feature_reduction=feature_reduction, **common),
             "l0": L0NormMetric(num_components, **common),
@@ -162,7 +172,11 @@ class SparseAutoencoderLoss(MetricCollection):
             per_item["matryoshka"] = self._matryoshka._per_item(
                 source_activations, learned_activations, decoder_weight, decoder_bias
             )
-        return per_item
+        # One mask over every member, so that "ignore" drops the same items from all of them (and from "loss").
+        inputs = ["source_activations", "learned_activations", "decoded_activations"]
+        if self._matryoshka is not None:
+            inputs += ["decoder_weight", "decoder_bias"]
+        return screen_items(per_item, members["l2"].nan_strategy, type(self).__name__, inputs)
 
     def _record(self, per_item: dict[str, Tensor]) -> None:
         members = self._members()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -14,12 +14,43 @@ from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
+from sparse_metrics._config import NanStrategy
 from sparse_metrics._distributed import sync_states
+from sparse_metrics._validation import check_nan_strategy
 
-__all__ = ["ACCUMULATOR_DTYPE", "ItemMeanMetric", "PackedSyncMetric"]
+__all__ = ["ACCUMULATOR_DTYPE", "ItemMeanMetric", "PackedSyncMetric", "screen_items"]
 
 #: Sums are accumulated in float64: a float32 sum of a million batch means drifts visibly.
 ACCUMULATOR_DTYPE = torch.float64
+
+
+def screen_items(
+    per_item: dict[str, Tensor], nan_strategy: NanStrategy, owner: str, inputs: list[str]
+) -> dict[str, Tensor]:
+    """Apply ``nan_strategy`` to the per-item values ``[batch, ...]`` of one batch, all at once.
+
+    An item is non-finite when any of its values, in any of the tensors, is NaN or infinite; "ignore" drops it from
+    every tensor, so all of them keep the same items.
+
+    Args:
+        per_item: Per-item values by name, all with the same batch size.
+        nan_strategy: ``"propagate"``, ``"ignore"`` or ``"error"``.
+        owner: The metric's name, for the error.
+        inputs: The argument names to blame in the error.
+    """
+    batch = next(iter(per_item.values())).shape[0]
+    if nan_strategy == "propagate" or batch == 0:
+        return per_item
+    finite = torch.stack([v.detach().isfinite().flatten(1).all(dim=1) for v in per_item.values()]).all(dim=0)
+    if nan_strategy == "ignore":
+        return {name: values[finite] for name, values in per_item.items()}
+    if not bool(finite.all()):  # the one synchronisation of nan_strategy="error"
+        raise ValueError(
+            f"{owner}: {int((~finite).sum())} of {batch} items have a NaN or infinite value; check the inputs "
+            f"{', '.join(f'`{name}`' for name in inputs)}. This is nan_strategy='error'; pass "
+            "nan_strategy='ignore' to drop such items or 'propagate' to let them through."
+        )
+    return per_item
 
 
 class PackedSyncMetric(Metric):
@@ -58,6 +89,44 @@ class PackedSyncMetric(Metric):
             return
         sync_states([self], process_group or self.process_group)
 
+    def _empty_list_state(self, name: str) -> Tensor:
+        """An empty tensor with the dtype, device and trailing shape of the rows of list state ``name``."""
+        raise NotImplementedError(f"{type(self).__name__} has list state `{name}`: implement `_empty_list_state`.")
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Refuse states shaped for another configuration before loading any of them.
+
+        torchmetrics assigns saved states as they are: a checkpoint of a metric with another ``num_components`` or
+        other prefix sizes would load silently and give wrong results, or fail much later.
+        """
+        for name, default in self._defaults.items():
+            saved = state_dict.get(prefix + name)
+            if saved is None:
+                continue
+            if isinstance(default, Tensor):
+                expected, got = list(default.shape), list(saved.shape) if isinstance(saved, Tensor) else None
+            else:  # a list state: rows [n, *trailing]; compare the trailing shape
+                expected = list(self._empty_list_state(name).shape[1:])
+                got = next((list(row.shape[1:]) for row in saved if list(row.shape[1:]) != expected), expected)
+            if got != expected:
+                raise ValueError(
+                    f"Cannot load state `{prefix + name}` into {type(self).__name__}: expected shape {expected} "
+                    f"(rows [*, {expected}] for a list state), got {got}. The checkpoint comes from a metric "
+                    "configured differently (num_components, prefix_sizes, ...)."
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
 
 class ItemMeanMetric(PackedSyncMetric):
     """A metric whose value is, per component, the mean over every item seen of a per-item value.
@@ -71,6 +140,17 @@ class ItemMeanMetric(PackedSyncMetric):
       with ``keep_batch_dim=True``.
 
     State names carry the class's prefix so that torchmetrics' compute groups can never merge two different metrics.
+
+    ``nan_strategy`` says what happens to an item whose per-item value is NaN or infinite (in any component, or
+    any Matryoshka prefix; for L0, an item with a non-finite input activation):
+
+    - ``"propagate"`` (default): it is accumulated like any other, so the epoch value becomes NaN/Inf, visibly, as
+      the training loss would. No check runs: no extra pass, no host-device synchronisation.
+    - ``"ignore"``: the whole item (every component) is left out of the sums, the count and the per-item values,
+      and out of ``forward``'s batch value. Dropping rows needs their number on the host: one synchronisation per
+      update.
+    - ``"error"``: ``update``/``forward`` raise ``ValueError`` and leave the state untouched. Reading the check's
+      result synchronises with the device once per update.
     """
 
     full_state_update = False
@@ -81,9 +161,18 @@ class ItemMeanMetric(PackedSyncMetric):
     #: Prefix of this class's state names.
     _state_prefix: ClassVar[str]
 
-    def __init__(self, num_components: int = 1, *, keep_batch_dim: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_components: int = 1,
+        *,
+        keep_batch_dim: bool = False,
+        nan_strategy: str = "propagate",  # checked here: subclasses pass it through their **kwargs
+        **kwargs: Any,
+    ) -> None:
+        check_nan_strategy(nan_strategy)
         super().__init__(**kwargs)
         self.num_components = num_components
+        self.nan_strategy = cast(NanStrategy, nan_strategy)
         self._keep_batch_dim = keep_batch_dim
         self._sum_state = f"{self._state_prefix}_sum"
         self._count_state = f"{self._state_prefix}_count"
@@ -116,8 +205,19 @@ class ItemMeanMetric(PackedSyncMetric):
         """The ``[batch, component]`` values averaged by this metric, from what ``_per_item`` returned."""
         return per_item
 
+    def _screen(self, per_item: Tensor) -> Tensor:
+        """Apply ``nan_strategy`` to per-item values ``[batch, ...]``: drop, reject or keep non-finite items."""
+        if self.nan_strategy == "propagate":
+            return per_item
+        inputs = [name for name in self._update_signature.parameters if name != "kwargs"]
+        return screen_items({"": per_item}, self.nan_strategy, type(self).__name__, inputs)[""]
+
     def _accumulate(self, per_item: Tensor) -> None:
-        """Add validated per-item values to the state (out of place, with no graph)."""
+        """Apply ``nan_strategy`` to validated per-item values, then add them to the state (``update``'s path)."""
+        self._add(self._screen(per_item))
+
+    def _add(self, per_item: Tensor) -> None:
+        """Add screened per-item values to the state (out of place, with no graph)."""
         if per_item.shape[0] == 0:
             return
         per_item = self._item_values(per_item).detach()
@@ -165,17 +265,17 @@ class ItemMeanMetric(PackedSyncMetric):
             self._per_item(*args, **kwargs)
             synced_value: Tensor = super().forward(*args, **kwargs)
             return synced_value
-        per_item = self._per_item(*args, **kwargs)
+        per_item = self._screen(self._per_item(*args, **kwargs))
         self._record_batch(per_item)
         value = self._output(per_item)
         self._forward_cache = value  # type: ignore[assignment]  # torchmetrics annotates it as None
         return value
 
     def _record_batch(self, per_item: Tensor) -> None:
-        """Accumulate already validated per-item values, as ``update`` would (used by forward and the collection)."""
+        """Accumulate validated, screened per-item values, as ``update`` would (used by forward and the collection)."""
         self._update_count += 1
         self._computed = None
-        self._accumulate(per_item)
+        self._add(per_item)
         if self.compute_on_cpu:
             self._move_list_states_to_cpu()
 

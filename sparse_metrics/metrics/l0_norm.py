@@ -2,6 +2,7 @@
 
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from sparse_metrics._config import NumComponents, validate_arguments
@@ -47,4 +48,9 @@ class L0NormMetric(ItemMeanMetric):
         self._accumulate(self._per_item(learned_activations))
 
     def _per_item(self, learned_activations: Tensor, **kwargs: Any) -> Tensor:
-        return _l0_norm_update(learned_activations, self.num_components)
+        per_item = _l0_norm_update(learned_activations, self.num_components)
+        if self.nan_strategy != "propagate":
+            # A count of non-zeros is finite even for NaN inputs: mark those items for the strategy to see.
+            finite = learned_activations.detach().isfinite().all(dim=-1).view(per_item.shape)
+            per_item = torch.where(finite, per_item, torch.nan)
+        return per_item

@@ -115,8 +115,8 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
         """The weighted loss ``[batch, component]`` from the per-prefix errors."""
         return _combine_prefixes(per_item, self._prefix_weights)
 
-    def _accumulate(self, per_item: Tensor) -> None:
-        super()._accumulate(per_item)
+    def _add(self, per_item: Tensor) -> None:
+        super()._add(per_item)
         if per_item.shape[0]:
             self.matryoshka_prefix_sum = self.matryoshka_prefix_sum + per_item.detach().sum(
                 dim=0, dtype=ACCUMULATOR_DTYPE

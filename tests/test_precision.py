@@ -1,0 +1,167 @@
+"""Numerical precision: half-precision inputs, long runs, exact counts, large magnitudes."""
+
+import math
+
+import pytest
+import torch
+
+import sparse_metrics as sm
+from sparse_metrics.functional import l2_reconstruction_loss
+from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE
+from tests import reference
+
+C, D_MODEL, D_SAE, PREFIXES = 3, 64, 256, [64, 256]
+
+
+def _data(dtype: torch.dtype, batch: int = 512, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    source = torch.randn(batch, C, D_MODEL, generator=generator, dtype=torch.float64) * scale
+    return {
+        "source_activations": source,
+        "decoded_activations": source + 0.1 * scale * torch.randn(batch, C, D_MODEL, generator=generator),
+        "learned_activations": reference.sparse_activations(batch, C, D_SAE, density=0.5, generator=generator) * scale,
+        "decoder_weight": 0.1 * torch.randn(C, D_SAE, D_MODEL, generator=generator, dtype=torch.float64),
+    }
+
+
+def _references(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Float64 per-item references ``[batch, component]`` on the given (possibly rounded) inputs."""
+    s, d, f = inputs["source_activations"], inputs["decoded_activations"], inputs["learned_activations"]
+    w = inputs["decoder_weight"]
+    return {
+        "l2": reference.per_item_l2(d, s),
+        "l1": reference.per_item_l1(f),
+        "l0": reference.per_item_l0(f),
+        "sparsity": 0.5 * reference.per_item_l1(f),
+        "matryoshka": reference.per_item_matryoshka(s, f, w, None, PREFIXES),
+    }
+
+
+def _collection() -> sm.SparseAutoencoderLoss:
+    return sm.SparseAutoencoderLoss(0.5, C, matryoshka_prefix_sizes=PREFIXES)
+
+
+# Half-precision inputs are upcast and every per-item value is computed in float32, so against the float64 reference
+# on the same (rounded) inputs the only error is float32 arithmetic (measured <= 3e-8 here). Against the float64
+# result on the unrounded data the rounding of the inputs themselves dominates (measured: fp16 6e-5, bf16 7e-4).
+TOLERANCE_SAME_INPUTS = 1e-6
+TOLERANCE_UNROUNDED = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_match_the_float64_reference(dtype):
+    exact = _data(torch.float64)
+    rounded = {key: value.to(dtype) for key, value in exact.items()}
+    collection = _collection()
+    out = collection(**rounded)
+    assert out["l2"].dtype == torch.float32  # per-item math in float32, never in half
+    result = collection.compute()
+    same_inputs = _references({key: value.double() for key, value in rounded.items()})
+    unrounded = _references(exact)
+    for key in same_inputs:
+        assert result[key].dtype == torch.float64
+        torch.testing.assert_close(result[key], same_inputs[key].mean(0), rtol=TOLERANCE_SAME_INPUTS, atol=0)
+        torch.testing.assert_close(result[key], unrounded[key].mean(0), rtol=TOLERANCE_UNROUNDED[dtype], atol=0)
+    for member in collection.values(copy_state=False):
+        for name, value in member.metric_state.items():
+            if name.endswith("_sum"):
+                assert value.dtype == ACCUMULATOR_DTYPE
+
+
+def test_half_precision_per_item_states_are_float64():
+    rounded = {key: value.to(torch.bfloat16) for key, value in _data(torch.float64, batch=8).items()}
+    metric = sm.L2ReconstructionLoss(C, keep_batch_dim=True)
+    metric.update(rounded["decoded_activations"], rounded["source_activations"])
+    assert metric.l2_per_item[0].dtype == torch.float64
+    expected = reference.per_item_l2(rounded["decoded_activations"].double(), rounded["source_activations"].double())
+    torch.testing.assert_close(metric.compute(), expected, rtol=TOLERANCE_SAME_INPUTS, atol=0)
+
+
+def _long_run(updates: int, batch: int) -> None:
+    """``updates`` batches of per-item values through the accumulation path; the sum must match ``math.fsum``."""
+    generator = torch.Generator().manual_seed(updates)
+    # Positive values spread over 12 orders of magnitude: a float32 (or naive) sum would visibly lose the small ones.
+    values = (
+        torch.rand(updates, batch, 2, generator=generator, dtype=torch.float32)
+        * 10 ** torch.randint(-6, 6, (updates, batch, 1), generator=generator).float()
+    )
+    metric = sm.L1AbsoluteLoss(2)
+    for rows in values:
+        metric._add(rows)
+    for component in range(2):
+        exact = math.fsum(values[..., component].double().flatten().tolist())
+        assert math.isclose(metric.l1_sum[component].item(), exact, rel_tol=1e-12)
+    assert metric.l1_count.item() == updates * batch
+    assert metric.l1_count.dtype == torch.int64
+
+
+def test_many_updates_sum_matches_fsum():
+    _long_run(20_000, 3)
+
+
+@pytest.mark.slow
+def test_a_million_updates_sum_matches_fsum():
+    _long_run(1_000_000, 2)
+
+
+def test_update_path_matches_fsum_over_thousands_of_updates(generator):
+    metric = sm.L2ReconstructionLoss(feature_reduction="sum")
+    per_item = []
+    for _ in range(3000):
+        decoded, source = torch.randn(2, 2, 4, generator=generator).unbind(0)
+        metric.update(decoded, source)
+        # The float32 per-item values the metric accumulates: the test is about the accumulation, not their rounding.
+        per_item += l2_reconstruction_loss(decoded, source, feature_reduction="sum", keep_batch_dim=True).tolist()
+    assert math.isclose(metric.compute().item(), math.fsum(per_item) / len(per_item), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("start", [2**24 - 1, 2**31 - 1, 2**53 - 10])
+def test_counts_stay_exact_beyond_float_precision(start):
+    """A count in float32 stops at 2**24 and an int32 one wraps at 2**31; the int64 count does neither."""
+    metric = sm.L0NormMetric()
+    metric.l0_count = torch.tensor(start, dtype=torch.int64)
+    metric.l0_sum = torch.tensor([float(start)], dtype=torch.float64)
+    for _ in range(3):
+        metric.update(torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]]))
+    assert metric.l0_count.item() == start + 9
+    assert metric.compute().item() == (start + 9) / (start + 9)
+
+
+def test_fp16_extremes_do_not_overflow():
+    """Inputs at the float16 limit: their squares and sums overflow float16, not the float32 math used for them."""
+    big = torch.finfo(torch.float16).max
+    source = torch.full((4, 8), -big, dtype=torch.float16)
+    decoded = torch.full((4, 8), big, dtype=torch.float16)
+    learned = torch.full((4, 1024), big, dtype=torch.float16)
+    l2, l1 = sm.L2ReconstructionLoss(feature_reduction="sum"), sm.L1AbsoluteLoss()
+    l2.update(decoded, source)
+    l1.update(learned)
+    assert l2.compute().item() == pytest.approx((2 * big) ** 2 * 8, rel=1e-6)  # float32 rounding of the square
+    assert l1.compute().item() == big * 1024
+    matryoshka = sm.MatryoshkaReconstructionLoss([8], feature_reduction="sum")
+    matryoshka.update(source, learned[:, :8], torch.eye(8, dtype=torch.float16))
+    assert math.isfinite(matryoshka.compute().item())
+
+
+def test_float64_accumulator_holds_sums_beyond_float32_range():
+    """Per-item values near the float32 maximum: their sum overflows float32 but not the float64 state."""
+    near_max = torch.finfo(torch.float32).max / 2
+    learned = torch.full((64, 2), near_max, dtype=torch.float32) / 2  # L1 per item == near_max
+    metric = sm.L1AbsoluteLoss()
+    for _ in range(10):
+        metric.update(learned)
+    assert metric.l1_sum.item() == pytest.approx(640 * float(near_max), rel=1e-7)
+    assert metric.compute().item() == pytest.approx(float(near_max), rel=1e-7)
+
+
+def test_large_float32_magnitudes_match_float64():
+    """float32 inputs of magnitude 1e15: squares near 1e30 are computed without overflow or loss of range."""
+    exact = _data(torch.float64, batch=64, scale=1e15)
+    rounded = {key: value.float() for key, value in exact.items()}
+    result = _collection()
+    result.update(**rounded)
+    values = result.compute()
+    expected = _references({key: value.double() for key, value in rounded.items()})
+    for key, value in expected.items():
+        assert torch.isfinite(values[key]).all()
+        torch.testing.assert_close(values[key], value.mean(0), rtol=1e-5, atol=0)
