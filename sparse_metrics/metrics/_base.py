@@ -181,6 +181,19 @@ class ItemMeanMetric(PackedSyncMetric):
         self.add_state(self._count_state, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state(self._per_item_state, [], dist_reduce_fx="cat")
 
+    def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
+        """Keep the item axis of a single per-item value: torchmetrics squeezes every one-element result to 0-d."""
+        wrapped = super()._wrap_compute(compute)
+
+        @functools.wraps(compute)
+        def compute_keeping_items(*args: Any, **kwargs: Any) -> Any:
+            value = wrapped(*args, **kwargs)
+            if self._keep_batch_dim and isinstance(value, Tensor) and value.ndim == 0:
+                return value.reshape(1)  # one item of a one-component metric: [item], as forward returns it
+            return value
+
+        return compute_keeping_items
+
     @property
     def keep_batch_dim(self) -> bool:
         """Whether ``compute``/``forward`` return per-item values ``[item, *component]`` instead of means.
