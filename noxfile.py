@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench`.
+"""Developer sessions: `nox -s tests`, `nox -s slow`, `nox -s lint`, `nox -s demo`, `nox -s bench`.
 
 Every session installs the CPU build of torch pinned below first: an unpinned torch resolves to a multi-GB CUDA build.
 """
@@ -19,9 +19,16 @@ def _install(session: nox.Session, extras: str = "") -> None:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The whole test suite (unit, doctests, 2-process gloo), on both cores."""
+    """The test suite (unit, doctests, 2-process gloo) on both cores, without the tests marked slow."""
     _install(session, "test")
     session.run("python", "-m", "pytest", "-n", "2", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def slow(session: nox.Session) -> None:
+    """The tests marked slow, which the default run skips: a million updates, 3-process and resume-on-2-ranks runs."""
+    _install(session, "test")
+    session.run("python", "-m", "pytest", "-n", "2", "-m", "slow", *session.posargs)
 
 
 @nox.session(python=PYTHON)

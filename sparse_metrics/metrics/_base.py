@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
+from torch.nn import Module
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
@@ -89,6 +90,30 @@ class PackedSyncMetric(Metric):
             return
         sync_states([self], process_group or self.process_group)
 
+    def _apply(self, fn: Callable[..., Any], exclude_state: Sequence[str] = ()) -> Module:
+        """Move the states with the metric, but never change their dtypes.
+
+        torchmetrics casts states on ``.to(dtype)`` (e.g. a parent model's ``.to(torch.bfloat16)``) and
+        ``set_dtype``: float64 sums and int64 counts would become half-precision floats, losing precision and
+        counts for good. States follow the metric's device only.
+        """
+        own = [name for name in self._defaults if name not in exclude_state]
+        # ``fn`` itself where it keeps a float64 tensor's dtype (device moves, ``to_empty``), else a device move.
+        keeps_dtype = fn(torch.zeros((), dtype=ACCUMULATOR_DTYPE, device=self.device)).dtype == ACCUMULATOR_DTYPE
+        super()._apply(fn, exclude_state=[*exclude_state, *own])  # moves buffers and sets self.device
+
+        def move(tensor: Tensor) -> Tensor:
+            moved: Tensor = fn(tensor) if keeps_dtype else tensor.to(device=self.device)
+            return moved
+
+        for name in own:
+            default, value = self._defaults[name], getattr(self, name)
+            if isinstance(default, Tensor):
+                self._defaults[name] = move(default)
+            setattr(self, name, move(value) if isinstance(value, Tensor) else [move(row) for row in value])
+        self._computed = None  # torchmetrics cast the cached result too: compute it again from the states
+        return self
+
     def _empty_list_state(self, name: str) -> Tensor:
         """An empty tensor with the dtype, device and trailing shape of the rows of list state ``name``."""
         raise NotImplementedError(f"{type(self).__name__} has list state `{name}`: implement `_empty_list_state`.")
@@ -112,16 +137,18 @@ class PackedSyncMetric(Metric):
             saved = state_dict.get(prefix + name)
             if saved is None:
                 continue
+            expected: list[int | str]
+            got: list[int | str] | None
             if isinstance(default, Tensor):
                 expected, got = list(default.shape), list(saved.shape) if isinstance(saved, Tensor) else None
             else:  # a list state: rows [n, *trailing]; compare the trailing shape
-                expected = list(self._empty_list_state(name).shape[1:])
-                got = next((list(row.shape[1:]) for row in saved if list(row.shape[1:]) != expected), expected)
+                expected = ["*", *self._empty_list_state(name).shape[1:]]
+                got = next((["*", *row.shape[1:]] for row in saved if ["*", *row.shape[1:]] != expected), expected)
             if got != expected:
                 raise ValueError(
-                    f"Cannot load state `{prefix + name}` into {type(self).__name__}: expected shape {expected} "
-                    f"(rows [*, {expected}] for a list state), got {got}. The checkpoint comes from a metric "
-                    "configured differently (num_components, prefix_sizes, ...)."
+                    f"Cannot load state `{prefix + name}` into {type(self).__name__}: expected shape {expected}, "
+                    f"got {got}. The checkpoint comes from a metric configured differently (num_components, "
+                    "prefix_sizes, ...)."
                 )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
