@@ -165,3 +165,41 @@ def test_large_float32_magnitudes_match_float64():
     for key, value in expected.items():
         assert torch.isfinite(values[key]).all()
         torch.testing.assert_close(values[key], value.mean(0), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(
+    "cast",
+    [
+        lambda m: torch.nn.ModuleDict({"metrics": m}).to(torch.bfloat16)["metrics"],  # a model cast to bfloat16
+        lambda m: m.to(torch.float16),
+        lambda m: m.set_dtype(torch.float16),
+        lambda m: m.half(),
+    ],
+)
+def test_casting_the_metric_changes_no_state_or_configuration_dtype(cast):
+    """States stay float64/int64 and the coefficient and prefix weights are not rounded to half precision."""
+    batches = [_data(torch.float32, batch=16), _data(torch.float32, batch=8)]
+
+    def make() -> sm.SparseAutoencoderLoss:
+        return sm.SparseAutoencoderLoss(
+            torch.tensor([0.1, 0.3, 0.7]),
+            C,
+            matryoshka_prefix_sizes=PREFIXES,
+            matryoshka_prefix_weights=[0.1, 0.9],
+            keep_batch_dim=True,
+        )
+
+    plain, cast_metric = make(), make()
+    plain.update(**batches[0])
+    cast_metric.update(**batches[0])
+    cast_metric = cast(cast_metric)
+    for metric in (plain, cast_metric):
+        metric.update(**batches[1])
+    for member in cast_metric.values(copy_state=False):
+        for value in member.metric_state.values():
+            assert all(
+                row.dtype in (torch.float64, torch.int64) for row in (value if isinstance(value, list) else [value])
+            )
+    expected = plain.compute()
+    for key, value in cast_metric.compute().items():
+        assert torch.equal(value, expected[key]), key

@@ -91,21 +91,30 @@ class PackedSyncMetric(Metric):
         sync_states([self], process_group or self.process_group)
 
     def _apply(self, fn: Callable[..., Any], exclude_state: Sequence[str] = ()) -> Module:
-        """Move the states with the metric, but never change their dtypes.
+        """Move the states and buffers with the metric, but never change their dtypes.
 
         torchmetrics casts states on ``.to(dtype)`` (e.g. a parent model's ``.to(torch.bfloat16)``) and
         ``set_dtype``: float64 sums and int64 counts would become half-precision floats, losing precision and
-        counts for good. States follow the metric's device only.
+        counts for good; buffers (a sparsity coefficient, prefix weights) would be rounded. They follow the
+        metric's device only.
         """
         own = [name for name in self._defaults if name not in exclude_state]
         # ``fn`` itself where it keeps a float64 tensor's dtype (device moves, ``to_empty``), else a device move.
         keeps_dtype = fn(torch.zeros((), dtype=ACCUMULATOR_DTYPE, device=self.device)).dtype == ACCUMULATOR_DTYPE
-        super()._apply(fn, exclude_state=[*exclude_state, *own])  # moves buffers and sets self.device
+        buffers = dict(self._buffers)
+        self._buffers.clear()  # moved below, keeping their dtype
+        try:
+            super()._apply(fn, exclude_state=[*exclude_state, *own])  # sets self.device
+        finally:
+            self._buffers.update(buffers)
 
         def move(tensor: Tensor) -> Tensor:
             moved: Tensor = fn(tensor) if keeps_dtype else tensor.to(device=self.device)
             return moved
 
+        for name, buffer in buffers.items():
+            if buffer is not None:
+                self._buffers[name] = move(buffer)
         for name in own:
             default, value = self._defaults[name], getattr(self, name)
             if isinstance(default, Tensor):
