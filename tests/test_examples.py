@@ -1,7 +1,6 @@
 """The example training script runs, single-process and on 2 DDP processes, and its loss goes down."""
 
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
