@@ -9,9 +9,11 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
+from sparse_metrics._compile import CompiledWithFallback
 from sparse_metrics._config import ComponentReduction, FeatureReduction, NumComponents, validate_arguments
 from sparse_metrics._distributed import synced_states
-from sparse_metrics.functional.l1_absolute import _l1_absolute_update
+from sparse_metrics._validation import check_sae_inputs
+from sparse_metrics.functional._statistics import _sae_loss_statistics
 from sparse_metrics.metrics._base import ItemMeanMetric
 from sparse_metrics.metrics.l0_norm import L0NormMetric
 from sparse_metrics.metrics.l1_absolute import L1AbsoluteLoss
@@ -20,6 +22,9 @@ from sparse_metrics.metrics.matryoshka import MatryoshkaReconstructionLoss
 from sparse_metrics.metrics.sparsity import SparsityLoss
 
 __all__ = ["SparseAutoencoderLoss"]
+
+# Shared by every collection built with compiled=True; compiled at its first call.
+_compiled_sae_loss_statistics = CompiledWithFallback(_sae_loss_statistics)
 
 
 class SparseAutoencoderLoss(MetricCollection):
@@ -57,6 +62,10 @@ class SparseAutoencoderLoss(MetricCollection):
         prefix: Prefix for every output key (torchmetrics' convention).
         postfix: Postfix for every output key.
         compute_groups: Passed to :class:`torchmetrics.MetricCollection`.
+        compiled: Compute each batch's per-item L2, L0 and L1 with ``torch.compile`` (``fullgraph=True``), which
+            fuses the passes over the ``[batch, d_sae]`` activations. The first batch of each new shape pays the
+            compilation; where compiling fails (say, no C++ compiler for the CPU backend), a ``RuntimeWarning``
+            says why and the collection runs eagerly from then on, with the same results.
         kwargs: Passed to every member (``process_group``, ``sync_on_compute``, ...).
 
     Example:
@@ -88,6 +97,7 @@ class SparseAutoencoderLoss(MetricCollection):
         prefix: str | None = None,
         postfix: str | None = None,
         compute_groups: bool = True,
+        compiled: bool = False,
         **kwargs: Any,
     ) -> None:
         if matryoshka_prefix_weights is not None and matryoshka_prefix_sizes is None:
@@ -109,7 +119,9 @@ class SparseAutoencoderLoss(MetricCollection):
             )
         super().__init__(members, prefix=prefix, postfix=postfix, compute_groups=compute_groups)
         self.num_components = num_components
+        self.feature_reduction = feature_reduction
         self.component_reduction = component_reduction
+        self.compiled = compiled
 
     @property
     def reconstruction_key(self) -> str:
@@ -145,14 +157,12 @@ class SparseAutoencoderLoss(MetricCollection):
         decoder_bias: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Every member's per-item values for one batch; raises before any state is touched."""
-        members = self._members()
-        l1 = _l1_absolute_update(learned_activations, self.num_components)
-        per_item = {
-            "l2": members["l2"]._per_item(decoded_activations, source_activations),
-            "l0": members["l0"]._per_item(learned_activations),
-            "l1": l1,
-            "sparsity": self._sparsity._from_l1(l1),
-        }
+        source, learned, decoded = check_sae_inputs(
+            source_activations, learned_activations, decoded_activations, self.num_components
+        )
+        statistics = _compiled_sae_loss_statistics if self.compiled else _sae_loss_statistics
+        l2, l0, l1 = statistics(source, learned, decoded, self.feature_reduction)
+        per_item = {"l2": l2, "l0": l0, "l1": l1, "sparsity": self._sparsity._from_l1(l1)}
         if self._matryoshka is not None:
             if decoder_weight is None:
                 raise ValueError(

@@ -4,10 +4,6 @@ import pytest
 import torch
 
 import sparse_metrics as sm
-import sparse_metrics.metrics.l1_absolute as l1_metric
-import sparse_metrics.metrics.sparsity as sparsity_metric
-from sparse_metrics import collection
-from sparse_metrics.functional import l1_absolute
 from tests import reference
 
 
@@ -187,23 +183,3 @@ def test_compute_groups_on_and_off_agree(generator):
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key])
     assert not torch.allclose(results[0]["l0"], results[0]["l1"])
-
-
-def test_l1_is_computed_once_per_step(generator, monkeypatch):
-    """The sparsity penalty reuses the step's L1 instead of reading the activations again."""
-    calls = []
-    original = l1_absolute._l1_absolute_update
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(collection, "_l1_absolute_update", counting)
-    monkeypatch.setattr(l1_absolute, "_l1_absolute_update", counting)
-    monkeypatch.setattr(l1_metric, "_l1_absolute_update", counting)
-    monkeypatch.setattr(sparsity_metric, "_l1_absolute_update", counting)
-    loss_fn = sm.SparseAutoencoderLoss(0.1, 3)
-    loss_fn(**_data(generator))
-    assert len(calls) == 1
-    loss_fn.update(**_data(generator))
-    assert len(calls) == 2

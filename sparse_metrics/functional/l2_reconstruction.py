@@ -30,9 +30,17 @@ def _l2_reconstruction_update(
     check_feature_reduction(feature_reduction)
     source = to_components("source_activations", source_activations, num_components)
     decoded = check_same_shape("decoded_activations", decoded_activations, "source_activations", source_activations)
+    return _l2_reconstruction_error(decoded.view(source.shape), source, feature_reduction)
+
+
+def _l2_reconstruction_error(
+    decoded: Float[Tensor, "batch component d_model"],
+    source: Float[Tensor, "batch component d_model"],
+    feature_reduction: FeatureReduction,
+) -> Float[Tensor, "batch component"]:
+    """Per-item error of validated inputs, computed in float32 or float64."""
     dtype = computation_dtype(decoded, source)
-    error = decoded.view(source.shape).to(dtype) - source.to(dtype)
-    return _reduce_squared_error(error, feature_reduction)
+    return _reduce_squared_error(decoded.to(dtype) - source.to(dtype), feature_reduction)
 
 
 def l2_reconstruction_loss(

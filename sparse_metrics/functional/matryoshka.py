@@ -51,17 +51,22 @@ def matryoshka_prefix_reconstructions(
         ``x_hat_p``, ``[batch, component, d_model]``, for ``p = 1 ... P``.
     """
     dtype = computation_dtype(learned_activations, decoder_weight)
+    # Blocks of features m_{p-1}:m_p, plus the unused tail after m_P. ``split`` rather than slicing: the backward of a
+    # split concatenates the blocks' gradients into one tensor, where each slice's backward would scatter its
+    # gradient into a zero tensor of the full [batch, d_sae] size (P full-size allocations and additions).
+    widths = [stop - start for start, stop in zip((0, *prefix_sizes[:-1]), prefix_sizes, strict=True)]
+    tail = learned_activations.shape[-1] - prefix_sizes[-1]
+    widths_with_tail = [*widths, tail] if tail else widths
     # [component, batch, d_sae]: a batched matmul over components per block of features.
-    features = learned_activations.transpose(0, 1)
+    feature_blocks = torch.split(learned_activations.transpose(0, 1), widths_with_tail, dim=-1)
+    decoder_blocks = torch.split(decoder_weight, widths_with_tail, dim=-2)
     reconstruction: Tensor | None = None
-    start = 0
-    for stop in prefix_sizes:
-        block = torch.matmul(features[..., start:stop].to(dtype), decoder_weight[:, start:stop].to(dtype))
+    for features, decoder in zip(feature_blocks[: len(widths)], decoder_blocks, strict=False):
+        block = torch.matmul(features.to(dtype), decoder.to(dtype))
         if reconstruction is None:
             reconstruction = block if decoder_bias is None else block + decoder_bias.to(dtype).unsqueeze(1)
         else:
             reconstruction = reconstruction + block
-        start = stop
         yield reconstruction.transpose(0, 1)
 
 
