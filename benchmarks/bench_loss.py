@@ -109,7 +109,7 @@ def row_from(name: str, times: dict[str, list[float]], ours: str, base: str, tar
     )
 
 
-def print_table(rows: list[Row]) -> None:
+def print_table(rows: list[Row], judge: bool = True) -> None:
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
@@ -121,7 +121,7 @@ def print_table(rows: list[Row]) -> None:
         target = "info" if row.target is None else f"<={row.target:g}"
         print(
             f"{row.name:<{width}} {fmt(row.ours_ms, '10.1f')} {fmt(row.base_ms, '10.1f')} {fmt(row.ratio, '7.3f')} "
-            f"{target:>7} {row.status:>7}  {row.note}"
+            f"{target:>7} {row.status if judge else 'smoke':>7}  {row.note}"
         )
 
 
@@ -425,7 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda row: row.name)
 
     print()
-    print_table(rows)
+    print_table(rows, judge=not args.quick)
+    if args.quick:
+        # Ratios at toy sizes measure Python overhead, not the passes over memory that the targets are about.
+        print(f"\nSMOKE RUN (--quick): targets are judged at full size only; total {time.perf_counter() - began:.0f} s")
+        return 0
     judged = [row for row in rows if row.target is not None and row.ratio is not None]
     failed = [row.name.split(" ", 1)[0] for row in judged if row.status == "FAIL"]
     print(
