@@ -111,7 +111,7 @@ def row_from(name: str, times: dict[str, list[float]], ours: str, base: str, tar
 
 def print_table(rows: list[Row], judge: bool = True) -> None:
     def fmt(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
+        return format(value, spec) if value is not None else "-".rjust(int(spec.split(".", maxsplit=1)[0]))
 
     width = max(len(row.name) for row in rows)
     header = f"{'row':<{width}} {'ours ms':>10} {'base ms':>10} {'ratio':>7} {'target':>7} {'result':>7}  notes"
