@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -20,6 +20,28 @@ __all__ = ["ACCUMULATOR_DTYPE", "ItemMeanMetric", "PackedSyncMetric"]
 
 #: Sums are accumulated in float64: a float32 sum of a million batch means drifts visibly.
 ACCUMULATOR_DTYPE = torch.float64
+
+
+def _supports_float64(device: torch.device) -> bool:
+    """Whether tensors on ``device`` can be float64 (Apple's MPS backend has no float64)."""
+    return device.type != "mps"
+
+
+class _WithoutFloat64:
+    """A module ``_apply`` function that first turns float64 tensors into float32, for a device without float64.
+
+    It prints as the function it wraps: torchmetrics tells dtype conversions (``.half()``, ``.double()``, ...) from
+    device moves by the printed form of the function, and those must still be told apart.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        return self.fn(tensor.float() if tensor.dtype == torch.float64 else tensor)
+
+    def __str__(self) -> str:
+        return str(self.fn)
 
 
 class PackedSyncMetric(Metric):
@@ -50,6 +72,13 @@ class PackedSyncMetric(Metric):
                 raise
 
         return update_or_restore
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], exclude_state: Sequence[str] = "") -> torch.nn.Module:
+        """Move or convert the states like torchmetrics, float64 ones to float32 on a device without float64."""
+        target = fn(torch.zeros((), device=self.device)).device
+        if not _supports_float64(target):
+            fn = _WithoutFloat64(fn)
+        return super()._apply(fn, exclude_state)
 
     def _sync_dist(self, dist_sync_fn: Any = gather_all_tensors, process_group: Any | None = None) -> None:
         """Sync every state in at most two collective calls (see :mod:`sparse_metrics._distributed`)."""
@@ -125,7 +154,7 @@ class ItemMeanMetric(PackedSyncMetric):
         setattr(self, self._sum_state, total + per_item.sum(dim=0, dtype=total.dtype))
         setattr(self, self._count_state, self._tensor_state(self._count_state) + per_item.shape[0])
         if self._keep_batch_dim:
-            getattr(self, self._per_item_state).append(per_item.to(ACCUMULATOR_DTYPE))
+            getattr(self, self._per_item_state).append(per_item.to(total.dtype))
 
     def _output(self, per_item: Tensor) -> Tensor:
         """The value reported for per-item values: their mean, or themselves with ``keep_batch_dim``.
@@ -191,5 +220,6 @@ class ItemMeanMetric(PackedSyncMetric):
         return self._mean()
 
     def _empty_list_state(self, name: str) -> Tensor:
-        """An empty ``[0, component]`` float64 tensor: the rows of a rank that kept no per-item values."""
-        return torch.zeros(0, self.num_components, dtype=ACCUMULATOR_DTYPE, device=self.device)
+        """An empty ``[0, component]`` tensor: the rows of a rank that kept no per-item values."""
+        dtype = self._tensor_state(self._sum_state).dtype  # float64, or float32 on a device without float64
+        return torch.zeros(0, self.num_components, dtype=dtype, device=self.device)

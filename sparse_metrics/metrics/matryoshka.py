@@ -118,9 +118,8 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
     def _accumulate(self, per_item: Tensor) -> None:
         super()._accumulate(per_item)
         if per_item.shape[0]:
-            self.matryoshka_prefix_sum = self.matryoshka_prefix_sum + per_item.detach().sum(
-                dim=0, dtype=ACCUMULATOR_DTYPE
-            )
+            total = self.matryoshka_prefix_sum
+            self.matryoshka_prefix_sum = total + per_item.detach().sum(dim=0, dtype=total.dtype)
 
     def _prefix_output(self, prefix_errors: Tensor) -> Tensor:
         """Batch mean of each prefix's error, ``[*component, prefix]``, from per-item prefix errors."""
