@@ -181,5 +181,8 @@ def matryoshka_reconstruction_loss(
     prefix_errors = _matryoshka_update(
         source_activations, learned_activations, decoder_weight, decoder_bias, sizes, None, feature_reduction
     )
-    per_item = _combine_prefixes(prefix_errors, torch.tensor(weights, device=prefix_errors.device))
+    # Weights built in the errors' dtype: a float32 1/3 would cost float64 inputs their precision.
+    per_item = _combine_prefixes(
+        prefix_errors, torch.tensor(weights, dtype=prefix_errors.dtype, device=prefix_errors.device)
+    )
     return batch_output(per_item, source_activations.ndim == 3, keep_batch_dim)

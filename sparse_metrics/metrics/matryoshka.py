@@ -74,7 +74,8 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
         self.prefix_sizes = sizes
         self.prefix_weights = weights
         self.feature_reduction = feature_reduction
-        self.register_buffer("_prefix_weights", torch.tensor(weights), persistent=False)
+        # float64, cast to the errors' dtype when combined: float32 weights would cost float64 inputs their precision.
+        self.register_buffer("_prefix_weights", torch.tensor(weights, dtype=torch.float64), persistent=False)
         self.add_state(
             "matryoshka_prefix_sum",
             torch.zeros(num_components, len(sizes), dtype=ACCUMULATOR_DTYPE),
