@@ -1,12 +1,19 @@
-"""The example training script runs, single-process and on 2 DDP processes, and its loss goes down."""
+"""The examples run at small size (single process, 2 DDP processes, torchrun) and their losses go down."""
 
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
+from torchmetrics import Metric
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 
 # Small enough to run in about a second per process: 3 epochs of 16 steps.
 SMALL = ["--epochs", "3", "--num-samples", "2048", "--batch-size", "128", "--d-sae", "128"]
@@ -59,3 +66,96 @@ def test_two_processes_match_one(train_sae: ModuleType) -> None:
 def test_rejects_batch_not_divisible_by_processes(train_sae: ModuleType) -> None:
     with pytest.raises(SystemExit):
         train_sae.main([*SMALL, "--batch-size", "127", "--nproc", "2"])
+
+
+def test_rejects_nproc_under_torchrun(train_sae: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert train_sae.torchrun_world_size() == 2
+    with pytest.raises(SystemExit):
+        train_sae.main([*SMALL, "--nproc", "2"])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "curves.png"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(EXAMPLES / "train_sae.py"),
+        *SMALL,
+        "--plot",
+        str(plot),
+    ]
+    # This checkout's package, not whichever one the environment has installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("CI", None)
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert "2 processes (DDP, gloo)" in lines[0]
+    # Only rank 0 prints: one header and one row per epoch.
+    assert sum(line.split()[:1] == ["epoch"] for line in lines) == 1
+    assert [line.split()[0] for line in lines[2:5]] == ["1", "2", "3"]
+    assert plot.stat().st_size > 0
+    assert "\r" not in run.stderr  # no progress bar outside a terminal
+
+
+class _FeatureDensityStandIn(Metric):
+    """Fraction of items on which each feature fired: the interface the plot expects of issue 4's FeatureDensity."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.add_state("fired", torch.zeros(num_features, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("items", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, learned_activations: torch.Tensor) -> None:
+        self.fired += (learned_activations != 0).sum(dim=0)
+        self.items += learned_activations.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return self.fired / self.items
+
+
+def test_plot_with_feature_density(
+    train_sae: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plt = pytest.importorskip("matplotlib.pyplot")
+    import sparse_metrics as sm  # noqa: PLC0415
+
+    if not hasattr(sm, "FeatureDensity"):
+        monkeypatch.setattr(sm, "FeatureDensity", _FeatureDensityStandIn, raising=False)
+    drawn: list[int] = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda figure, *a, **k: drawn.append(len(figure.axes)))
+    train_sae.main([*SMALL, "--epochs", "1", "--plot", str(tmp_path / "curves.png")])
+    assert drawn == [2]  # loss curves and the density histogram
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_progress_bar_only_on_a_terminal(train_sae: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tqdm")
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    with train_sae._progress(4, "epoch 1", enabled=True) as bar:
+        assert bar is not None
+        bar.update()
+    with train_sae._progress(4, "epoch 1", enabled=False) as bar:
+        assert bar is None
+    monkeypatch.setenv("CI", "true")
+    with train_sae._progress(4, "epoch 1", enabled=True) as bar:
+        assert bar is None
