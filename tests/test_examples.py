@@ -159,3 +159,54 @@ def test_progress_bar_only_on_a_terminal(train_sae: ModuleType, monkeypatch: pyt
     monkeypatch.setenv("CI", "true")
     with train_sae._progress(4, "epoch 1", enabled=True) as bar:
         assert bar is None
+
+
+@pytest.fixture(scope="module")
+def resampling(train_sae: ModuleType) -> ModuleType:
+    import resampling  # noqa: PLC0415  # on sys.path through the train_sae fixture
+
+    return resampling
+
+
+def test_resampling_revives_dead_features(resampling: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    small = ["--num-samples", "1024", "--d-sae", "64", "--kill", "16", "--window", "512", "--epochs", "1"]
+    result = resampling.main([*small, "--batch-size", "128"])
+    assert result["dead_before"] >= 16  # the killed ones at least
+    assert result["dead_after"] < result["dead_before"]
+    assert "features dead" in capsys.readouterr().out
+
+
+def test_resample_reinitialises_exactly_the_dead_rows(resampling: ModuleType, train_sae: ModuleType) -> None:
+    generator = torch.Generator().manual_seed(3)
+    sae = train_sae.SparseAutoencoder(8, 16, generator)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    window = torch.randn(40, 8, generator=generator)
+    _, x_hat = sae(window)
+    (x_hat - window).square().sum().backward()
+    optimizer.step()  # creates Adam moments for every row
+    with torch.no_grad():
+        sae.b_enc[[2, 5, 11]] = -1e3
+    errors, fired = resampling.scan_window(sae, window, batch_size=16)
+    dead = fired == 0
+    assert dead.nonzero().squeeze(-1).tolist() == [2, 5, 11]
+    torch.testing.assert_close(errors, (sae(window)[1] - window).square().sum(-1).double())
+    # Items with zero error are never drawn: the probability is proportional to the squared error.
+    errors[::2] = 0.0
+    before = {name: value.detach().clone() for name, value in sae.named_parameters()}
+    drawn = resampling.resample(sae, optimizer, dead, window, errors, generator)
+    assert len(drawn) == 3
+    assert all(index % 2 == 1 for index in drawn.tolist())
+    directions = torch.nn.functional.normalize(window[drawn] - sae.b_dec, dim=-1)
+    torch.testing.assert_close(sae.W_dec[dead], directions)
+    cosine = torch.nn.functional.cosine_similarity(sae.W_enc[:, dead].T, directions, dim=-1)
+    torch.testing.assert_close(cosine, torch.ones(3))
+    assert sae.b_enc[dead].eq(0).all()
+    # Live features are untouched, their optimiser moments too; the dead rows' moments are cleared.
+    torch.testing.assert_close(sae.W_dec[~dead], before["W_dec"][~dead])
+    torch.testing.assert_close(sae.W_enc[:, ~dead], before["W_enc"][:, ~dead])
+    moments = optimizer.state[sae.W_dec]
+    assert moments["exp_avg"][dead].eq(0).all()
+    assert moments["exp_avg"][~dead].ne(0).any()
+    # Each revived feature fires on the item it was drawn from.
+    _, fired_after = resampling.scan_window(sae, window, batch_size=16)
+    assert fired_after[dead].gt(0).all()
