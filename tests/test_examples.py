@@ -210,3 +210,27 @@ def test_resample_reinitialises_exactly_the_dead_rows(resampling: ModuleType, tr
     # Each revived feature fires on the item it was drawn from.
     _, fired_after = resampling.scan_window(sae, window, batch_size=16)
     assert fired_after[dead].gt(0).all()
+
+
+@pytest.fixture(scope="module")
+def matryoshka(train_sae: ModuleType) -> ModuleType:
+    import matryoshka  # noqa: PLC0415  # on sys.path through the train_sae fixture
+
+    return matryoshka
+
+
+@pytest.mark.parametrize("sampled", [[], ["--sampled-prefixes", "3"]])
+def test_matryoshka_logs_every_prefix(
+    matryoshka: ModuleType, sampled: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = ["--num-samples", "1024", "--batch-size", "128", "--d-sae", "64", "--epochs", "2"]
+    result = matryoshka.main([*small, *sampled])
+    prefixes = [f"matryoshka_prefix_{size}" for size in (8, 16, 32, 64)]
+    assert set(prefixes) <= set(result)
+    assert all(math.isfinite(value) for value in result.values())
+    # The whole dictionary's prefix is the plain L2 loss; the smallest prefix reconstructs worst.
+    assert result["matryoshka_prefix_64"] == pytest.approx(result["l2"], rel=1e-5)
+    assert result["matryoshka_prefix_8"] > result["matryoshka_prefix_64"]
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[-4:] == prefixes
+    assert [line.split()[0] for line in table[2:4]] == ["1", "2"]
