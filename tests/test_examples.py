@@ -234,3 +234,17 @@ def test_matryoshka_logs_every_prefix(
     table = capsys.readouterr().out.splitlines()
     assert table[1].split()[-4:] == prefixes
     assert [line.split()[0] for line in table[2:4]] == ["1", "2"]
+
+
+# Lightning's own use of a torch API that torch 2.13 deprecates; nothing of ours.
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning")
+def test_lightning_module_logs_the_collection(train_sae: ModuleType) -> None:
+    pytest.importorskip("lightning")
+    import lightning_module  # noqa: PLC0415  # on sys.path through the train_sae fixture
+
+    small = ["--num-samples", "512", "--batch-size", "128", "--d-sae", "32", "--epochs", "2"]
+    logged = lightning_module.main(small)
+    terms = {"loss", "l2", "l0", "l1", "sparsity"}
+    assert {f"epoch/{name}" for name in terms} | {f"train/{name}" for name in terms} <= set(logged)
+    assert all(math.isfinite(value) for value in logged.values())
+    assert logged["epoch/loss"] == pytest.approx(logged["epoch/l2"] + logged["epoch/sparsity"], rel=1e-5)
