@@ -237,7 +237,7 @@ def test_matryoshka_logs_every_prefix(
 
 
 # Lightning's own use of a torch API that torch 2.13 deprecates; nothing of ours.
-@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 def test_lightning_module_logs_the_collection(train_sae: ModuleType) -> None:
     pytest.importorskip("lightning")
     import lightning_module  # noqa: PLC0415  # on sys.path through the train_sae fixture
