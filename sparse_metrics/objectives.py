@@ -112,7 +112,7 @@ def _check_pair(x_hat: object, x: object) -> None:
 class Vanilla(BaseModel):
     """Config of the plain SAE objective: ``loss = mse + sparsity_coeff * l1``.
 
-    Args:
+    Attributes:
         sparsity_coeff: Weight of the L1 penalty (saev's default ``4e-4``).
     """
 
@@ -128,7 +128,7 @@ class Matryoshka(BaseModel):
     step, as saev does, by :func:`sample_prefix_sizes` from a generator seeded with ``seed``: processes that share
     the seed draw the same widths at every step, with no communication).
 
-    Args:
+    Attributes:
         sparsity_coeff: Weight of the L1 penalty.
         prefix_sizes: Fixed cumulative widths ``m_1 < ... < m_P <= d_sae``.
         n_prefixes: Number of widths to sample per step, the full dictionary included.

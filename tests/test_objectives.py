@@ -1,9 +1,7 @@
 """sparse_metrics.objectives against saev's formulas, written out by hand here in float64."""
 
 import dataclasses
-import doctest
 import inspect
-from pathlib import Path
 
 import pydantic
 import pytest
@@ -254,10 +252,3 @@ def test_bad_inputs(generator: torch.Generator) -> None:
     with pytest.raises(ValueError, match="learned_activations"):
         vanilla(x, f[:3], x_hat)
     assert vanilla.compute() == before
-
-
-def test_docs_page_examples_run() -> None:
-    page = Path(__file__).resolve().parents[1] / "docs" / "objectives.md"
-    result = doctest.testfile(str(page), module_relative=False)
-    assert result.attempted > 0
-    assert result.failed == 0
