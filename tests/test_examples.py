@@ -248,3 +248,17 @@ def test_lightning_module_logs_the_collection(train_sae: ModuleType) -> None:
     assert {f"epoch/{name}" for name in terms} | {f"train/{name}" for name in terms} <= set(logged)
     assert all(math.isfinite(value) for value in logged.values())
     assert logged["epoch/loss"] == pytest.approx(logged["epoch/l2"] + logged["epoch/sparsity"], rel=1e-5)
+
+
+def test_optional_parts_degrade_without_their_packages(
+    train_sae: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The README's main command installs no extra: without tqdm there is no bar, without matplotlib --plot says why.
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    with train_sae._progress(4, "epoch 1", enabled=True) as bar:
+        assert bar is None
+    with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+        train_sae.plot_training(tmp_path / "curves.png", [{"loss": 1.0}], [1.0], 1)
