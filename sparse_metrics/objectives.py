@@ -1,9 +1,9 @@
 r"""saev-compatible training objectives, built on :class:`~sparse_metrics.SparseAutoencoderLoss`.
 
-A drop-in for ``saev.nn.objectives``: configs (:class:`Vanilla`, :class:`Matryoshka`), :func:`get_objective` turning
-a config into an :class:`Objective` module, whose ``forward`` returns a frozen :class:`Loss` with a differentiable
-``.loss`` and ``.metrics()`` for logging; and saev's element-wise :func:`mean_squared_err` /
-:func:`ref_mean_squared_err`.
+Mirrors ``saev.nn.objectives`` (the docs' objectives page lists the differences): configs (:class:`Vanilla`,
+:class:`Matryoshka`), :func:`get_objective` turning a config into an :class:`Objective` module, whose ``forward``
+returns a frozen :class:`Loss` with a differentiable ``.loss`` and ``.metrics()`` for logging; and saev's element-wise
+:func:`mean_squared_err` / :func:`ref_mean_squared_err`.
 
 Every term comes from this library's collection and functional core; nothing here re-derives them:
 
@@ -25,7 +25,6 @@ collection's terms over every batch and every process (a collective: call it on 
 from __future__ import annotations
 
 import dataclasses
-from abc import abstractmethod
 from typing import Annotated, Any
 
 import torch
@@ -243,9 +242,9 @@ class Objective(nn.Module):
         # saev's mse is an element mean over (batch, d_model): the per-item mean over d_model, then the batch mean.
         self.collection = SparseAutoencoderLoss(sparsity_coefficient=sparsity_coeff, feature_reduction="mean")
 
-    @abstractmethod
     def forward(self, x: Tensor, f_x: Tensor, x_hat: Tensor, *args: Any, **kwargs: Any) -> Loss:
-        """The batch's loss terms; the batch is also accumulated for :meth:`compute`."""
+        """The batch's loss terms; the batch is also accumulated for :meth:`compute`. Defined by each objective."""
+        raise NotImplementedError(f"{type(self).__name__} must define forward().")
 
     def _terms(self, x: Tensor, f_x: Tensor, x_hat: Tensor) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = self.collection(
