@@ -9,14 +9,15 @@ in **items** (tokens), not steps: a feature that fired exactly ``window`` items 
 it) is dead; one that fired ``window - 1`` items ago is alive; a feature that never fired becomes dead once
 ``window`` items have been seen.
 
-Across processes, items are taken to advance in lockstep, item :math:`k` of every process's stream seen at the
-same time (data-parallel training with equal per-process batches). With :math:`n_r` items seen by process
-:math:`r` and :math:`m = \min_{r : n_r > 0} s_{ri}` (the most recent firing on any process), the global count is
+Across processes, items are taken to advance in lockstep: the :math:`k`-th most recent item of every process's
+stream counts as seen at the same time (data-parallel training, where every process takes a batch at each step).
+With :math:`n_r` items seen by process :math:`r` and :math:`m` the smallest :math:`s_{ri}` among the processes on
+which the feature fired (its most recent firing anywhere; :math:`\infty` if it never fired), the global count is
 
 .. math:: s_i = \sum_r \min(m, n_r)
 
-the items seen by all processes since then; a process that saw nothing neither counts nor vetoes. With one
-process this is its own count.
+the items all processes saw since; a feature that never fired has seen every item, :math:`\sum_r n_r`. A process
+that saw nothing neither counts nor vetoes. With one process this is its own count.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def _combine_processes(items_since_fired: Tensor, items_seen: Tensor) -> Tensor:
 
     Both inputs are int64 ``[process, ...]`` (the items seen broadcast to the counters' shape).
     """
-    has_items = items_seen > 0
+    # A process's count equals its items seen exactly when the feature never fired there (a firing on its first
+    # item leaves n - 1); such a process, or one with no items, says nothing about the most recent firing.
+    fired = items_since_fired < items_seen
     never = torch.iinfo(items_since_fired.dtype).max
-    most_recent = torch.where(has_items, items_since_fired, never).amin(dim=0)
-    most_recent = torch.where(has_items.any(dim=0), most_recent, 0)
+    most_recent = torch.where(fired, items_since_fired, never).amin(dim=0)
     return torch.minimum(most_recent, items_seen).sum(dim=0)
 
 

@@ -38,11 +38,12 @@ class DeadFeatures(PackedSyncMetric):
       boundaries and differs only by where in its last batch the feature fired (SAELens rounds to whole steps).
     - **saev / OpenAI** count *tokens* since a feature fired: pass that token threshold as ``window``
       (OpenAI's "not fired for 10M tokens" is ``window=10_000_000``).
-    - **Across processes** items advance in lockstep (item ``k`` of every process at the same time, as in
-      data-parallel training): with ``n_r`` items on process ``r`` and ``m`` the smallest count of a process that
-      saw items (its most recent firing), the global count is :math:`\sum_r \min(m, n_r)`, the items all
-      processes saw since. OpenAI takes the MIN of per-process counts; this counts them in global tokens. A
-      process that saw nothing neither counts nor vetoes. Every process gets the same result.
+    - **Across processes** items advance in lockstep (the ``k``-th most recent item of every process at the same
+      time, as in data-parallel training): with ``n_r`` items on process ``r`` and ``m`` the smallest count among
+      the processes where the feature fired (its most recent firing anywhere), the global count is
+      :math:`\sum_r \min(m, n_r)`, the items all processes saw since (:math:`\sum_r n_r` if it never fired).
+      OpenAI takes the MIN of per-process counts; this counts the same firing in global tokens. A process that saw
+      nothing neither counts nor vetoes. Every process gets the same result.
 
     **Lifetime.** The counters span the whole run, not an epoch: :meth:`reset` (which
     :class:`torchmetrics.MetricCollection` calls at each epoch end, with the loss metrics') leaves them as they

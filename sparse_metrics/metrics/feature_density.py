@@ -32,7 +32,7 @@ class FeatureDensity(PackedSyncMetric):
     ``[batch, component, num_features]``. ``compute()`` returns the densities, float64
     ``[*component, num_features]`` (NaN before any item); :meth:`mean_log10_density` the per-component mean log10
     density for logging; :meth:`plot` the usual histogram of log10 densities. Counts are int64 and summed across
-    processes, so the density is exact.
+    processes, so the density is exact; they are saved in ``state_dict``.
 
     Args:
         num_features: The dictionary size ``d_sae``.
@@ -68,9 +68,14 @@ class FeatureDensity(PackedSyncMetric):
         self.num_features = num_features
         self.num_components = num_components
         self.add_state(
-            self._fire_count_state, torch.zeros(num_components, num_features, dtype=torch.int64), dist_reduce_fx="sum"
+            self._fire_count_state,
+            torch.zeros(num_components, num_features, dtype=torch.int64),
+            dist_reduce_fx="sum",
+            persistent=True,
         )
-        self.add_state(self._item_count_state, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state(
+            self._item_count_state, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum", persistent=True
+        )
 
     def update(self, learned_activations: Tensor, **kwargs: Any) -> None:
         """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
@@ -159,7 +164,8 @@ class FeatureDensity(PackedSyncMetric):
             figure = ax.get_figure()
         for component, values in enumerate(log_density):
             label = f"component {component}" if log_density.shape[0] > 1 else None
-            ax.hist(values.numpy(), bins=50, range=(-10.0, 0.0), alpha=0.6, label=label)
+            # Bins of 1/3 decade centred on the integers: the dead-feature spike at -10 and density 1 at 0 inside.
+            ax.hist(values.numpy(), bins=33, range=(-10.5, 0.5), alpha=0.6, label=label)
         ax.set_xlabel(r"$\log_{10}$(feature density + $10^{-10}$)")
         ax.set_ylabel("features")
         ax.set_title(type(self).__name__)
