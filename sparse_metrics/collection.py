@@ -281,7 +281,9 @@ class SparseAutoencoderLoss(MetricCollection):
             # The L2 member's per-item error, already validated, summed (not averaged) over d_model.
             batch.source = source
             squared_error = batch.per_item["l2"]
-            batch.squared_error = squared_error * source.shape[-1] if self.feature_reduction == "mean" else squared_error
+            batch.squared_error = (
+                squared_error * source.shape[-1] if self.feature_reduction == "mean" else squared_error
+            )
         return batch
 
     def _record(self, batch: _Batch) -> None:
