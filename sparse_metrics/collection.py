@@ -19,7 +19,7 @@ from sparse_metrics._config import (
     validate_arguments,
 )
 from sparse_metrics._distributed import synced_states
-from sparse_metrics._validation import check_sae_inputs
+from sparse_metrics._validation import check_sae_inputs, computation_dtype
 from sparse_metrics.functional._statistics import _sae_loss_statistics
 from sparse_metrics.functional.feature_density import (
     DENSITY_EPSILON,
@@ -85,7 +85,7 @@ class SparseAutoencoderLoss(MetricCollection):
       ``"feature_density"`` (per feature, ``[*component, num_features]``) and ``"mean_log10_feature_density"``
       (``[*component]``, epsilon 1e-10).
     - ``dead_feature_window=w`` adds member ``"dead_features"`` (:class:`DeadFeatures`, window ``w`` items) and
-      key ``"dead_features"``, the number of dead features ``[*component]``; its counters survive :meth:`reset`.
+      key ``"dead_features"``, the number of dead features ``[*component]``; its counters survive ``reset()``.
 
     The density and dead features both need ``num_features``. One activity mask ``f != 0`` per batch gives the
     per-item L0, the per-feature firing counts and the items since each feature fired: the ``[batch, d_sae]``
@@ -258,7 +258,7 @@ class SparseAutoencoderLoss(MetricCollection):
             active = member._active(learned_activations)
             activity = _feature_activity(active)
             l2 = _l2_reconstruction_error(decoded, source, self.feature_reduction)
-            l0, l1 = _l0_from_active(active, l2.dtype), _absolute_sum(learned)
+            l0, l1 = _l0_from_active(active, computation_dtype(learned)), _absolute_sum(learned)
         else:
             statistics = _compiled_sae_loss_statistics if self.compiled else _sae_loss_statistics
             l2, l0, l1 = statistics(source, learned, decoded, self.feature_reduction)

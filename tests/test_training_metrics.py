@@ -237,6 +237,18 @@ def test_dead_features_counters_across_batch_boundaries(generator):
         assert torch.equal(metric.compute(), (expected >= 9).sum(-1))
 
 
+@pytest.mark.parametrize(("dead_feature_window", "batch_size"), [(0, 3), (2, 4), (3, 1)])
+def test_window_n_plus_one_batches_reproduces_saelens_steps_rule(generator, dead_feature_window, batch_size):
+    # SAELens: a per-feature step counter, +1 every step, 0 on a step where the feature fired; dead when > N.
+    metric = sm.DeadFeatures(D_SAE, window=(dead_feature_window + 1) * batch_size)
+    steps_since_fired = torch.zeros(D_SAE, dtype=torch.int64)
+    for _ in range(12):
+        batch = reference.sparse_activations(batch_size, D_SAE, density=0.07, generator=generator)
+        steps_since_fired = torch.where((batch != 0).any(0), 0, steps_since_fired + 1)
+        metric.update(batch)
+        assert torch.equal(metric.dead_mask(), steps_since_fired > dead_feature_window)
+
+
 @_NO_UPDATE
 def test_dead_feature_counters_survive_reset_and_clear_on_reset_counters():
     metric = sm.DeadFeatures(2, window=2)

@@ -107,7 +107,7 @@ def mean_log10_feature_density(
     r"""Mean over features of :math:`\log_{10}(\rho + \epsilon)`, the summary SAE dashboards log.
 
     Args:
-        density: Feature densities, ``[*component, d_sae]`` (e.g. from :func:`feature_density`).
+        density: Feature densities, ``[*component, d_sae]`` (e.g. from ``feature_density``).
         epsilon: Added before the log so that a never-firing feature counts as ``log10(epsilon)``; default 1e-10.
 
     Example:

@@ -34,8 +34,9 @@ class DeadFeatures(PackedSyncMetric):
       one that fired ``window - 1`` items ago is alive, and one that never fired is dead once ``window`` items
       have been seen. Items inside a batch are in order, the most recent last.
     - **SAELens** counts *steps* since a feature fired and calls it dead when that count is ``> N``: with
-      ``batch_size`` items per step, use ``window = (N + 1) * batch_size``, which agrees with SAELens at step
-      boundaries and differs only by where in its last batch the feature fired (SAELens rounds to whole steps).
+      ``batch_size`` items per step, ``window = (N + 1) * batch_size`` gives exactly SAELens' mask (a feature last
+      fired at position ``j`` of a batch, then ``k`` silent steps, has ``k * B + B - 1 - j`` items since, which is
+      ``>= (N + 1) * B`` exactly when ``k > N``).
     - **saev / OpenAI** count *tokens* since a feature fired: pass that token threshold as ``window``
       (OpenAI's "not fired for 10M tokens" is ``window=10_000_000``).
     - **Across processes** items advance in lockstep (the ``k``-th most recent item of every process at the same
