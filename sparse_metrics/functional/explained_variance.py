@@ -21,7 +21,8 @@ from sparse_metrics._validation import check_same_shape, computation_dtype, to_c
 
 __all__ = ["explained_variance", "fraction_of_variance_unexplained"]
 
-#: Every statistic is kept in float64: the per-dimension means feed a difference of near-equal numbers.
+#: Statistics are kept in float64 (float32 only on a device without it): the means feed differences of near-equal
+#: numbers.
 _STATISTICS_DTYPE = torch.float64
 
 
@@ -41,20 +42,24 @@ class VarianceStatistics(NamedTuple):
     squared_error: Tensor
 
 
-def _source_statistics(source: Float[Tensor, "batch component d_model"]) -> tuple[Tensor, Tensor, Tensor]:
-    """Two-pass (count, mean, M2) of a batch in float64: the mean first, then the deviations from it."""
-    values = source.detach().to(_STATISTICS_DTYPE)
+def _source_statistics(
+    source: Float[Tensor, "batch component d_model"], dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Two-pass (count, mean, M2) of a batch: the mean first, then the deviations from it."""
+    values = source.detach().to(dtype)
     mean = values.mean(dim=0)
     m2 = (values - mean).square().sum(dim=(0, 2))
-    return torch.tensor(float(source.shape[0]), dtype=_STATISTICS_DTYPE, device=source.device), mean, m2
+    return torch.tensor(float(source.shape[0]), dtype=dtype, device=source.device), mean, m2
 
 
 def _batch_statistics(
-    source: Float[Tensor, "batch component d_model"], squared_error_per_item: Float[Tensor, "batch component"]
+    source: Float[Tensor, "batch component d_model"],
+    squared_error_per_item: Float[Tensor, "batch component"],
+    dtype: torch.dtype = _STATISTICS_DTYPE,
 ) -> VarianceStatistics:
     """The statistics of one validated batch, given each item's squared error summed over ``d_model``."""
-    count, mean, m2 = _source_statistics(source)
-    squared_error = squared_error_per_item.detach().sum(dim=0, dtype=_STATISTICS_DTYPE)
+    count, mean, m2 = _source_statistics(source, dtype)
+    squared_error = squared_error_per_item.detach().sum(dim=0, dtype=dtype)
     return VarianceStatistics(count, mean, m2, squared_error)
 
 

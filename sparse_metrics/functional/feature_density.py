@@ -71,9 +71,9 @@ def _l0_from_active(active: Bool[Tensor, "batch component d_sae"], dtype: torch.
     return active.sum(dim=-1, dtype=dtype)
 
 
-def _density_compute(fire_count: Tensor, item_count: Tensor) -> Tensor:
-    """Fraction of items in which each feature fired, float64; NaN with no item."""
-    return fire_count.to(torch.float64) / item_count
+def _density_compute(fire_count: Tensor, item_count: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Fraction of items in which each feature fired (float64 unless told otherwise); NaN with no item."""
+    return fire_count.to(dtype) / item_count
 
 
 def _mean_log10(density: Tensor, epsilon: float) -> Tensor:

@@ -16,6 +16,7 @@ from sparse_metrics.functional.explained_variance import (
     _fvu_update,
     _merge_statistics,
 )
+from sparse_metrics.metrics import _base
 from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, PackedSyncMetric
 
 __all__ = ["ExplainedVariance", "FractionOfVarianceUnexplained"]
@@ -104,13 +105,14 @@ class FractionOfVarianceUnexplained(PackedSyncMetric):
         """Merge a validated batch (source ``[batch, component, d_model]``, per-item summed squared errors)."""
         if source.shape[0] == 0:
             return
-        batch = _batch_statistics(source, squared_error_per_item)
+        batch = _batch_statistics(source, squared_error_per_item, self._statistics_dtype)
         local = self._statistics()
         merged = batch if local is None else _merge_statistics(local, batch)
         setattr(self, self._state_name, [self._pack(merged)])
 
     def _pack(self, statistics: VarianceStatistics) -> Tensor:
-        d_model = torch.tensor([statistics.mean.shape[-1]], dtype=ACCUMULATOR_DTYPE, device=statistics.mean.device)
+        mean = statistics.mean
+        d_model = torch.tensor([mean.shape[-1]], dtype=mean.dtype, device=mean.device)
         return torch.cat(
             [
                 d_model,
@@ -145,7 +147,12 @@ class FractionOfVarianceUnexplained(PackedSyncMetric):
 
     def _empty_list_state(self, name: str) -> Tensor:
         """No packet: a process that saw no item sends zero scalar rows."""
-        return torch.zeros(0, dtype=ACCUMULATOR_DTYPE, device=self.device)
+        return torch.zeros(0, dtype=self._statistics_dtype, device=self.device)
+
+    @property
+    def _statistics_dtype(self) -> torch.dtype:
+        """float64, or float32 on a device without float64 (MPS), like the sums of the other metrics."""
+        return ACCUMULATOR_DTYPE if _base._supports_float64(self.device) else torch.float32
 
     def _squeeze(self, value: Tensor) -> Tensor:
         return value.squeeze(-1) if self.num_components == 1 else value
@@ -154,7 +161,7 @@ class FractionOfVarianceUnexplained(PackedSyncMetric):
         """Pooled FVU ``[component]`` of every item in the (possibly synced) state."""
         statistics = self._statistics()
         if statistics is None:
-            return torch.full((self.num_components,), float("nan"), dtype=ACCUMULATOR_DTYPE, device=self.device)
+            return torch.full((self.num_components,), float("nan"), dtype=self._statistics_dtype, device=self.device)
         return _fvu_compute(statistics.squared_error, statistics.m2)
 
     def compute(self) -> Tensor:

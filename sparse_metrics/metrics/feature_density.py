@@ -16,7 +16,8 @@ from sparse_metrics.functional.feature_density import (
     _feature_activity,
     _mean_log10,
 )
-from sparse_metrics.metrics._base import PackedSyncMetric
+from sparse_metrics.metrics import _base
+from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, PackedSyncMetric
 
 __all__ = ["FeatureDensity"]
 
@@ -102,14 +103,19 @@ class FeatureDensity(PackedSyncMetric):
         self.density_item_count = self.density_item_count + activity.batch_size
 
     def _batch_value(self, activity: FeatureActivity) -> Tensor:
-        density = _density_compute(activity.fire_count, torch.tensor(activity.batch_size))
+        density = _density_compute(activity.fire_count, torch.tensor(activity.batch_size), self._density_dtype)
         return self._squeeze(density)
 
     def _squeeze(self, value: Tensor) -> Tensor:
         return value.squeeze(0) if self.num_components == 1 else value
 
     def _density(self) -> Tensor:
-        return _density_compute(self.density_fire_count, self.density_item_count)
+        return _density_compute(self.density_fire_count, self.density_item_count, self._density_dtype)
+
+    @property
+    def _density_dtype(self) -> torch.dtype:
+        """float64, or float32 on a device without float64 (MPS)."""
+        return ACCUMULATOR_DTYPE if _base._supports_float64(self.device) else torch.float32
 
     def compute(self) -> Tensor:
         """Density of every feature, float64 ``[*component, num_features]``, synced across processes."""
