@@ -8,17 +8,18 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import torch
+from torch._dynamo.exc import TorchDynamoException
 
 _Result = TypeVar("_Result")
 
 
 class CompiledWithFallback(Generic[_Result]):
-    """Call ``torch.compile(function, fullgraph=True)``; if compiling ever fails, warn once and run eagerly for good.
+    """Call ``torch.compile(function, fullgraph=True)``; if compiling fails, warn once and run eagerly for good.
 
     The compiled function is built at the first call, so importing the package never imports the compiler stack.
-    Callers must pass validated inputs: any exception raised by the compiled call is taken for a failure to compile
-    (``torch.compile`` raises many kinds: a missing C++ compiler, an unsupported platform or Python version, a
-    backend error), and the same call is then run eagerly, which re-raises a genuine error in the function itself.
+    What counts as a failure to compile: the compiler stack's own errors (dynamo's, which wrap the backend's, such as
+    a missing C++ compiler for inductor's CPU code) and ``OSError`` (a compiler that cannot be run). Anything else,
+    an out-of-memory error say, is the caller's to see and is raised as it is.
 
     One instance is shared by every caller in the process; whether compiling works does not depend on the caller.
     """
@@ -33,7 +34,7 @@ class CompiledWithFallback(Generic[_Result]):
         if not self._failed:
             try:
                 return self._compiled_function()(*args)
-            except Exception as error:
+            except (TorchDynamoException, OSError) as error:
                 self._fail(error)
         return self._function(*args)
 
@@ -46,9 +47,12 @@ class CompiledWithFallback(Generic[_Result]):
     def _fail(self, error: Exception) -> None:
         self._failed = True
         name = getattr(self._function, "__qualname__", repr(self._function))
-        reason = next(iter(str(error).splitlines()), "")  # compiler errors can run to pages; the first line says what
+        # A backend failure wraps the backend's own error, which says what went wrong; compiler output can run to
+        # pages, and its first line is enough here.
+        cause = getattr(error, "inner_exception", None) or error
+        reason = next(iter(str(cause).splitlines()), "")
         warnings.warn(
-            f"torch.compile could not compile {name} ({type(error).__name__}: {reason}); "
+            f"torch.compile could not compile {name} ({type(cause).__name__}: {reason}); "
             "running it eagerly from now on.",
             RuntimeWarning,
             stacklevel=3,

@@ -92,15 +92,12 @@ class SparseAutoencoderLoss(MetricCollection):
     activations are not read again for them. All members sync together in ``compute()``: one collective, two when
     some member keeps rows (``keep_batch_dim`` or the FVU, whose per-process statistics travel as rows).
 
-    - ``forward(**inputs)`` accumulates the batch and returns each member's value on it, ``"loss"`` (a
-      differentiable scalar) and, with Matryoshka, ``"matryoshka_prefix_<m>"`` for each prefix width ``m``.
-    - ``update(**inputs)`` accumulates without building an autograd graph.
-    - ``compute()`` returns the epoch values of the same keys, synced across processes.
-
     Inputs (keywords): ``source_activations``, ``learned_activations``, ``decoded_activations``, and for Matryoshka
     ``decoder_weight`` (feature-major ``[*component, d_sae, d_model]``) and optionally ``decoder_bias``. Every
     input is validated before any member's state changes, so a rejected batch leaves the collection untouched.
-    The L1 of a batch is computed once and also feeds the sparsity penalty.
+    Each statistic is computed once per batch: the L1 also feeds the sparsity penalty, and when the largest Matryoshka
+    prefix is the whole dictionary (``d_sae``), its error is the L2 error of ``decoded_activations``, the SAE's own
+    reconstruction ``f W + b`` — which the collection therefore takes to be the whole dictionary's decode.
 
     Args:
         sparsity_coefficient: Non-negative number or ``[component]`` tensor; change it between steps through the
@@ -274,8 +271,10 @@ class SparseAutoencoderLoss(MetricCollection):
                     "`decoder_weight` is required when `matryoshka_prefix_sizes` is set: pass the feature-major "
                     "decoder [*component, d_sae, d_model]."
                 )
+            # decoded_activations is the SAE's reconstruction from its whole dictionary: its error is the last
+            # prefix's when that prefix is d_sae, so that prefix is not decoded a second time.
             batch.per_item["matryoshka"] = self._matryoshka._per_item(
-                source_activations, learned_activations, decoder_weight, decoder_bias
+                source_activations, learned_activations, decoder_weight, decoder_bias, full_dictionary_error=l2
             )
         if self._fvu is not None:
             # The L2 member's per-item error, already validated, summed (not averaged) over d_model.

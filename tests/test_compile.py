@@ -132,10 +132,14 @@ def test_compiled_training_step_matches_eager(generator):
     torch.testing.assert_close(compiled_fn.compute(), eager_fn.compute())
 
 
+class SimulatedCompilerFailure(torch._dynamo.exc.TorchDynamoException):
+    """What the compiler stack raises, e.g. BackendCompilerFailed when inductor finds no C++ compiler."""
+
+
 def test_compile_failure_falls_back_to_eager_with_one_warning(generator, monkeypatch):
     def failing_compile(function, **kwargs):
         def compiled(*args):
-            raise RuntimeError("simulated: no C++ compiler\nlong compiler output")
+            raise SimulatedCompilerFailure("simulated: no C++ compiler\nlong compiler output")
 
         return compiled
 
@@ -146,7 +150,9 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(generator, monkeyp
     eager = sm.SparseAutoencoderLoss(0.1, 2)
     compiled = sm.SparseAutoencoderLoss(0.1, 2, compiled=True)
     inputs = _inputs(generator)
-    with pytest.warns(RuntimeWarning, match=r"could not compile _sae_loss_statistics \(RuntimeError: simulated: no C"):
+    with pytest.warns(
+        RuntimeWarning, match=r"could not compile _sae_loss_statistics \(SimulatedCompilerFailure: simulated: no C"
+    ):
         actual = compiled(**inputs)
     torch.testing.assert_close(actual, eager(**inputs))
     with warnings.catch_warnings():
@@ -161,3 +167,20 @@ def test_compiled_path_still_validates(generator):
     inputs["decoded_activations"] = inputs["decoded_activations"][:, :, :-1]
     with pytest.raises(ValueError, match="`decoded_activations` must have the shape of `source_activations`"):
         compiled(**inputs)
+
+
+def test_errors_other_than_compiling_are_not_swallowed(generator, monkeypatch):
+    """An out-of-memory error in the compiled call is the caller's, not a reason to give up compiling."""
+
+    def failing_compile(function, **kwargs):
+        def compiled(*args):
+            raise torch.OutOfMemoryError("simulated")
+
+        return compiled
+
+    monkeypatch.setattr(_compile.torch, "compile", failing_compile)
+    fresh = _compile.CompiledWithFallback(_sae_loss_statistics)
+    monkeypatch.setattr(collection, "_compiled_sae_loss_statistics", fresh)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        sm.SparseAutoencoderLoss(0.1, 2, compiled=True)(**_inputs(generator))
+    assert not fresh._failed

@@ -66,3 +66,29 @@ def test_backward_makes_one_full_size_gradient(generator):
     with FullSizeOperations(BATCH * COMPONENTS * D_SAE) as recorded:
         loss.backward()
     assert recorded.operations == Counter({"sign": 1, "mul_": 1})
+
+
+@pytest.mark.parametrize("step", ["forward", "update"])
+def test_whole_dictionary_error_is_shared_by_l2_and_matryoshka(generator, step):
+    """The largest prefix is the whole dictionary: its error is L2's, so one error is formed per prefix, not P + 1."""
+    prefix_sizes = [10, 20, D_SAE]
+    loss_fn = sm.SparseAutoencoderLoss(0.1, COMPONENTS, matryoshka_prefix_sizes=prefix_sizes)
+    inputs = _inputs(generator, requires_grad=step == "forward")
+    with FullSizeOperations(BATCH * COMPONENTS * D_MODEL) as recorded:
+        getattr(loss_fn, step)(**inputs)
+    assert recorded.operations["sub"] == len(prefix_sizes)
+
+
+def test_whole_dictionary_prefix_equals_the_standalone_metric(generator):
+    """With decoded_activations = f W + b (what an SAE outputs), sharing the error changes no value."""
+    prefix_sizes = [10, 20, D_SAE]
+    inputs = _inputs(generator, requires_grad=False)
+    inputs["decoded_activations"] = (
+        torch.einsum("bcf,cfd->bcd", inputs["learned_activations"], inputs["decoder_weight"]) + inputs["decoder_bias"]
+    )
+    loss_fn = sm.SparseAutoencoderLoss(0.1, COMPONENTS, matryoshka_prefix_sizes=prefix_sizes)
+    standalone = sm.MatryoshkaReconstructionLoss(prefix_sizes, COMPONENTS)
+    loss_fn.update(**inputs)
+    standalone.update(**inputs)
+    torch.testing.assert_close(loss_fn.compute()["matryoshka"], standalone.compute())
+    torch.testing.assert_close(loss_fn["matryoshka"].compute_prefix_losses(), standalone.compute_prefix_losses())

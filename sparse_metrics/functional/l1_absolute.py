@@ -32,20 +32,34 @@ class _AbsoluteSum(torch.autograd.Function):
     The forward is one fused pass that accumulates in float32 even for half inputs, with no ``|f|`` temporary. The
     backward writes the gradient ``sign(f) * grad`` into a single new tensor; autograd's own backward of the 1-norm
     allocates two of the full input size (``sgn(f)``, then its product with the gradient), and on a CPU the
-    allocation and first touch of such a tensor cost as much as the arithmetic.
+    allocation and first touch of such a tensor cost as much as the arithmetic. Written in the ``setup_context``
+    style with a ``jvp`` and a generated vmap rule, so ``torch.func`` transforms work too.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, learned: Tensor, dtype: torch.dtype) -> Tensor:
-        ctx.save_for_backward(learned)
+    def forward(learned: Tensor, dtype: torch.dtype) -> Tensor:
         per_item: Tensor = torch.linalg.vector_norm(learned, ord=1, dim=-1, dtype=dtype)
         return per_item
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, torch.dtype], output: Tensor) -> None:
+        learned, _ = inputs
+        ctx.save_for_backward(learned)
+        ctx.save_for_forward(learned)
+        ctx.dtype = output.dtype
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (learned,) = ctx.saved_tensors
         # Written with differentiable operations, so double backward works as well.
         return torch.sign(learned).mul_(grad.unsqueeze(-1)), None
+
+    @staticmethod
+    def jvp(ctx: Any, learned_tangent: Tensor, _: None) -> Tensor:
+        (learned,) = ctx.saved_tensors
+        return (torch.sign(learned) * learned_tangent).sum(dim=-1, dtype=ctx.dtype)
 
 
 def l1_absolute_loss(

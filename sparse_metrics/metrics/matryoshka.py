@@ -99,9 +99,14 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
         learned_activations: Tensor,
         decoder_weight: Tensor,
         decoder_bias: Tensor | None = None,
+        full_dictionary_error: Tensor | None = None,
         **kwargs: Any,
     ) -> Tensor:
-        """Per-item error of every prefix, ``[batch, component, prefix]``."""
+        """Per-item error of every prefix, ``[batch, component, prefix]``.
+
+        ``full_dictionary_error``: the per-item error of the whole dictionary's reconstruction where the caller has
+        it (the collection's L2 error); it then serves as the last prefix's error when that prefix is ``d_sae``.
+        """
         return _matryoshka_update(
             source_activations,
             learned_activations,
@@ -110,6 +115,7 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
             self.prefix_sizes,
             self.num_components,
             self.feature_reduction,
+            full_dictionary_error,
         )
 
     def _item_values(self, per_item: Tensor) -> Tensor:
