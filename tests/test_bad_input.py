@@ -48,6 +48,7 @@ def _metrics(keep_batch_dim):
         sm.L1AbsoluteLoss(2, keep_batch_dim=keep_batch_dim),
         sm.L0NormMetric(2, keep_batch_dim=keep_batch_dim),
         sm.SparsityLoss(0.1, 2, keep_batch_dim=keep_batch_dim),
+        sm.SparsityLoss(0.1, 2, keep_batch_dim=keep_batch_dim, decoder_norm_weighting=True),
         sm.MatryoshkaReconstructionLoss([4, 8], 2, keep_batch_dim=keep_batch_dim),
     ]
 
@@ -78,6 +79,8 @@ def _replace(inputs, argument, replacement):
 
 
 def _relevant(metric, argument):
+    if isinstance(metric, sm.SparsityLoss) and not metric.decoder_norm_weighting and argument == "decoder_weight":
+        return False  # ignored without decoder-norm weighting
     return argument in metric._update_signature.parameters
 
 

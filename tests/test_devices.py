@@ -60,3 +60,17 @@ def test_dtype_conversions_keep_torchmetrics_guard(meta_without_float64):
     metric = sm.L1AbsoluteLoss().to("meta").half()
     assert metric.l1_sum.dtype == torch.float32
     assert metric.l1_count.dtype == torch.int64
+
+
+def test_training_metrics_follow_the_device_float64_support(meta_without_float64):
+    fvu = sm.FractionOfVarianceUnexplained(2).to("meta")
+    fvu.update(torch.zeros(5, 2, 3, device="meta"), torch.ones(5, 2, 3, device="meta"))
+    (packet,) = fvu.fvu_statistics
+    assert (packet.device.type, packet.dtype) == ("meta", torch.float32)
+    density = sm.FeatureDensity(8, 2).to("meta")
+    density.update(torch.zeros(5, 2, 8, device="meta"))
+    assert density.compute().dtype == torch.float32
+    assert density.density_fire_count.dtype == torch.int64
+    on_cpu = sm.FractionOfVarianceUnexplained(2)
+    on_cpu.update(torch.zeros(5, 2, 3), torch.ones(5, 2, 3))
+    assert on_cpu.fvu_statistics[0].dtype == torch.float64

@@ -87,6 +87,27 @@ class PackedSyncMetric(Metric):
             return
         sync_states([self], process_group or self.process_group)
 
+    def plot(self, val: Any = None, ax: Any = None) -> Any:
+        """Plot a value, or a sequence of values, of this metric (torchmetrics' plot API; needs matplotlib).
+
+        Args:
+            val: A result of ``compute``/``forward``, or a sequence of them (e.g. one per epoch); None computes it.
+            ax: A matplotlib ``Axes`` to draw into; None creates a figure.
+
+        Returns:
+            ``(figure, axes)``.
+
+        Example:
+            >>> import matplotlib
+            >>> matplotlib.use("Agg")
+            >>> import torch
+            >>> from sparse_metrics import L0NormMetric
+            >>> metric = L0NormMetric()
+            >>> values = [metric(torch.tensor([[1.0, 0.0], [2.0, 3.0]])) for _ in range(3)]
+            >>> figure, axes = metric.plot(values)
+        """
+        return self._plot(val, ax)
+
 
 class ItemMeanMetric(PackedSyncMetric):
     """A metric whose value is, per component, the mean over every item seen of a per-item value.
