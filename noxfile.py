@@ -1,7 +1,12 @@
-"""Developer sessions: `nox -s tests`, `nox -s slow`, `nox -s lint`, `nox -s demo`, `nox -s bench`.
+"""Developer sessions: `nox -s tests`, `nox -s slow`, `nox -s lint`, `nox -s docs`, `nox -s build`, `nox -s demo`,
+`nox -s bench`.
 
 Every session installs the CPU build of torch pinned below first: an unpinned torch resolves to a multi-GB CUDA build.
 """
+
+import re
+import shutil
+from pathlib import Path
 
 import nox
 
@@ -10,6 +15,14 @@ nox.options.default_venv_backend = "venv"
 
 PYTHON = "3.11"
 TORCH = "torch==2.13.0"
+
+
+def _project_version() -> str:
+    """The `version` of pyproject.toml's [project] table (its first `version =` line)."""
+    match = re.search(r'^version = "([^"]+)"$', Path("pyproject.toml").read_text(encoding="utf-8"), flags=re.MULTILINE)
+    if match is None:
+        raise RuntimeError('pyproject.toml has no `version = "..."` line')
+    return match[1]
 
 
 def _install(session: nox.Session, extras: str = "") -> None:
@@ -52,3 +65,27 @@ def bench(session: nox.Session) -> None:
     """Speed targets as ratios to hand-written code, measured side by side (pass --quick for a smoke run)."""
     _install(session)
     session.run("python", "benchmarks/bench_loss.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/; --strict turns every warning (a broken reference) into a failure."""
+    _install(session, "docs")
+    session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def build(session: nox.Session) -> None:
+    """Build the sdist and the wheel, install the wheel alone into this fresh virtualenv and smoke-test it."""
+    session.install("build")
+    dist = Path(session.create_tmp()) / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", str(dist))
+    (wheel,) = dist.glob("sparse_metrics-*.whl")
+    session.install(TORCH)
+    session.install(str(wheel))
+    version = _project_version()
+    # Run from outside the source tree, so that `import sparse_metrics` finds the installed wheel.
+    smoke = Path("tests/smoke_wheel.py").resolve()
+    session.chdir(dist)
+    session.run("python", str(smoke), version)

@@ -12,14 +12,20 @@ The loop uses the metric collection as a training loss should be used under DDP:
   called on every rank, since it is a collective;
 - ``reset()`` starts the next epoch.
 
-``--batch-size`` is the global batch: with ``--nproc 2`` each process takes half of every batch from its own shard,
-and DDP averages the two halves' gradients. The two-process run therefore trains the same model on the same
-batches as the single-process run and prints the same table, up to floating-point rounding.
+``--batch-size`` is the global batch: with 2 processes each takes half of every batch from its own shard, and DDP
+averages the two halves' gradients. The two-process run therefore trains the same model on the same batches as the
+single-process run and prints the same table, up to floating-point rounding. Two processes are started either by the
+script itself (``--nproc 2``) or by ``torchrun``, whose environment variables the script detects.
+
+With ``tqdm`` installed (``pip install -e ".[examples]"``) rank 0 shows a progress bar when writing to a terminal
+(never in CI logs or pipes); ``--plot PATH`` (needs matplotlib) writes the loss curves, and the histogram of feature
+densities when the library has ``FeatureDensity``, to a PNG.
 
 Examples:
     python examples/train_sae.py
-    python examples/train_sae.py --matryoshka
+    python examples/train_sae.py --matryoshka --plot sae.png
     python examples/train_sae.py --nproc 2
+    torchrun --nproc_per_node 2 examples/train_sae.py
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,14 +85,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--nproc", type=_positive_int, default=1, help="processes (DDP on the gloo backend when > 1; default: 1)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the initial SAE and the shuffles")
+    parser.add_argument(
+        "--plot", type=Path, default=None, metavar="PATH", help="write the loss curves to this PNG (needs matplotlib)"
+    )
     args = parser.parse_args(argv)
-    if args.batch_size % args.nproc:
-        parser.error(f"--batch-size ({args.batch_size}) must be divisible by --nproc ({args.nproc})")
+    launched = torchrun_world_size()
+    if launched is not None and args.nproc != 1:
+        parser.error(f"--nproc {args.nproc} under torchrun: torchrun already started {launched} processes")
+    processes = launched or args.nproc
+    if args.batch_size % processes:
+        parser.error(f"--batch-size ({args.batch_size}) must be divisible by the process count ({processes})")
     if args.num_samples < args.batch_size:
         parser.error(f"--num-samples ({args.num_samples}) must be at least --batch-size ({args.batch_size})")
     if args.matryoshka and args.d_sae < 8:
         parser.error(f"--matryoshka needs --d-sae of at least 8 for its 4 prefixes, got {args.d_sae}")
     return args
+
+
+def torchrun_world_size() -> int | None:
+    """The process count when started by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return None
 
 
 def _positive_int(text: str) -> int:
@@ -150,11 +173,16 @@ def recovered_fraction(decoder: Tensor, directions: Tensor) -> float:
     return (best_cosine >= RECOVERY_COSINE).float().mean().item()
 
 
-def train(rank: int, world_size: int, args: argparse.Namespace, port: int | None = None) -> list[dict[str, float]]:
-    """Train on this rank's shard; return every epoch's ``compute()`` values (the same on every rank)."""
+def train(
+    rank: int, world_size: int, args: argparse.Namespace, init_method: str | None = None
+) -> list[dict[str, float]]:
+    """Train on this rank's shard; return every epoch's ``compute()`` values (the same on every rank).
+
+    ``init_method`` joins the process group (``tcp://...`` from ``--nproc``, ``env://`` under torchrun).
+    """
     distributed = world_size > 1
     if distributed:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     # Every rank draws the same data, initial SAE and shuffles from one seeded generator, so nothing needs to be sent
     # around and each rank can pick its own shard.
     generator = torch.Generator().manual_seed(args.seed)
@@ -169,6 +197,7 @@ def train(rank: int, world_size: int, args: argparse.Namespace, port: int | None
     )
     # The Matryoshka loss decodes the dictionary's prefixes itself, so it needs the decoder; the plain loss does not.
     decoder = {"decoder_weight": sae.W_dec, "decoder_bias": sae.b_dec} if args.matryoshka else {}
+    recorder = _Recorder(args.d_sae, plotting=args.plot is not None)
 
     local_batch = args.batch_size // world_size
     steps_per_epoch = args.num_samples // args.batch_size  # the last partial batch is dropped
@@ -187,31 +216,121 @@ def train(rank: int, world_size: int, args: argparse.Namespace, port: int | None
         # and the ranks' i-th batches together hold exactly the items of the single-process run's i-th batch.
         order = torch.randperm(args.num_samples, generator=generator)
         shard = order[rank::world_size][: steps_per_epoch * local_batch]
-        for indices in shard.split(local_batch):
-            x = activations[indices]
-            f, x_hat = model(x)
-            out = loss_fn(source_activations=x, learned_activations=f, decoded_activations=x_hat, **decoder)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()  # DDP averages the gradients over the ranks here
-            optimizer.step()
-            sae.normalize_decoder()
+        with _progress(steps_per_epoch, f"epoch {epoch}", enabled=is_printer) as recorder.bar:
+            for indices in shard.split(local_batch):
+                x = activations[indices]
+                f, x_hat = model(x)
+                out = loss_fn(source_activations=x, learned_activations=f, decoded_activations=x_hat, **decoder)
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()  # DDP averages the gradients over the ranks here
+                optimizer.step()
+                sae.normalize_decoder()
+                recorder.step(f, out["loss"])
         # compute() syncs the states across ranks: every rank must call it, even those that print nothing.
         epoch_values = {name: value.item() for name, value in loss_fn.compute().items()}
         loss_fn.reset()
         history.append(epoch_values)
+        recorder.end_epoch()
         if is_printer:
             if epoch == 1:
                 print(_table_row({"epoch": "epoch", **{name: name for name in epoch_values}}))
-            print(_table_row({"epoch": epoch, **epoch_values}))
+            print(_table_row({"epoch": epoch, **epoch_values}), flush=True)
     if is_printer:
         fraction = recovered_fraction(sae.W_dec.detach(), directions)
         print(
             f"recovered {fraction:.0%} of the {NUM_TRUE_FEATURES} true directions (cosine >= {RECOVERY_COSINE}); "
             f"trained in {time.perf_counter() - start:.1f} s"
         )
+        if args.plot is not None:
+            plot_training(args.plot, history, recorder.step_losses, steps_per_epoch, recorder.densities)
+            print(f"wrote {args.plot}")
     if distributed:
         dist.destroy_process_group()
     return history
+
+
+class _Recorder:
+    """What the loop keeps besides the loss: the progress bar, and for the plot the batch losses and densities."""
+
+    def __init__(self, d_sae: int, *, plotting: bool) -> None:
+        self.plotting = plotting
+        # Feature density (issue 4's metric) feeds the plot's histogram, where this version of the library has it.
+        metric_class = getattr(sm, "FeatureDensity", None) if plotting else None
+        self.density = None if metric_class is None else metric_class(d_sae)
+        self.densities: Tensor | None = None
+        self.step_losses: list[float] = []
+        self.bar: Any = None
+
+    def step(self, learned_activations: Tensor, loss: Tensor) -> None:
+        if self.density is not None:
+            self.density.update(learned_activations.detach())
+        if self.plotting:
+            self.step_losses.append(loss.item())
+        if self.bar is not None:
+            self.bar.update()
+            self.bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
+
+    def end_epoch(self) -> None:
+        if self.density is not None:
+            self.densities = self.density.compute()  # a collective, like the loss's compute()
+            self.density.reset()
+
+
+def _progress_enabled() -> bool:
+    # A bar redraws itself with carriage returns: fine on a terminal, noise in a log file or a CI job.
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+@contextlib.contextmanager
+def _progress(total: int, description: str, *, enabled: bool) -> Iterator[Any]:
+    """A tqdm bar on a terminal, where tqdm is installed; otherwise None (the loop runs the same)."""
+    if not (enabled and _progress_enabled()):
+        yield None
+        return
+    try:
+        from tqdm import tqdm  # noqa: PLC0415  # optional: the "examples" extra
+    except ImportError:
+        yield None
+        return
+    with tqdm(total=total, desc=description, leave=False, unit="step") as bar:
+        yield bar
+
+
+def plot_training(
+    path: Path,
+    history: list[dict[str, float]],
+    step_losses: list[float],
+    steps_per_epoch: int,
+    densities: Tensor | None = None,
+) -> None:
+    """Write the loss curves (and, given feature densities, their log10 histogram) to a PNG."""
+    try:
+        import matplotlib as mpl  # noqa: PLC0415  # optional: the "examples" extra
+
+        mpl.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError as error:
+        raise SystemExit(f"--plot needs matplotlib: pip install matplotlib ({error})") from error
+    panels = 2 if densities is not None else 1
+    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    curves = axes[0, 0]
+    steps = torch.arange(1, len(step_losses) + 1) / steps_per_epoch
+    curves.plot(steps.tolist(), step_losses, color="lightgray", linewidth=0.8, label="batch loss (rank 0)")
+    epochs = list(range(1, len(history) + 1))
+    for name in (*TABLE_KEYS[:2], "sparsity", *(key for key in history[0] if key.startswith("matryoshka"))):
+        if name in history[0]:
+            curves.plot(epochs, [values[name] for values in history], marker="o", label=f"epoch {name}")
+    curves.set(xlabel="epoch", ylabel="value", yscale="log", title="compute() per epoch")
+    curves.legend(fontsize="small")
+    if densities is not None:
+        histogram = axes[0, 1]
+        # Dead features have density 0: they are drawn at the epsilon, left of every live one.
+        epsilon = 1e-7
+        histogram.hist(torch.log10(densities.double().flatten() + epsilon).tolist(), bins=40)
+        histogram.set(xlabel=f"log10(feature density + {epsilon:g})", ylabel="features", title="last epoch")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def _table_row(cells: dict[str, Any]) -> str:
@@ -229,7 +348,7 @@ def _format_cell(name: str, value: Any) -> str:
 
 def _spawned_rank(rank: int, world_size: int, args: argparse.Namespace, port: int, results: Any) -> None:
     torch.set_num_threads(1)  # see _one_thread: the ranks already fill the cores
-    history = train(rank, world_size, args, port)
+    history = train(rank, world_size, args, f"tcp://127.0.0.1:{port}")
     if rank == 0:
         results.put(history)
 
@@ -263,7 +382,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         epoch's loss, to compare against.
     """
     args = parse_args(argv)
-    if args.nproc == 1:
+    launched = torchrun_world_size()
+    if launched is not None:
+        # torchrun started this process as one of `launched` ranks; its environment says where to meet the others.
+        with _one_thread():
+            history = train(int(os.environ["RANK"]), launched, args, "env://")
+    elif args.nproc == 1:
         with _one_thread():
             history = train(0, 1, args)
     else:

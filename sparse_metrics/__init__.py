@@ -4,6 +4,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 from sparse_metrics.collection import SparseAutoencoderLoss
 from sparse_metrics.metrics import (
+    DeadFeatures,
+    ExplainedVariance,
+    FeatureDensity,
+    FractionOfVarianceUnexplained,
     L0NormMetric,
     L1AbsoluteLoss,
     L2ReconstructionLoss,
@@ -17,6 +21,10 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "DeadFeatures",
+    "ExplainedVariance",
+    "FeatureDensity",
+    "FractionOfVarianceUnexplained",
     "L0NormMetric",
     "L1AbsoluteLoss",
     "L2ReconstructionLoss",

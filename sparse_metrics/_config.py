@@ -9,9 +9,19 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, validate_call
 
-__all__ = ["ComponentReduction", "FeatureReduction", "NanStrategy", "NumComponents", "validate_arguments"]
+__all__ = [
+    "ComponentReduction",
+    "FeatureReduction",
+    "NanStrategy",
+    "NumComponents",
+    "NumFeatures",
+    "PositiveInt",
+    "validate_arguments",
+]
 
 NumComponents = Annotated[int, Field(ge=1, description="How many SAEs are trained side by side.")]
+NumFeatures = Annotated[int, Field(ge=1, description="The dictionary size d_sae.")]
+PositiveInt = Annotated[int, Field(ge=1)]
 FeatureReduction = Literal["mean", "sum"]
 ComponentReduction = Literal["mean", "sum"]
 #: What a metric does with an item whose value is NaN or infinite (see ``ItemMeanMetric``).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -19,6 +20,7 @@ __all__ = [
     "check_nan_strategy",
     "check_prefix_sizes",
     "check_prefix_weights",
+    "check_sae_inputs",
     "check_same_shape",
     "check_sparsity_coefficient",
     "computation_dtype",
@@ -87,6 +89,23 @@ def check_batch_size(name: str, tensor: Tensor, reference_name: str, reference: 
             f"`{name}` and `{reference_name}` must agree on [batch, component]: "
             f"got {_shape(tensor)} and {_shape(reference)}."
         )
+
+
+def check_sae_inputs(
+    source_activations: object, learned_activations: object, decoded_activations: object, num_components: int | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Check one step's inputs of the SAE loss and view them as ``[batch, component, ...]``.
+
+    Returns:
+        ``(source, learned, decoded)`` as ``[batch, component, d_model]``, ``[batch, component, d_sae]`` and
+        ``[batch, component, d_model]`` views.
+    """
+    source = to_components("source_activations", source_activations, num_components)
+    given_source = cast(Tensor, source_activations)  # to_components has checked it is a tensor
+    decoded = check_same_shape("decoded_activations", decoded_activations, "source_activations", given_source)
+    learned = to_components("learned_activations", learned_activations, source.shape[1])
+    check_batch_size("learned_activations", learned, "source_activations", source)
+    return source, learned, decoded.view(source.shape)
 
 
 def check_decoder(

@@ -62,3 +62,41 @@ def sparse_activations(*shape: int, density: float = 0.3, generator: torch.Gener
     values = torch.randn(*shape, generator=generator).abs()
     mask = torch.rand(*shape, generator=generator) < density
     return values * mask
+
+
+def fvu(decoded: Tensor, source: Tensor) -> Tensor:
+    """``[component]`` pooled FVU of every item, two-pass in float64: the mean first, then the deviations."""
+    source, decoded = source.double(), decoded.double()
+    squared_error = ((decoded - source) ** 2).sum(dim=(0, 2))
+    variance = ((source - source.mean(dim=0)) ** 2).sum(dim=(0, 2))
+    return squared_error / variance
+
+
+def feature_density(learned: Tensor) -> Tensor:
+    """``[component, feature]`` fraction of items in which each feature is non-zero."""
+    return (learned != 0).double().mean(dim=0)
+
+
+def items_since_fired(stream: Tensor) -> Tensor:
+    """``[component, feature]`` items after the last firing in one ordered stream, walking it item by item."""
+    _, components, features = stream.shape
+    since = torch.zeros(components, features, dtype=torch.int64)
+    for item in stream:
+        since = torch.where(item != 0, 0, since + 1)
+    return since
+
+
+def lockstep_items_since_fired(streams: Sequence[Tensor]) -> Tensor:
+    """Global items since fired when the k-th most recent item of every stream is simultaneous.
+
+    Walks back from the most recent item: the feature's age is the smallest position-from-the-end at which it
+    fired on any stream; the answer counts the items of every stream younger than that age.
+    """
+    components, features = next(s.shape[1:] for s in streams if s.ndim == 3)
+    result = torch.zeros(components, features, dtype=torch.int64)
+    for c in range(components):
+        for i in range(features):
+            ages = [position for stream in streams for position, item in enumerate(stream.flip(0)) if item[c, i] != 0]
+            age = min(ages) if ages else None
+            result[c, i] = sum(len(stream) if age is None else min(age, len(stream)) for stream in streams)
+    return result

@@ -48,6 +48,7 @@ def _metrics(keep_batch_dim):
         sm.L1AbsoluteLoss(2, keep_batch_dim=keep_batch_dim),
         sm.L0NormMetric(2, keep_batch_dim=keep_batch_dim),
         sm.SparsityLoss(0.1, 2, keep_batch_dim=keep_batch_dim),
+        sm.SparsityLoss(0.1, 2, keep_batch_dim=keep_batch_dim, decoder_norm_weighting=True),
         sm.MatryoshkaReconstructionLoss([4, 8], 2, keep_batch_dim=keep_batch_dim),
     ]
 
@@ -78,6 +79,8 @@ def _replace(inputs, argument, replacement):
 
 
 def _relevant(metric, argument):
+    if isinstance(metric, sm.SparsityLoss) and not metric.decoder_norm_weighting and argument == "decoder_weight":
+        return False  # ignored without decoder-norm weighting
     return argument in metric._update_signature.parameters
 
 
@@ -184,3 +187,18 @@ def test_num_components_one_accepts_both_layouts(generator):
         metric = sm.L1AbsoluteLoss(1)
         metric.update(learned_activations=layout)
         torch.testing.assert_close(metric.compute(), reference.per_item_l1(flat[:, None]).mean().squeeze())
+
+
+@pytest.mark.parametrize("method", ["update", "forward"])
+def test_collection_rejects_activations_of_another_batch(generator, method):
+    """Each metric alone accepts any batch size; the collection checks its inputs describe the same items."""
+    good = _good(generator=generator)
+    collection = sm.SparseAutoencoderLoss(0.1, 2)
+    collection.update(**good)
+    members = list(collection.values(copy_state=False))
+    before = _snapshot(members)
+    with pytest.raises(ValueError, match=r"`learned_activations` and `source_activations` must agree") as raised:
+        getattr(collection, method)(**_replace(good, "learned_activations", torch.rand(5, 2, 8)))
+    assert "[5, 2, 8]" in str(raised.value)
+    assert "[4, 2, 3]" in str(raised.value)
+    _assert_same(before, _snapshot(members))

@@ -126,14 +126,30 @@ def _count_collectives(rank: int, world_size: int) -> dict[str, int]:
     for keep_batch_dim in (False, True):
         batches = _batches(3, [4 + rank, 2], seed=0)
         loss_fn = sm.SparseAutoencoderLoss(0.1, 3, matryoshka_prefix_sizes=[8, 16], keep_batch_dim=keep_batch_dim)
+        # Every training metric on top; rank 1 sees no batch at all.
+        training = sm.SparseAutoencoderLoss(
+            0.1,
+            3,
+            matryoshka_prefix_sizes=[8, 16],
+            keep_batch_dim=keep_batch_dim,
+            explained_variance=True,
+            feature_density=True,
+            dead_feature_window=4,
+            num_features=D_SAE,
+        )
         for batch in batches:
             loss_fn(**batch)
+            if rank == 0:
+                training(**batch)
         for name in _COLLECTIVES:
             setattr(dist, name, counting(name))
         try:
             counts.clear()
             loss_fn.compute()
             calls[f"collection keep_batch_dim={keep_batch_dim}"] = sum(counts.values())
+            counts.clear()
+            training.compute()
+            calls[f"training collection keep_batch_dim={keep_batch_dim}"] = sum(counts.values())
             metric = sm.MatryoshkaReconstructionLoss([8, 16], 3, keep_batch_dim=keep_batch_dim)
             metric.update(**batches[0])
             counts.clear()
@@ -152,6 +168,9 @@ def test_compute_makes_at_most_two_collective_calls():
             "metric keep_batch_dim=False": 1,
             "collection keep_batch_dim=True": 2,  # plus one gather of every per-item state
             "metric keep_batch_dim=True": 2,
+            # The FVU's per-process statistics are rows of the second gather, shared with the per-item states.
+            "training collection keep_batch_dim=False": 2,
+            "training collection keep_batch_dim=True": 2,
         }
 
 

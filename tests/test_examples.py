@@ -1,13 +1,19 @@
-"""The example training script runs, single-process and on 2 DDP processes, and its loss goes down."""
+"""The examples run at small size (single process, 2 DDP processes, torchrun) and their losses go down."""
 
 import math
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
+from torchmetrics import Metric
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 
 # Small enough to run in about a second per process: 3 epochs of 16 steps.
 SMALL = ["--epochs", "3", "--num-samples", "2048", "--batch-size", "128", "--d-sae", "128"]
@@ -60,3 +66,199 @@ def test_two_processes_match_one(train_sae: ModuleType) -> None:
 def test_rejects_batch_not_divisible_by_processes(train_sae: ModuleType) -> None:
     with pytest.raises(SystemExit):
         train_sae.main([*SMALL, "--batch-size", "127", "--nproc", "2"])
+
+
+def test_rejects_nproc_under_torchrun(train_sae: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert train_sae.torchrun_world_size() == 2
+    with pytest.raises(SystemExit):
+        train_sae.main([*SMALL, "--nproc", "2"])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "curves.png"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(EXAMPLES / "train_sae.py"),
+        *SMALL,
+        "--plot",
+        str(plot),
+    ]
+    # This checkout's package, not whichever one the environment has installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("CI", None)
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert "2 processes (DDP, gloo)" in lines[0]
+    # Only rank 0 prints: one header and one row per epoch.
+    assert sum(line.split()[:1] == ["epoch"] for line in lines) == 1
+    assert [line.split()[0] for line in lines[2:5]] == ["1", "2", "3"]
+    assert plot.stat().st_size > 0
+    assert "\r" not in run.stderr  # no progress bar outside a terminal
+
+
+class _FeatureDensityStandIn(Metric):
+    """Fraction of items on which each feature fired: the interface the plot expects of issue 4's FeatureDensity."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.add_state("fired", torch.zeros(num_features, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("items", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, learned_activations: torch.Tensor) -> None:
+        self.fired += (learned_activations != 0).sum(dim=0)
+        self.items += learned_activations.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return self.fired / self.items
+
+
+def test_plot_with_feature_density(
+    train_sae: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plt = pytest.importorskip("matplotlib.pyplot")
+    import sparse_metrics as sm  # noqa: PLC0415
+
+    if not hasattr(sm, "FeatureDensity"):
+        monkeypatch.setattr(sm, "FeatureDensity", _FeatureDensityStandIn, raising=False)
+    drawn: list[int] = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda figure, *a, **k: drawn.append(len(figure.axes)))
+    train_sae.main([*SMALL, "--epochs", "1", "--plot", str(tmp_path / "curves.png")])
+    assert drawn == [2]  # loss curves and the density histogram
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_progress_bar_only_on_a_terminal(train_sae: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tqdm")
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    with train_sae._progress(4, "epoch 1", enabled=True) as bar:
+        assert bar is not None
+        bar.update()
+    with train_sae._progress(4, "epoch 1", enabled=False) as bar:
+        assert bar is None
+    monkeypatch.setenv("CI", "true")
+    with train_sae._progress(4, "epoch 1", enabled=True) as bar:
+        assert bar is None
+
+
+@pytest.fixture(scope="module")
+def resampling(train_sae: ModuleType) -> ModuleType:
+    import resampling  # noqa: PLC0415  # on sys.path through the train_sae fixture
+
+    return resampling
+
+
+def test_resampling_revives_dead_features(resampling: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    small = ["--num-samples", "1024", "--d-sae", "64", "--kill", "16", "--window", "512", "--epochs", "1"]
+    result = resampling.main([*small, "--batch-size", "128"])
+    assert result["dead_before"] >= 16  # the killed ones at least
+    assert result["dead_after"] < result["dead_before"]
+    assert "features dead" in capsys.readouterr().out
+
+
+def test_resample_reinitialises_exactly_the_dead_rows(resampling: ModuleType, train_sae: ModuleType) -> None:
+    generator = torch.Generator().manual_seed(3)
+    sae = train_sae.SparseAutoencoder(8, 16, generator)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    window = torch.randn(40, 8, generator=generator)
+    _, x_hat = sae(window)
+    (x_hat - window).square().sum().backward()
+    optimizer.step()  # creates Adam moments for every row
+    with torch.no_grad():
+        sae.b_enc[[2, 5, 11]] = -1e3
+    errors, fired = resampling.scan_window(sae, window, batch_size=16)
+    dead = fired == 0
+    assert dead.nonzero().squeeze(-1).tolist() == [2, 5, 11]
+    torch.testing.assert_close(errors, (sae(window)[1] - window).square().sum(-1).double())
+    # Items with zero error are never drawn: the probability is proportional to the squared error.
+    errors[::2] = 0.0
+    before = {name: value.detach().clone() for name, value in sae.named_parameters()}
+    drawn = resampling.resample(sae, optimizer, dead, window, errors, generator)
+    assert len(drawn) == 3
+    assert all(index % 2 == 1 for index in drawn.tolist())
+    directions = torch.nn.functional.normalize(window[drawn] - sae.b_dec, dim=-1)
+    torch.testing.assert_close(sae.W_dec[dead], directions)
+    cosine = torch.nn.functional.cosine_similarity(sae.W_enc[:, dead].T, directions, dim=-1)
+    torch.testing.assert_close(cosine, torch.ones(3))
+    assert sae.b_enc[dead].eq(0).all()
+    # Live features are untouched, their optimiser moments too; the dead rows' moments are cleared.
+    torch.testing.assert_close(sae.W_dec[~dead], before["W_dec"][~dead])
+    torch.testing.assert_close(sae.W_enc[:, ~dead], before["W_enc"][:, ~dead])
+    moments = optimizer.state[sae.W_dec]
+    assert moments["exp_avg"][dead].eq(0).all()
+    assert moments["exp_avg"][~dead].ne(0).any()
+    # Each revived feature fires on the item it was drawn from.
+    _, fired_after = resampling.scan_window(sae, window, batch_size=16)
+    assert fired_after[dead].gt(0).all()
+
+
+@pytest.fixture(scope="module")
+def matryoshka(train_sae: ModuleType) -> ModuleType:
+    import matryoshka  # noqa: PLC0415  # on sys.path through the train_sae fixture
+
+    return matryoshka
+
+
+@pytest.mark.parametrize("sampled", [[], ["--sampled-prefixes", "3"]])
+def test_matryoshka_logs_every_prefix(
+    matryoshka: ModuleType, sampled: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = ["--num-samples", "1024", "--batch-size", "128", "--d-sae", "64", "--epochs", "2"]
+    result = matryoshka.main([*small, *sampled])
+    prefixes = [f"matryoshka_prefix_{size}" for size in (8, 16, 32, 64)]
+    assert set(prefixes) <= set(result)
+    assert all(math.isfinite(value) for value in result.values())
+    # The whole dictionary's prefix is the plain L2 loss; the smallest prefix reconstructs worst.
+    assert result["matryoshka_prefix_64"] == pytest.approx(result["l2"], rel=1e-5)
+    assert result["matryoshka_prefix_8"] > result["matryoshka_prefix_64"]
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[-4:] == prefixes
+    assert [line.split()[0] for line in table[2:4]] == ["1", "2"]
+
+
+# Lightning's own use of a torch API that torch 2.13 deprecates; nothing of ours.
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+def test_lightning_module_logs_the_collection(train_sae: ModuleType) -> None:
+    pytest.importorskip("lightning")
+    import lightning_module  # noqa: PLC0415  # on sys.path through the train_sae fixture
+
+    small = ["--num-samples", "512", "--batch-size", "128", "--d-sae", "32", "--epochs", "2"]
+    logged = lightning_module.main(small)
+    terms = {"loss", "l2", "l0", "l1", "sparsity"}
+    assert {f"epoch/{name}" for name in terms} | {f"train/{name}" for name in terms} <= set(logged)
+    assert all(math.isfinite(value) for value in logged.values())
+    assert logged["epoch/loss"] == pytest.approx(logged["epoch/l2"] + logged["epoch/sparsity"], rel=1e-5)
+
+
+def test_optional_parts_degrade_without_their_packages(
+    train_sae: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The README's main command installs no extra: without tqdm there is no bar, without matplotlib --plot says why.
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    with train_sae._progress(4, "epoch 1", enabled=True) as bar:
+        assert bar is None
+    with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+        train_sae.plot_training(tmp_path / "curves.png", [{"loss": 1.0}], [1.0], 1)

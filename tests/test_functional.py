@@ -147,7 +147,7 @@ def test_prefix_reconstructions_are_incremental_decodes(generator):
     weight = torch.randn(2, 10, 3, generator=generator)
     bias = torch.randn(2, 3, generator=generator)
     sizes = [3, 7, 10]
-    reconstructions = list(matryoshka_prefix_reconstructions(learned, weight, bias, sizes))
+    reconstructions = list(matryoshka_prefix_reconstructions(learned, weight, bias, prefix_sizes=sizes))
     assert len(reconstructions) == len(sizes)
     for reconstruction, size in zip(reconstructions, sizes, strict=True):
         expected = torch.einsum("bcf,cfd->bcd", learned[..., :size], weight[:, :size]) + bias

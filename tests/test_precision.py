@@ -16,11 +16,14 @@ C, D_MODEL, D_SAE, PREFIXES = 3, 64, 256, [64, 256]
 def _data(dtype: torch.dtype, batch: int = 512, scale: float = 1.0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(7)
     source = torch.randn(batch, C, D_MODEL, generator=generator, dtype=torch.float64) * scale
+    learned = reference.sparse_activations(batch, C, D_SAE, density=0.5, generator=generator).double() * scale
+    weight = 0.1 * torch.randn(C, D_SAE, D_MODEL, generator=generator, dtype=torch.float64)
     return {
         "source_activations": source,
-        "decoded_activations": source + 0.1 * scale * torch.randn(batch, C, D_MODEL, generator=generator),
-        "learned_activations": reference.sparse_activations(batch, C, D_SAE, density=0.5, generator=generator) * scale,
-        "decoder_weight": 0.1 * torch.randn(C, D_SAE, D_MODEL, generator=generator, dtype=torch.float64),
+        # The SAE's reconstruction from its whole dictionary, as the collection's Matryoshka term assumes.
+        "decoded_activations": torch.einsum("bcf,cfd->bcd", learned, weight),
+        "learned_activations": learned,
+        "decoder_weight": weight,
     }
 
 
@@ -28,12 +31,15 @@ def _references(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Float64 per-item references ``[batch, component]`` on the given (possibly rounded) inputs."""
     s, d, f = inputs["source_activations"], inputs["decoded_activations"], inputs["learned_activations"]
     w = inputs["decoder_weight"]
+    prefix_errors = reference.per_item_matryoshka_prefixes(s, f, w, None, PREFIXES)
+    # The collection takes the whole-dictionary prefix's error from decoded_activations (the SAE's reconstruction).
+    prefix_errors[..., -1] = reference.per_item_l2(d, s)
     return {
         "l2": reference.per_item_l2(d, s),
         "l1": reference.per_item_l1(f),
         "l0": reference.per_item_l0(f),
         "sparsity": 0.5 * reference.per_item_l1(f),
-        "matryoshka": reference.per_item_matryoshka(s, f, w, None, PREFIXES),
+        "matryoshka": prefix_errors.mean(-1),
     }
 
 
@@ -172,6 +178,7 @@ def test_large_float32_magnitudes_match_float64():
     [
         lambda m: torch.nn.ModuleDict({"metrics": m}).to(torch.bfloat16)["metrics"],  # a model cast to bfloat16
         lambda m: m.to(torch.float16),
+        lambda m: m.to(torch.float32),  # float64 sums must not become float32 either
         lambda m: m.set_dtype(torch.float16),
         lambda m: m.half(),
     ],

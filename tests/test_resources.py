@@ -51,7 +51,9 @@ def test_ten_thousand_forward_steps_use_constant_memory():
         out = loss_fn(**inputs)
     del out
     assert _state_bytes(loss_fn) == state_bytes
-    assert _live_tensors() == tensors  # nothing accumulates: no per-step list, no graph kept alive by a state
+    # Nothing accumulates: no per-step list, no graph kept alive by a state. (Fewer is fine: objects left by earlier
+    # tests in the same process, torch.compile's caches say, may be collected meanwhile.)
+    assert _live_tensors() <= tensors
     assert loss_fn.compute()["l0"].numel() == 2
 
 

@@ -4,6 +4,9 @@ The metric classes in :mod:`sparse_metrics` accumulate what these functions comp
 state across batches or processes is wanted.
 """
 
+from sparse_metrics.functional.dead_features import dead_feature_mask, items_since_fired
+from sparse_metrics.functional.explained_variance import explained_variance, fraction_of_variance_unexplained
+from sparse_metrics.functional.feature_density import DENSITY_EPSILON, feature_density, mean_log10_feature_density
 from sparse_metrics.functional.l0_norm import l0_norm
 from sparse_metrics.functional.l1_absolute import l1_absolute_loss
 from sparse_metrics.functional.l2_reconstruction import l2_reconstruction_loss
@@ -15,11 +18,18 @@ from sparse_metrics.functional.matryoshka import (
 from sparse_metrics.functional.sparsity import sparsity_loss
 
 __all__ = [
+    "DENSITY_EPSILON",
+    "dead_feature_mask",
+    "explained_variance",
+    "feature_density",
+    "fraction_of_variance_unexplained",
+    "items_since_fired",
     "l0_norm",
     "l1_absolute_loss",
     "l2_reconstruction_loss",
     "matryoshka_prefix_errors",
     "matryoshka_prefix_reconstructions",
     "matryoshka_reconstruction_loss",
+    "mean_log10_feature_density",
     "sparsity_loss",
 ]

@@ -13,7 +13,11 @@ from sparse_metrics.functional._output import batch_output
 
 def _l0_norm_update(learned_activations: Tensor, num_components: int | None = None) -> Float[Tensor, "batch component"]:
     """Validate the input and return the per-item count of active features, ``[batch, component]``."""
-    learned = to_components("learned_activations", learned_activations, num_components)
+    return _count_active(to_components("learned_activations", learned_activations, num_components))
+
+
+def _count_active(learned: Float[Tensor, "batch component d_sae"]) -> Float[Tensor, "batch component"]:
+    """Per-item count of non-zero features of a validated input."""
     # The 0-"norm" counts non-zeros in one fused pass, with no [batch, d_sae] boolean temporary. A count is not
     # differentiable, so the input is detached rather than kept alive by autograd.
     per_item: Tensor = torch.linalg.vector_norm(learned.detach(), ord=0, dim=-1, dtype=computation_dtype(learned))

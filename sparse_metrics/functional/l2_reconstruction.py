@@ -4,6 +4,7 @@ r"""L2 reconstruction loss: the squared error between an SAE's reconstruction an
    \qquad \operatorname{reduce} \in \{\text{mean}, \text{sum}\}
 """
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -20,6 +21,34 @@ def _reduce_squared_error(
     return squared.mean(dim=-1) if feature_reduction == "mean" else squared.sum(dim=-1)
 
 
+def _elementwise_squared_error(
+    decoded_activations: Float[Tensor, "*batch d_model"],
+    source_activations: Float[Tensor, "*batch d_model"],
+    *,
+    normalize: bool,
+    rescale: bool,
+) -> Float[Tensor, "*batch d_model"]:
+    r"""Element-wise squared error, optionally divided by each item's source norm :math:`\lVert x_b \rVert_2`.
+
+    With ``rescale`` both inputs are first divided by :math:`u = \max |x|` (at least ``1e-12``) and the result is
+    multiplied back by :math:`u^2` (or by :math:`u` when normalised, since the norm scales by :math:`u` too). The
+    value is the same, but the norm is computed from numbers near 1, so it stays finite where :math:`\sum_d x_d^2`
+    overflows (:math:`x = 3 \cdot 10^{28}` in float32).
+    """
+    dtype = computation_dtype(decoded_activations, source_activations)
+    source = source_activations.to(dtype)
+    decoded = decoded_activations.to(dtype)
+    scale = source.detach().abs().amax().clamp_min(1e-12) if rescale else None
+    if scale is not None:
+        source, decoded = source / scale, decoded / scale
+    squared = (decoded - source).square()
+    if normalize:
+        squared = squared / torch.linalg.vector_norm(source, dim=-1, keepdim=True)
+    if scale is None:
+        return squared
+    return squared * scale if normalize else squared * scale.square()
+
+
 def _l2_reconstruction_update(
     decoded_activations: Tensor,
     source_activations: Tensor,
@@ -30,9 +59,17 @@ def _l2_reconstruction_update(
     check_feature_reduction(feature_reduction)
     source = to_components("source_activations", source_activations, num_components)
     decoded = check_same_shape("decoded_activations", decoded_activations, "source_activations", source_activations)
+    return _l2_reconstruction_error(decoded.view(source.shape), source, feature_reduction)
+
+
+def _l2_reconstruction_error(
+    decoded: Float[Tensor, "batch component d_model"],
+    source: Float[Tensor, "batch component d_model"],
+    feature_reduction: FeatureReduction,
+) -> Float[Tensor, "batch component"]:
+    """Per-item error of validated inputs, computed in float32 or float64."""
     dtype = computation_dtype(decoded, source)
-    error = decoded.view(source.shape).to(dtype) - source.to(dtype)
-    return _reduce_squared_error(error, feature_reduction)
+    return _reduce_squared_error(decoded.to(dtype) - source.to(dtype), feature_reduction)
 
 
 def l2_reconstruction_loss(

@@ -10,7 +10,9 @@ The reconstructions are built incrementally, :math:`\hat x^{(p)} = \hat x^{(p-1)
 W_{m_{p-1}:m_p}`, so all prefixes together cost one full decode rather than one decode each.
 """
 
+import contextlib
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from jaxtyping import Float
@@ -31,38 +33,81 @@ from sparse_metrics.functional.l2_reconstruction import _reduce_squared_error
 
 
 def matryoshka_prefix_reconstructions(
-    learned_activations: Float[Tensor, "batch component d_sae"],
-    decoder_weight: Float[Tensor, "component d_sae d_model"],
-    decoder_bias: Float[Tensor, "component d_model"] | None,
+    learned_activations: Float[Tensor, "batch *component d_sae"],
+    decoder_weight: Float[Tensor, "*component d_sae d_model"],
+    decoder_bias: Float[Tensor, "*component d_model"] | None = None,
+    *,
     prefix_sizes: Sequence[int],
-) -> Iterator[Float[Tensor, "batch component d_model"]]:
+) -> Iterator[Float[Tensor, "batch *component d_model"]]:
     """Yield the reconstruction of each nested prefix of the dictionary, smallest first.
 
-    Each reconstruction adds only the next block of features to the previous one, so the total work is one decode.
-    Inputs are the validated ``[batch, component, ...]`` forms; the bias is added once, to the first prefix.
+    Prefix ``p`` decodes the first ``m_p`` features: ``x_hat_p = f[..., :m_p] @ W[..., :m_p, :] + b``. Each
+    reconstruction adds only the next block of features to the previous one, so all of them together cost one decode.
 
     Args:
-        learned_activations: Feature activations, ``[batch, component, d_sae]``.
-        decoder_weight: Feature-major decoder, ``[component, d_sae, d_model]``.
-        decoder_bias: Decoder bias ``[component, d_model]``, or ``None``.
+        learned_activations: Feature activations, ``[batch, d_sae]`` or ``[batch, component, d_sae]``.
+        decoder_weight: Feature-major decoder ``[*component, d_sae, d_model]`` (SAELens' and saev's ``W_dec``).
+        decoder_bias: Decoder bias ``[*component, d_model]``, or ``None``.
         prefix_sizes: Cumulative widths ``m_1 < ... < m_P <= d_sae``.
 
     Yields:
-        ``x_hat_p``, ``[batch, component, d_model]``, for ``p = 1 ... P``.
+        ``x_hat_p``, ``[batch, *component, d_model]``, for ``p = 1 ... P``.
+
+    Example:
+        >>> import torch
+        >>> from sparse_metrics.functional import matryoshka_prefix_reconstructions
+        >>> f = torch.tensor([[1.0, 2.0, 3.0]])
+        >>> w_dec = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        >>> list(matryoshka_prefix_reconstructions(f, w_dec, prefix_sizes=[1, 3]))
+        [tensor([[1., 0.]]), tensor([[4., 5.]])]
     """
-    dtype = computation_dtype(learned_activations, decoder_weight)
+    learned = to_components("learned_activations", learned_activations, None)
+    sizes = check_prefix_sizes(prefix_sizes, d_sae=learned.shape[-1])
+    d_model = decoder_weight.shape[-1] if isinstance(decoder_weight, Tensor) and decoder_weight.ndim else 0
+    weight, bias = check_decoder(
+        decoder_weight,
+        decoder_bias,
+        num_components=learned.shape[1],
+        source_is_batched_by_component=learned_activations.ndim == 3,
+        d_sae=learned.shape[-1],
+        d_model=d_model,
+    )
+    for reconstruction in _prefix_reconstructions(learned, weight, bias, sizes):
+        yield reconstruction if learned_activations.ndim == 3 else reconstruction.squeeze(1)
+
+
+def _prefix_reconstructions(
+    learned: Float[Tensor, "batch component d_sae"],
+    weight: Float[Tensor, "component d_sae d_model"],
+    bias: Float[Tensor, "component d_model"] | None,
+    prefix_sizes: Sequence[int],
+) -> Iterator[Float[Tensor, "batch component d_model"]]:
+    """:func:`matryoshka_prefix_reconstructions` of validated ``[batch, component, ...]`` inputs."""
+    dtype = computation_dtype(learned, weight, *([] if bias is None else [bias]))
+    # Blocks of features m_{p-1}:m_p, plus the unused tail after m_P. ``split`` rather than slicing: the backward of a
+    # split concatenates the blocks' gradients into one tensor, where each slice's backward would scatter its
+    # gradient into a zero tensor of the full [batch, d_sae] size (P full-size allocations and additions).
+    widths = [stop - start for start, stop in zip((0, *prefix_sizes[:-1]), prefix_sizes, strict=True)]
+    tail = learned.shape[-1] - prefix_sizes[-1]
+    widths_with_tail = [*widths, tail] if tail else widths
     # [component, batch, d_sae]: a batched matmul over components per block of features.
-    features = learned_activations.transpose(0, 1)
+    feature_blocks = torch.split(learned.transpose(0, 1), widths_with_tail, dim=-1)
+    decoder_blocks = torch.split(weight, widths_with_tail, dim=-2)
     reconstruction: Tensor | None = None
-    start = 0
-    for stop in prefix_sizes:
-        block = torch.matmul(features[..., start:stop].to(dtype), decoder_weight[:, start:stop].to(dtype))
+    for features, decoder in zip(feature_blocks[: len(widths)], decoder_blocks, strict=False):
+        with _autocast_disabled(learned.device):  # an autocast region would run the decode in half precision
+            block = torch.matmul(features.to(dtype), decoder.to(dtype))
         if reconstruction is None:
-            reconstruction = block if decoder_bias is None else block + decoder_bias.to(dtype).unsqueeze(1)
+            reconstruction = block if bias is None else block + bias.to(dtype).unsqueeze(1)
         else:
             reconstruction = reconstruction + block
-        start = stop
         yield reconstruction.transpose(0, 1)
+
+
+def _autocast_disabled(device: torch.device) -> AbstractContextManager[object]:
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _matryoshka_update(
@@ -73,8 +118,14 @@ def _matryoshka_update(
     prefix_sizes: Sequence[int],
     num_components: int | None = None,
     feature_reduction: FeatureReduction = "mean",
+    full_dictionary_error: Tensor | None = None,
 ) -> Float[Tensor, "batch component prefix"]:
-    """Validate the inputs and return the per-item error of every prefix, ``[batch, component, prefix]``."""
+    """Validate the inputs and return the per-item error of every prefix, ``[batch, component, prefix]``.
+
+    ``full_dictionary_error``, the ``[batch, component]`` error of a reconstruction from the whole dictionary already
+    computed by the caller, is taken as the last prefix's error when that prefix is the whole dictionary, which is
+    then not decoded again.
+    """
     check_feature_reduction(feature_reduction)
     source = to_components("source_activations", source_activations, num_components)
     learned = to_components("learned_activations", learned_activations, source.shape[1])
@@ -88,19 +139,27 @@ def _matryoshka_update(
         d_sae=learned.shape[-1],
         d_model=source.shape[-1],
     )
-    target = source.to(computation_dtype(source, learned, weight))
+    reuse = full_dictionary_error is not None and sizes[-1] == learned.shape[-1]
+    decoded_sizes = sizes[:-1] if reuse else sizes
+    target = source.to(computation_dtype(source, learned, weight, *([] if bias is None else [bias])))
     errors = [
         _reduce_squared_error(reconstruction - target, feature_reduction)
-        for reconstruction in matryoshka_prefix_reconstructions(learned, weight, bias, sizes)
+        for reconstruction in (_prefix_reconstructions(learned, weight, bias, decoded_sizes) if decoded_sizes else ())
     ]
+    if reuse:
+        assert full_dictionary_error is not None  # for the type checker: reuse implies it
+        errors.append(full_dictionary_error.to(target.dtype))
     return torch.stack(errors, dim=-1)
 
 
 def _combine_prefixes(
     prefix_errors: Float[Tensor, "batch component prefix"], prefix_weights: Float[Tensor, " prefix"]
 ) -> Float[Tensor, "batch component"]:
-    """Weighted sum of the per-prefix errors."""
-    return prefix_errors @ prefix_weights.to(prefix_errors.dtype)
+    """Weighted sum of the per-prefix errors.
+
+    Elementwise rather than a matmul, which an autocast region would run in half precision.
+    """
+    return (prefix_errors * prefix_weights.to(prefix_errors.dtype)).sum(dim=-1)
 
 
 def matryoshka_prefix_errors(
@@ -176,5 +235,8 @@ def matryoshka_reconstruction_loss(
     prefix_errors = _matryoshka_update(
         source_activations, learned_activations, decoder_weight, decoder_bias, sizes, None, feature_reduction
     )
-    per_item = _combine_prefixes(prefix_errors, torch.tensor(weights, device=prefix_errors.device))
+    # Weights built in the errors' dtype: a float32 1/3 would cost float64 inputs their precision.
+    per_item = _combine_prefixes(
+        prefix_errors, torch.tensor(weights, dtype=prefix_errors.dtype, device=prefix_errors.device)
+    )
     return batch_output(per_item, source_activations.ndim == 3, keep_batch_dim)

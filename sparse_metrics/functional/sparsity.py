@@ -1,12 +1,19 @@
-r"""Sparsity penalty: a coefficient times the L1 absolute loss.
+r"""Sparsity penalty: a coefficient times the L1 absolute loss, optionally weighted by decoder row norms.
 
 .. math:: \mathrm{sparsity}_{bc} = \lambda_c \sum_{i} |f_{bci}|
+   \qquad \text{or} \qquad
+   \mathrm{sparsity}_{bc} = \lambda_c \sum_{i} |f_{bci}| \, \lVert W_{ci} \rVert_2
+
+The weighted form (SAELens, Anthropic's April 2024 update) multiplies each activation by the L2 norm of its
+feature-major decoder row :math:`W_{ci} \in \mathbb{R}^{d_{model}}`, so that shrinking activations while growing
+decoder rows no longer lowers the penalty. It is differentiable with respect to the decoder as well.
 """
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from sparse_metrics._validation import check_sparsity_coefficient
+from sparse_metrics._validation import check_decoder, check_sparsity_coefficient, computation_dtype, to_components
 from sparse_metrics.functional._output import batch_output
 from sparse_metrics.functional.l1_absolute import _l1_absolute_update
 
@@ -20,15 +27,53 @@ def _sparsity_from_l1(
     return l1_per_item * sparsity_coefficient
 
 
+def _infer_d_model(decoder_weight: object, d_sae: int) -> int:
+    """``d_model`` as the decoder shows it (no other input has it), read so that errors point at the real fault.
+
+    A ``[..., d_model, d_sae]`` weight is taken as transposed, so that the error says so.
+    """
+    if not isinstance(decoder_weight, Tensor) or decoder_weight.ndim == 0:
+        return 0
+    if decoder_weight.ndim >= 2 and decoder_weight.shape[-2] != d_sae and decoder_weight.shape[-1] == d_sae:
+        return int(decoder_weight.shape[-2])
+    return int(decoder_weight.shape[-1])
+
+
+def _decoder_weighted_l1_update(
+    learned_activations: Tensor, decoder_weight: Tensor, num_components: int | None = None
+) -> Float[Tensor, "batch component"]:
+    """Validate the inputs; per-item sum of ``|f_i|`` times the L2 norm of decoder row ``i``, ``[batch, component]``."""
+    learned = to_components("learned_activations", learned_activations, num_components)
+    d_model = _infer_d_model(decoder_weight, learned.shape[-1])
+    weight, _ = check_decoder(
+        decoder_weight,
+        None,
+        num_components=learned.shape[1],
+        source_is_batched_by_component=learned_activations.ndim == 3,
+        d_sae=learned.shape[-1],
+        d_model=d_model,
+    )
+    dtype = computation_dtype(learned, weight)
+    row_norms = torch.linalg.vector_norm(weight, dim=-1, dtype=dtype)  # [component, d_sae]
+    return torch.einsum("bcf,cf->bc", learned.to(dtype).abs(), row_norms)
+
+
 def _sparsity_update(
-    learned_activations: Tensor, sparsity_coefficient: float | Tensor, num_components: int | None = None
+    learned_activations: Tensor,
+    sparsity_coefficient: float | Tensor,
+    num_components: int | None = None,
+    decoder_weight: Tensor | None = None,
 ) -> Float[Tensor, "batch component"]:
     """Validate the inputs and return the per-item penalty, ``[batch, component]``.
 
-    The coefficient's shape and type are checked here; its sign only where it is a Python number, since reading a
-    tensor's values would synchronise with the device on every call (the metric checks them once, when set).
+    With ``decoder_weight``, each ``|f_i|`` is weighted by the L2 norm of decoder row ``i``. The coefficient's
+    shape and type are checked here; its sign only where it is a Python number, since reading a tensor's values
+    would synchronise with the device on every call (the metric checks them once, when set).
     """
-    l1_per_item = _l1_absolute_update(learned_activations, num_components)
+    if decoder_weight is None:
+        l1_per_item = _l1_absolute_update(learned_activations, num_components)
+    else:
+        l1_per_item = _decoder_weighted_l1_update(learned_activations, decoder_weight, num_components)
     coefficient = check_sparsity_coefficient(sparsity_coefficient, l1_per_item.shape[1], check_values=False)
     return _sparsity_from_l1(l1_per_item, coefficient)
 
@@ -37,13 +82,16 @@ def sparsity_loss(
     learned_activations: Float[Tensor, "batch *component d_sae"],
     sparsity_coefficient: float | Float[Tensor, "*component"] = 1e-3,
     *,
+    decoder_weight: Float[Tensor, "*component d_sae d_model"] | None = None,
     keep_batch_dim: bool = False,
 ) -> Float[Tensor, "..."]:
-    """Sparsity penalty of a batch: ``sparsity_coefficient`` times the L1 absolute loss.
+    """Sparsity penalty of a batch: ``sparsity_coefficient`` times the (decoder-norm weighted) L1 absolute loss.
 
     Args:
         learned_activations: The SAE's feature activations, ``[batch, d_sae]`` or ``[batch, component, d_sae]``.
         sparsity_coefficient: A non-negative number, or a ``[component]`` tensor (one coefficient per component).
+        decoder_weight: If given, the feature-major decoder ``[*component, d_sae, d_model]``: each ``|f_i|`` is
+            weighted by the L2 norm of row ``i`` (SAELens style); the result is differentiable with respect to it.
         keep_batch_dim: Return the per-item values ``[batch, *component]`` instead of their batch mean.
 
     Example:
@@ -51,6 +99,9 @@ def sparsity_loss(
         >>> from sparse_metrics.functional import sparsity_loss
         >>> sparsity_loss(torch.tensor([[1.0, -2.0, 0.0], [0.0, 0.0, 3.0]]), 0.5)
         tensor(1.5000)
+        >>> decoder_weight = torch.tensor([[3.0, 4.0], [0.0, 1.0], [2.0, 0.0]])  # row norms 5, 1, 2
+        >>> sparsity_loss(torch.tensor([[1.0, -2.0, 0.0]]), 0.5, decoder_weight=decoder_weight)
+        tensor(3.5000)
     """
-    per_item = _sparsity_update(learned_activations, sparsity_coefficient)
+    per_item = _sparsity_update(learned_activations, sparsity_coefficient, None, decoder_weight)
     return batch_output(per_item, learned_activations.ndim == 3, keep_batch_dim)

@@ -1,5 +1,8 @@
 """The metric classes (state and validation); the math they accumulate lives in :mod:`sparse_metrics.functional`."""
 
+from sparse_metrics.metrics.dead_features import DeadFeatures
+from sparse_metrics.metrics.explained_variance import ExplainedVariance, FractionOfVarianceUnexplained
+from sparse_metrics.metrics.feature_density import FeatureDensity
 from sparse_metrics.metrics.l0_norm import L0NormMetric
 from sparse_metrics.metrics.l1_absolute import L1AbsoluteLoss
 from sparse_metrics.metrics.l2_reconstruction import L2ReconstructionLoss
@@ -7,6 +10,10 @@ from sparse_metrics.metrics.matryoshka import MatryoshkaReconstructionLoss
 from sparse_metrics.metrics.sparsity import SparsityLoss
 
 __all__ = [
+    "DeadFeatures",
+    "ExplainedVariance",
+    "FeatureDensity",
+    "FractionOfVarianceUnexplained",
     "L0NormMetric",
     "L1AbsoluteLoss",
     "L2ReconstructionLoss",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, cast
 
 import torch
@@ -19,10 +19,15 @@ from sparse_metrics._config import NanStrategy
 from sparse_metrics._distributed import sync_states
 from sparse_metrics._validation import check_nan_strategy
 
-__all__ = ["ACCUMULATOR_DTYPE", "ItemMeanMetric", "PackedSyncMetric", "screen_items"]
+__all__ = ["ACCUMULATOR_DTYPE", "ItemMeanMetric", "PackedSyncMetric", "finite_items", "screen_items"]
 
 #: Sums are accumulated in float64: a float32 sum of a million batch means drifts visibly.
 ACCUMULATOR_DTYPE = torch.float64
+
+
+def finite_items(per_item: Iterable[Tensor]) -> Tensor:
+    """``[batch]`` booleans: whether every value of each item, in every tensor ``[batch, ...]``, is finite."""
+    return torch.stack([values.detach().isfinite().flatten(1).all(dim=1) for values in per_item]).all(dim=0)
 
 
 def screen_items(
@@ -42,7 +47,7 @@ def screen_items(
     batch = next(iter(per_item.values())).shape[0]
     if nan_strategy == "propagate" or batch == 0:
         return per_item
-    finite = torch.stack([v.detach().isfinite().flatten(1).all(dim=1) for v in per_item.values()]).all(dim=0)
+    finite = finite_items(per_item.values())
     if nan_strategy == "ignore":
         return {name: values[finite] for name, values in per_item.items()}
     if not bool(finite.all()):  # the one synchronisation of nan_strategy="error"
@@ -52,6 +57,11 @@ def screen_items(
             "nan_strategy='ignore' to drop such items or 'propagate' to let them through."
         )
     return per_item
+
+
+def _supports_float64(device: torch.device) -> bool:
+    """Whether tensors on ``device`` can be float64 (Apple's MPS backend has no float64)."""
+    return device.type != "mps"
 
 
 class PackedSyncMetric(Metric):
@@ -96,11 +106,11 @@ class PackedSyncMetric(Metric):
         torchmetrics casts states on ``.to(dtype)`` (e.g. a parent model's ``.to(torch.bfloat16)``) and
         ``set_dtype``: float64 sums and int64 counts would become half-precision floats, losing precision and
         counts for good; buffers (a sparsity coefficient, prefix weights) would be rounded. They follow the
-        metric's device only.
+        metric's device only; float64 ones become float32 on a device without float64 (MPS).
         """
         own = [name for name in self._defaults if name not in exclude_state]
-        # ``fn`` itself where it keeps a float64 tensor's dtype (device moves, ``to_empty``), else a device move.
-        keeps_dtype = fn(torch.zeros((), dtype=ACCUMULATOR_DTYPE, device=self.device)).dtype == ACCUMULATOR_DTYPE
+        target = fn(torch.zeros((), device=self.device)).device
+        without_float64 = not _supports_float64(target)
         buffers = dict(self._buffers)
         self._buffers.clear()  # moved below, keeping their dtype
         try:
@@ -109,8 +119,11 @@ class PackedSyncMetric(Metric):
             self._buffers.update(buffers)
 
         def move(tensor: Tensor) -> Tensor:
-            moved: Tensor = fn(tensor) if keeps_dtype else tensor.to(device=self.device)
-            return moved
+            if without_float64 and tensor.dtype == torch.float64:  # e.g. MPS: float32 sums there
+                tensor = tensor.float()
+            if tensor.device.type == "meta" and target.type != "meta":  # no data to copy: what ``to_empty`` does
+                return torch.empty_like(tensor, device=target)
+            return tensor.to(device=target)
 
         for name, buffer in buffers.items():
             if buffer is not None:
@@ -162,6 +175,27 @@ class PackedSyncMetric(Metric):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def plot(self, val: Any = None, ax: Any = None) -> Any:
+        """Plot a value, or a sequence of values, of this metric (torchmetrics' plot API; needs matplotlib).
+
+        Args:
+            val: A result of ``compute``/``forward``, or a sequence of them (e.g. one per epoch); None computes it.
+            ax: A matplotlib ``Axes`` to draw into; None creates a figure.
+
+        Returns:
+            ``(figure, axes)``.
+
+        Example:
+            >>> import matplotlib
+            >>> matplotlib.use("Agg")
+            >>> import torch
+            >>> from sparse_metrics import L0NormMetric
+            >>> metric = L0NormMetric()
+            >>> values = [metric(torch.tensor([[1.0, 0.0], [2.0, 3.0]])) for _ in range(3)]
+            >>> figure, axes = metric.plot(values)
+        """
+        return self._plot(val, ax)
 
 
 class ItemMeanMetric(PackedSyncMetric):
@@ -274,7 +308,7 @@ class ItemMeanMetric(PackedSyncMetric):
         setattr(self, self._sum_state, total + per_item.sum(dim=0, dtype=total.dtype))
         setattr(self, self._count_state, self._tensor_state(self._count_state) + per_item.shape[0])
         if self._keep_batch_dim:
-            getattr(self, self._per_item_state).append(per_item.to(ACCUMULATOR_DTYPE))
+            getattr(self, self._per_item_state).append(per_item.to(total.dtype))
 
     def _output(self, per_item: Tensor) -> Tensor:
         """The value reported for per-item values: their mean, or themselves with ``keep_batch_dim``.
@@ -340,5 +374,6 @@ class ItemMeanMetric(PackedSyncMetric):
         return self._mean()
 
     def _empty_list_state(self, name: str) -> Tensor:
-        """An empty ``[0, component]`` float64 tensor: the rows of a rank that kept no per-item values."""
-        return torch.zeros(0, self.num_components, dtype=ACCUMULATOR_DTYPE, device=self.device)
+        """An empty ``[0, component]`` tensor: the rows of a rank that kept no per-item values."""
+        dtype = self._tensor_state(self._sum_state).dtype  # float64, or float32 on a device without float64
+        return torch.zeros(0, self.num_components, dtype=dtype, device=self.device)

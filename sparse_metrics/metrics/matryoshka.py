@@ -74,7 +74,8 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
         self.prefix_sizes = sizes
         self.prefix_weights = weights
         self.feature_reduction = feature_reduction
-        self.register_buffer("_prefix_weights", torch.tensor(weights), persistent=False)
+        # float64, cast to the errors' dtype when combined: float32 weights would cost float64 inputs their precision.
+        self.register_buffer("_prefix_weights", torch.tensor(weights, dtype=torch.float64), persistent=False)
         self.add_state(
             "matryoshka_prefix_sum",
             torch.zeros(num_components, len(sizes), dtype=ACCUMULATOR_DTYPE),
@@ -98,9 +99,14 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
         learned_activations: Tensor,
         decoder_weight: Tensor,
         decoder_bias: Tensor | None = None,
+        full_dictionary_error: Tensor | None = None,
         **kwargs: Any,
     ) -> Tensor:
-        """Per-item error of every prefix, ``[batch, component, prefix]``."""
+        """Per-item error of every prefix, ``[batch, component, prefix]``.
+
+        ``full_dictionary_error``: the per-item error of the whole dictionary's reconstruction where the caller has
+        it (the collection's L2 error); it then serves as the last prefix's error when that prefix is ``d_sae``.
+        """
         return _matryoshka_update(
             source_activations,
             learned_activations,
@@ -109,6 +115,7 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
             self.prefix_sizes,
             self.num_components,
             self.feature_reduction,
+            full_dictionary_error,
         )
 
     def _item_values(self, per_item: Tensor) -> Tensor:
@@ -118,9 +125,8 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
     def _add(self, per_item: Tensor) -> None:
         super()._add(per_item)
         if per_item.shape[0]:
-            self.matryoshka_prefix_sum = self.matryoshka_prefix_sum + per_item.detach().sum(
-                dim=0, dtype=ACCUMULATOR_DTYPE
-            )
+            total = self.matryoshka_prefix_sum
+            self.matryoshka_prefix_sum = total + per_item.detach().sum(dim=0, dtype=total.dtype)
 
     def _prefix_output(self, prefix_errors: Tensor) -> Tensor:
         """Batch mean of each prefix's error, ``[*component, prefix]``, from per-item prefix errors."""

@@ -8,7 +8,7 @@ from torch import Tensor
 from sparse_metrics._config import NumComponents, validate_arguments
 from sparse_metrics._validation import check_sparsity_coefficient
 from sparse_metrics.functional.l1_absolute import _l1_absolute_update
-from sparse_metrics.functional.sparsity import _sparsity_from_l1
+from sparse_metrics.functional.sparsity import _decoder_weighted_l1_update, _sparsity_from_l1
 from sparse_metrics.metrics._base import ItemMeanMetric
 
 __all__ = ["SparsityLoss"]
@@ -24,12 +24,19 @@ class SparsityLoss(ItemMeanMetric):
     allowed, negative values are rejected. A ``[component]`` tensor gives each component its own coefficient.
     A tensor coefficient is checked (one read of its values) when set, never during updates.
 
-    ``update(learned_activations, **kwargs)`` takes ``[batch, d_sae]`` or ``[batch, component, d_sae]``.
+    ``update(learned_activations, decoder_weight=None, **kwargs)`` takes ``[batch, d_sae]`` or
+    ``[batch, component, d_sae]``. With ``decoder_norm_weighting=True`` each ``|f_i|`` is weighted by the L2 norm
+    of decoder row ``i`` (SAELens / Anthropic style) and ``decoder_weight``, feature-major
+    ``[*component, d_sae, d_model]``, is required; ``forward`` is then differentiable with respect to it too:
+
+    .. math:: \mathrm{sparsity}_c = \frac{1}{N} \sum_{b=1}^{N} \lambda_c \sum_{i=1}^{d_{sae}} |f_{bci}|\,
+       \lVert W_{ci} \rVert_2
 
     Args:
         sparsity_coefficient: A non-negative number, or a ``[component]`` tensor.
         num_components: Number of SAEs trained side by side (the ``component`` axis).
         keep_batch_dim: Keep per-item values.
+        decoder_norm_weighting: Weight each activation by its decoder row's L2 norm.
         kwargs: Passed to :class:`torchmetrics.Metric`.
 
     Example:
@@ -43,6 +50,10 @@ class SparsityLoss(ItemMeanMetric):
         tensor(0.)
         >>> metric.compute()  # mean over the three items seen
         tensor(1., dtype=torch.float64)
+        >>> weighted = SparsityLoss(sparsity_coefficient=0.5, decoder_norm_weighting=True)
+        >>> decoder_weight = torch.tensor([[3.0, 4.0], [0.0, 1.0], [2.0, 0.0]])  # row norms 5, 1, 2
+        >>> weighted(learned_activations=torch.tensor([[1.0, -2.0, 0.0]]), decoder_weight=decoder_weight)
+        tensor(3.5000)
     """
 
     _state_prefix: ClassVar[str] = "sparsity"
@@ -56,9 +67,11 @@ class SparsityLoss(ItemMeanMetric):
         num_components: NumComponents = 1,
         *,
         keep_batch_dim: bool = False,
+        decoder_norm_weighting: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_components, keep_batch_dim=keep_batch_dim, **kwargs)
+        self.decoder_norm_weighting = decoder_norm_weighting
         # A tensor coefficient lives in a (non-persistent) buffer so that it follows the metric across devices.
         self.register_buffer("_coefficient_tensor", None, persistent=False)
         self._coefficient_number = 0.0
@@ -79,19 +92,30 @@ class SparsityLoss(ItemMeanMetric):
             self._coefficient_tensor = None
             self._coefficient_number = value
 
-    def update(self, learned_activations: Tensor, **kwargs: Any) -> None:
-        """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
-        self._accumulate(self._per_item(learned_activations))
+    def update(self, learned_activations: Tensor, decoder_weight: Tensor | None = None, **kwargs: Any) -> None:
+        """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection.
 
-    def _per_item(self, learned_activations: Tensor, **kwargs: Any) -> Tensor:
-        return self._from_l1(_l1_absolute_update(learned_activations, self.num_components))
+        ``decoder_weight`` is required with ``decoder_norm_weighting`` and ignored without it.
+        """
+        self._accumulate(self._per_item(learned_activations, decoder_weight))
+
+    def _per_item(self, learned_activations: Tensor, decoder_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
+        if not self.decoder_norm_weighting:
+            return self._from_l1(_l1_absolute_update(learned_activations, self.num_components))
+        if decoder_weight is None:
+            raise ValueError(
+                "`decoder_weight` is required when `decoder_norm_weighting=True`: pass the feature-major decoder "
+                "[*component, d_sae, d_model]."
+            )
+        return self._from_l1(_decoder_weighted_l1_update(learned_activations, decoder_weight, self.num_components))
 
     def _from_l1(self, l1_per_item: Tensor) -> Tensor:
-        """The per-item penalty from per-item L1 values (the collection reuses its L1 this way)."""
+        """The per-item penalty from per-item (weighted) L1 values (the collection reuses its L1 this way)."""
         return _sparsity_from_l1(l1_per_item, self.sparsity_coefficient)
 
     def extra_repr(self) -> str:
         """Show the coefficient in ``repr``."""
         coefficient = self.sparsity_coefficient
         shown = coefficient.tolist() if isinstance(coefficient, torch.Tensor) else coefficient
-        return f"sparsity_coefficient={shown}, num_components={self.num_components}"
+        weighting = ", decoder_norm_weighting=True" if self.decoder_norm_weighting else ""
+        return f"sparsity_coefficient={shown}, num_components={self.num_components}{weighting}"

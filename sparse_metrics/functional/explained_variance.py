@@ -1,0 +1,153 @@
+r"""Fraction of variance unexplained (FVU) and explained variance of an SAE's reconstruction.
+
+.. math:: \mathrm{FVU}_c = \frac{\sum_{b} \sum_{d} (x_{bcd} - \hat x_{bcd})^2}
+   {\sum_{b} \sum_{d} (x_{bcd} - \bar x_{cd})^2}, \qquad \mathrm{EV}_c = 1 - \mathrm{FVU}_c
+
+where :math:`\bar x_{cd}` is the mean of dimension :math:`d` over every item. Both sums are pooled over every item:
+the ratio is not a mean of per-batch or per-process ratios. The denominator is accumulated as (count, mean, M2)
+and merged with Chan et al.'s parallel formula, so a large common offset (e.g. ``1e6 + noise``) does not cancel
+catastrophically the way :math:`\sum x^2 - n \bar x^2` would.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from sparse_metrics._validation import check_same_shape, computation_dtype, to_components
+
+__all__ = ["explained_variance", "fraction_of_variance_unexplained"]
+
+#: Statistics are kept in float64 (float32 only on a device without it): the means feed differences of near-equal
+#: numbers.
+_STATISTICS_DTYPE = torch.float64
+
+
+class VarianceStatistics(NamedTuple):
+    """Sufficient statistics of the FVU over a set of items, per component.
+
+    Attributes:
+        item_count: Number of items, a 0-d float64 tensor (exact below 2**53).
+        mean: Per-dimension mean of the source, ``[component, d_model]`` float64.
+        m2: Sum over items and dimensions of the squared deviation from ``mean``, ``[component]`` float64.
+        squared_error: Sum over items and dimensions of the squared reconstruction error, ``[component]`` float64.
+    """
+
+    item_count: Tensor
+    mean: Tensor
+    m2: Tensor
+    squared_error: Tensor
+
+
+def _source_statistics(
+    source: Float[Tensor, "batch component d_model"], dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Two-pass (count, mean, M2) of a batch: the mean first, then the deviations from it."""
+    values = source.detach().to(dtype)
+    mean = values.mean(dim=0)
+    m2 = (values - mean).square().sum(dim=(0, 2))
+    return torch.tensor(float(source.shape[0]), dtype=dtype, device=source.device), mean, m2
+
+
+def _batch_statistics(
+    source: Float[Tensor, "batch component d_model"],
+    squared_error_per_item: Float[Tensor, "batch component"],
+    dtype: torch.dtype = _STATISTICS_DTYPE,
+) -> VarianceStatistics:
+    """The statistics of one validated batch, given each item's squared error summed over ``d_model``."""
+    count, mean, m2 = _source_statistics(source, dtype)
+    squared_error = squared_error_per_item.detach().sum(dim=0, dtype=dtype)
+    return VarianceStatistics(count, mean, m2, squared_error)
+
+
+def _merge_statistics(first: VarianceStatistics, second: VarianceStatistics) -> VarianceStatistics:
+    r"""Chan et al.'s parallel merge of two sets' statistics.
+
+    .. math:: n = n_A + n_B, \quad \bar x = \bar x_A + \delta\, n_B / n, \quad
+       M_2 = M_{2,A} + M_{2,B} + \textstyle\sum_d \delta_d^2\, n_A n_B / n, \quad \delta = \bar x_B - \bar x_A
+
+    Only differences of means enter, never :math:`\sum x^2`, so an offset common to all items cancels exactly.
+    An empty set (count 0) is the identity; merging into an empty set copies the other exactly. No branch on the
+    counts' values, so a merge never synchronises with the device.
+    """
+    count = first.item_count + second.item_count
+    safe_count = count.clamp(min=1)  # both empty: every term below is 0 instead of 0/0
+    delta = second.mean - first.mean
+    mean = first.mean + delta * (second.item_count / safe_count)
+    m2 = first.m2 + second.m2 + delta.square().sum(dim=-1) * (first.item_count * second.item_count / safe_count)
+    return VarianceStatistics(count, mean, m2, first.squared_error + second.squared_error)
+
+
+def _fvu_update(
+    decoded_activations: Tensor, source_activations: Tensor, num_components: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Validate the inputs; return the source ``[batch, component, d_model]`` and per-item squared errors.
+
+    The per-item error is summed over ``d_model`` in the inputs' computation dtype and stays differentiable.
+    """
+    source = to_components("source_activations", source_activations, num_components)
+    decoded = check_same_shape("decoded_activations", decoded_activations, "source_activations", source_activations)
+    dtype = computation_dtype(decoded, source)
+    error = decoded.view(source.shape).to(dtype) - source.to(dtype)
+    return source, error.square().sum(dim=-1)
+
+
+def _fvu_compute(squared_error: Tensor, m2: Tensor) -> Tensor:
+    """The pooled ratio; 0/0 gives NaN and a non-zero error over zero variance gives inf."""
+    return squared_error / m2
+
+
+def _batch_fvu(source: Tensor, squared_error_per_item: Tensor) -> Float[Tensor, " component"]:
+    """Differentiable FVU ``[component]`` of one batch, in the computation dtype of the squared errors."""
+    values = source.to(squared_error_per_item.dtype)
+    variance = (values - values.mean(dim=0)).square().sum(dim=(0, 2))
+    return squared_error_per_item.sum(dim=0) / variance
+
+
+def fraction_of_variance_unexplained(
+    decoded_activations: Float[Tensor, "batch *component d_model"],
+    source_activations: Float[Tensor, "batch *component d_model"],
+) -> Float[Tensor, "*component"]:
+    """Fraction of the source's variance (around its per-dimension batch mean) the reconstruction misses.
+
+    Args:
+        decoded_activations: The SAE's reconstruction, ``[batch, d_model]`` or ``[batch, component, d_model]``.
+        source_activations: The SAE's input, same shape.
+
+    Returns:
+        ``[*component]`` (0-d without a component axis), differentiable with respect to the inputs.
+
+    Example:
+        >>> import torch
+        >>> from sparse_metrics.functional import fraction_of_variance_unexplained
+        >>> source = torch.tensor([[0.0], [2.0], [4.0], [6.0]])
+        >>> decoded = torch.tensor([[1.0], [1.0], [5.0], [5.0]])
+        >>> fraction_of_variance_unexplained(decoded, source)
+        tensor(0.2000)
+    """
+    source, squared_error = _fvu_update(decoded_activations, source_activations)
+    value = _batch_fvu(source, squared_error)
+    return value if source_activations.ndim == 3 else value.squeeze(-1)
+
+
+def explained_variance(
+    decoded_activations: Float[Tensor, "batch *component d_model"],
+    source_activations: Float[Tensor, "batch *component d_model"],
+) -> Float[Tensor, "*component"]:
+    """Explained variance of a batch: ``1 - fraction_of_variance_unexplained``.
+
+    Args:
+        decoded_activations: The SAE's reconstruction, ``[batch, d_model]`` or ``[batch, component, d_model]``.
+        source_activations: The SAE's input, same shape.
+
+    Example:
+        >>> import torch
+        >>> from sparse_metrics.functional import explained_variance
+        >>> source = torch.tensor([[0.0], [2.0], [4.0], [6.0]])
+        >>> explained_variance(torch.tensor([[1.0], [1.0], [5.0], [5.0]]), source)
+        tensor(0.8000)
+    """
+    return 1 - fraction_of_variance_unexplained(decoded_activations, source_activations)

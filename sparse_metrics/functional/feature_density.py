@@ -1,0 +1,123 @@
+r"""Feature density: the fraction of items in which each dictionary feature is active (non-zero).
+
+.. math:: \rho_{ci} = \frac{1}{N} \sum_{b=1}^{N} \mathbb{1}[f_{bci} \neq 0], \qquad
+   \overline{\log_{10} \rho}_c = \frac{1}{d_{sae}} \sum_{i=1}^{d_{sae}} \log_{10}(\rho_{ci} + \epsilon)
+
+with :math:`\epsilon = 10^{-10}` (:data:`DENSITY_EPSILON`), so that a feature that never fired counts as
+:math:`10^{-10}` instead of :math:`-\infty`. Features that never fire show as a spike at -10 in the usual
+log10-density histogram.
+
+One boolean activity mask per batch feeds everything that looks at which features fired: the per-item L0, the
+per-feature firing counts of the density and the items since each feature last fired (dead features).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from sparse_metrics._validation import to_components
+
+__all__ = ["DENSITY_EPSILON", "feature_density", "mean_log10_feature_density"]
+
+#: Added to every density before the log10, so that a dead feature gives -10 rather than -inf.
+DENSITY_EPSILON = 1e-10
+
+
+class FeatureActivity(NamedTuple):
+    """What one batch says about each feature's firing.
+
+    Attributes:
+        fire_count: Number of items in which each feature is non-zero, ``[component, d_sae]`` int64.
+        items_since_fired: Number of items of the batch after the last one in which the feature fired (0 if it
+            fired on the last item); the batch size if it did not fire. ``[component, d_sae]`` int64.
+        batch_size: Number of items in the batch.
+    """
+
+    fire_count: Tensor
+    items_since_fired: Tensor
+    batch_size: int
+
+
+def _active_features(
+    learned_activations: Tensor, num_components: int | None = None, num_features: int | None = None
+) -> Bool[Tensor, "batch component d_sae"]:
+    """Validate the activations and return which features are active on each item (non-zero, NaN included)."""
+    learned = to_components("learned_activations", learned_activations, num_components)
+    if num_features is not None and learned.shape[-1] != num_features:
+        raise ValueError(
+            f"`learned_activations` must have num_features={num_features} features in its last axis, "
+            f"got shape {list(learned_activations.shape)}."
+        )
+    return learned.detach() != 0
+
+
+def _feature_activity(active: Bool[Tensor, "batch component d_sae"]) -> FeatureActivity:
+    """Firing counts and items since the last firing of every feature, from the batch's activity mask."""
+    batch_size = active.shape[0]
+    fire_count = active.sum(dim=0, dtype=torch.int64)
+    # In the batch read backwards, the first active item is the last one that fired; argmax returns the first
+    # maximum. A feature that never fired gets the whole batch.
+    last_from_end = active.flip(0).to(torch.uint8).argmax(dim=0) if batch_size else torch.zeros_like(fire_count)
+    items_since_fired = torch.where(fire_count > 0, last_from_end, batch_size)
+    return FeatureActivity(fire_count, items_since_fired, batch_size)
+
+
+def _l0_from_active(active: Bool[Tensor, "batch component d_sae"], dtype: torch.dtype) -> Tensor:
+    """Per-item L0 ``[batch, component]`` from the activity mask (equal to ``_l0_norm_update``)."""
+    return active.sum(dim=-1, dtype=dtype)
+
+
+def _density_compute(fire_count: Tensor, item_count: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Fraction of items in which each feature fired (float64 unless told otherwise); NaN with no item."""
+    return fire_count.to(dtype) / item_count
+
+
+def _mean_log10(density: Tensor, epsilon: float) -> Tensor:
+    return torch.log10(density + epsilon).mean(dim=-1)
+
+
+def feature_density(learned_activations: Float[Tensor, "batch *component d_sae"]) -> Float[Tensor, "*component d_sae"]:
+    """Fraction of the batch's items in which each feature is non-zero.
+
+    Args:
+        learned_activations: The SAE's feature activations, ``[batch, d_sae]`` or ``[batch, component, d_sae]``.
+
+    Returns:
+        ``[*component, d_sae]`` float64.
+
+    Example:
+        >>> import torch
+        >>> from sparse_metrics.functional import feature_density
+        >>> feature_density(torch.tensor([[1.0, 0.0, 0.0], [2.0, 3.0, 0.0]]))
+        tensor([1.0000, 0.5000, 0.0000], dtype=torch.float64)
+    """
+    active = _active_features(learned_activations)
+    fire_count = active.sum(dim=0, dtype=torch.int64)
+    density = _density_compute(fire_count, torch.tensor(active.shape[0]))
+    return density if learned_activations.ndim == 3 else density.squeeze(0)
+
+
+def mean_log10_feature_density(
+    density: Float[Tensor, "*component d_sae"], epsilon: float = DENSITY_EPSILON
+) -> Float[Tensor, "*component"]:
+    r"""Mean over features of :math:`\log_{10}(\rho + \epsilon)`, the summary SAE dashboards log.
+
+    Args:
+        density: Feature densities, ``[*component, d_sae]`` (e.g. from ``feature_density``).
+        epsilon: Added before the log so that a never-firing feature counts as ``log10(epsilon)``; default 1e-10.
+
+    Example:
+        >>> import torch
+        >>> from sparse_metrics.functional import mean_log10_feature_density
+        >>> mean_log10_feature_density(torch.tensor([1.0, 0.01, 0.0], dtype=torch.float64))
+        tensor(-4.0000, dtype=torch.float64)
+    """
+    if not isinstance(density, Tensor) or not density.is_floating_point():
+        raise TypeError(f"`density` must be a floating-point tensor, got {getattr(density, 'dtype', type(density))}.")
+    if not (0.0 < epsilon < float("inf")):
+        raise ValueError(f"`epsilon` must be a finite positive number, got {epsilon}.")
+    return _mean_log10(density, epsilon)

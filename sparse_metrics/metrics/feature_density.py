@@ -1,0 +1,180 @@
+"""Feature density metric: the fraction of items in which each dictionary feature fired."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from sparse_metrics._config import NumComponents, NumFeatures, validate_arguments
+from sparse_metrics.functional.feature_density import (
+    DENSITY_EPSILON,
+    FeatureActivity,
+    _active_features,
+    _density_compute,
+    _feature_activity,
+    _mean_log10,
+)
+from sparse_metrics.metrics import _base
+from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, PackedSyncMetric
+
+__all__ = ["FeatureDensity"]
+
+
+class FeatureDensity(PackedSyncMetric):
+    r"""Fraction of items in which each feature is active (non-zero), over every item on every process.
+
+    .. math:: \rho_{ci} = \frac{1}{N} \sum_{b=1}^{N} \mathbb{1}[f_{bci} \neq 0], \qquad
+       \overline{\log_{10} \rho}_c = \frac{1}{d_{sae}} \sum_{i} \log_{10}(\rho_{ci} + \epsilon),
+       \quad \epsilon = 10^{-10}
+
+    ``update(learned_activations, **kwargs)`` takes ``[batch, num_features]`` or
+    ``[batch, component, num_features]``. ``compute()`` returns the densities, float64
+    ``[*component, num_features]`` (NaN before any item); :meth:`mean_log10_density` the per-component mean log10
+    density for logging; :meth:`plot` the usual histogram of log10 densities. Counts are int64 and summed across
+    processes, so the density is exact; they are saved in ``state_dict``.
+
+    Args:
+        num_features: The dictionary size ``d_sae``.
+        num_components: Number of SAEs trained side by side (the ``component`` axis).
+        kwargs: Passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from sparse_metrics import FeatureDensity
+        >>> metric = FeatureDensity(num_features=3)
+        >>> metric.update(torch.tensor([[1.0, 0.0, 0.0], [2.0, 3.0, 0.0]]))
+        >>> metric.compute()
+        tensor([1.0000, 0.5000, 0.0000], dtype=torch.float64)
+        >>> metric.mean_log10_density()  # (0 + log10(0.5) + log10(1e-10)) / 3
+        tensor(-3.4337, dtype=torch.float64)
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+    plot_lower_bound = 0.0
+    plot_upper_bound = 1.0
+
+    _fire_count_state: ClassVar[str] = "density_fire_count"
+    _item_count_state: ClassVar[str] = "density_item_count"
+
+    density_fire_count: Tensor
+    density_item_count: Tensor
+
+    @validate_arguments
+    def __init__(self, num_features: NumFeatures, num_components: NumComponents = 1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_features = num_features
+        self.num_components = num_components
+        self.add_state(
+            self._fire_count_state,
+            torch.zeros(num_components, num_features, dtype=torch.int64),
+            dist_reduce_fx="sum",
+            persistent=True,
+        )
+        self.add_state(
+            self._item_count_state, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum", persistent=True
+        )
+
+    def update(self, learned_activations: Tensor, **kwargs: Any) -> None:
+        """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
+        self._record_activity(_feature_activity(self._active(learned_activations)))
+
+    def forward(self, learned_activations: Tensor, **kwargs: Any) -> Tensor:
+        """Accumulate a batch and return its own densities ``[*component, num_features]``."""
+        activity = _feature_activity(self._active(learned_activations))
+        self._record_batch(activity)
+        return self._batch_value(activity)
+
+    def _record_batch(self, activity: FeatureActivity) -> None:
+        """Record a validated batch as ``update`` would (used by forward and the collection)."""
+        self._update_count += 1
+        self._computed = None
+        self._record_activity(activity)
+
+    def _active(self, learned_activations: Tensor) -> Tensor:
+        """Validate the input; its activity mask ``[batch, component, num_features]``."""
+        return _active_features(learned_activations, self.num_components, self.num_features)
+
+    def _record_activity(self, activity: FeatureActivity) -> None:
+        self.density_fire_count = self.density_fire_count + activity.fire_count
+        self.density_item_count = self.density_item_count + activity.batch_size
+
+    def _batch_value(self, activity: FeatureActivity) -> Tensor:
+        density = _density_compute(activity.fire_count, torch.tensor(activity.batch_size), self._density_dtype)
+        return self._squeeze(density)
+
+    def _squeeze(self, value: Tensor) -> Tensor:
+        return value.squeeze(0) if self.num_components == 1 else value
+
+    def _density(self) -> Tensor:
+        return _density_compute(self.density_fire_count, self.density_item_count, self._density_dtype)
+
+    @property
+    def _density_dtype(self) -> torch.dtype:
+        """float64, or float32 on a device without float64 (MPS)."""
+        return ACCUMULATOR_DTYPE if _base._supports_float64(self.device) else torch.float32
+
+    def compute(self) -> Tensor:
+        """Density of every feature, float64 ``[*component, num_features]``, synced across processes."""
+        return self._squeeze(self._density())
+
+    def _mean_log10_density(self, epsilon: float = DENSITY_EPSILON) -> Tensor:
+        return self._squeeze(_mean_log10(self._density(), epsilon))
+
+    def mean_log10_density(self, epsilon: float = DENSITY_EPSILON) -> Tensor:
+        """Mean over features of ``log10(density + epsilon)``, ``[*component]`` (0-d for one component), synced.
+
+        Args:
+            epsilon: Added before the log, so that a feature that never fired counts as ``log10(epsilon)``.
+        """
+        if not (0.0 < epsilon < float("inf")):
+            raise ValueError(f"`epsilon` must be a finite positive number, got {epsilon}.")
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+        ):
+            return self._mean_log10_density(epsilon)
+
+    def plot(self, val: Any = None, ax: Any = None) -> Any:
+        """Histogram of ``log10(density + 1e-10)`` over features (one per component); needs matplotlib.
+
+        Args:
+            val: Densities ``[*component, num_features]`` (e.g. from ``compute``); None computes them.
+            ax: A matplotlib ``Axes`` to draw into; None creates a figure.
+
+        Returns:
+            ``(figure, axes)``.
+
+        Example:
+            >>> import matplotlib
+            >>> matplotlib.use("Agg")
+            >>> import torch
+            >>> from sparse_metrics import FeatureDensity
+            >>> metric = FeatureDensity(num_features=4)
+            >>> metric.update(torch.tensor([[1.0, 0.0, 0.0, 2.0], [0.0, 0.0, 3.0, 1.0]]))
+            >>> figure, axes = metric.plot()
+        """
+        try:
+            import matplotlib.pyplot as plt  # noqa: PLC0415  # optional dependency, imported on use
+        except ModuleNotFoundError as error:
+            raise ModuleNotFoundError(
+                "FeatureDensity.plot needs matplotlib: `pip install sparse_metrics[plot]`."
+            ) from error
+        density = (val if val is not None else self.compute()).detach().cpu().to(torch.float64)
+        log_density = torch.log10(density + DENSITY_EPSILON).reshape(-1, density.shape[-1])
+        if ax is None:
+            figure, ax = plt.subplots()
+        else:
+            figure = ax.get_figure()
+        for component, values in enumerate(log_density):
+            label = f"component {component}" if log_density.shape[0] > 1 else None
+            # Bins of 1/3 decade centred on the integers: the dead-feature spike at -10 and density 1 at 0 inside.
+            ax.hist(values.numpy(), bins=33, range=(-10.5, 0.5), alpha=0.6, label=label)
+        ax.set_xlabel(r"$\log_{10}$(feature density + $10^{-10}$)")
+        ax.set_ylabel("features")
+        ax.set_title(type(self).__name__)
+        if log_density.shape[0] > 1:
+            ax.legend()
+        return figure, ax

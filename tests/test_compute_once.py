@@ -1,0 +1,94 @@
+"""Each statistic is computed once per step: no member reads the activations again for what another computed."""
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import sparse_metrics as sm
+from tests import reference
+
+BATCH, COMPONENTS, D_MODEL, D_SAE = 6, 2, 5, 40
+
+
+class FullSizeOperations(TorchDispatchMode):
+    """Record every non-view operation that takes or makes a tensor of ``numel`` elements.
+
+    With ``numel`` the size of the ``[batch, component, d_sae]`` activations, this lists each pass over them.
+    """
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel = numel
+        self.operations: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if not func.is_view:
+            tensors = [t for t in tree_leaves((args, kwargs, result)) if isinstance(t, torch.Tensor)]
+            if any(t.numel() == self.numel for t in tensors):
+                self.operations[func.overloadpacket.__name__] += 1
+        return result
+
+
+def _inputs(generator, requires_grad):
+    source = torch.randn(BATCH, COMPONENTS, D_MODEL, generator=generator)
+    learned = reference.sparse_activations(BATCH, COMPONENTS, D_SAE, generator=generator)
+    return {
+        "source_activations": source,
+        "decoded_activations": source + torch.randn(BATCH, COMPONENTS, D_MODEL, generator=generator),
+        "learned_activations": learned.requires_grad_(requires_grad),
+        "decoder_weight": torch.randn(COMPONENTS, D_SAE, D_MODEL, generator=generator),
+        "decoder_bias": torch.randn(COMPONENTS, D_MODEL, generator=generator),
+    }
+
+
+@pytest.mark.parametrize("matryoshka", [False, True])
+@pytest.mark.parametrize("step", ["forward", "update"])
+def test_two_passes_over_the_activations_per_step(generator, matryoshka, step):
+    """One pass for L0 and one for L1, which also feeds the sparsity penalty; Matryoshka reads only prefix blocks."""
+    prefix_sizes = [10, 20, D_SAE] if matryoshka else None
+    loss_fn = sm.SparseAutoencoderLoss(0.1, COMPONENTS, matryoshka_prefix_sizes=prefix_sizes)
+    inputs = _inputs(generator, requires_grad=step == "forward")
+    with FullSizeOperations(BATCH * COMPONENTS * D_SAE) as recorded:
+        getattr(loss_fn, step)(**inputs)
+    assert recorded.operations == Counter({"linalg_vector_norm": 2})
+
+
+def test_backward_makes_one_full_size_gradient(generator):
+    """The gradient of the L1 term is written into one new tensor (sign, then an in-place product)."""
+    loss_fn = sm.SparseAutoencoderLoss(0.1, COMPONENTS)
+    inputs = _inputs(generator, requires_grad=True)
+    loss = loss_fn(**inputs)["loss"]
+    with FullSizeOperations(BATCH * COMPONENTS * D_SAE) as recorded:
+        loss.backward()
+    assert recorded.operations == Counter({"sign": 1, "mul_": 1})
+
+
+@pytest.mark.parametrize("step", ["forward", "update"])
+def test_whole_dictionary_error_is_shared_by_l2_and_matryoshka(generator, step):
+    """The largest prefix is the whole dictionary: its error is L2's, so one error is formed per prefix, not P + 1."""
+    prefix_sizes = [10, 20, D_SAE]
+    loss_fn = sm.SparseAutoencoderLoss(0.1, COMPONENTS, matryoshka_prefix_sizes=prefix_sizes)
+    inputs = _inputs(generator, requires_grad=step == "forward")
+    with FullSizeOperations(BATCH * COMPONENTS * D_MODEL) as recorded:
+        getattr(loss_fn, step)(**inputs)
+    assert recorded.operations["sub"] == len(prefix_sizes)
+
+
+def test_whole_dictionary_prefix_equals_the_standalone_metric(generator):
+    """With decoded_activations = f W + b (what an SAE outputs), sharing the error changes no value."""
+    prefix_sizes = [10, 20, D_SAE]
+    inputs = _inputs(generator, requires_grad=False)
+    inputs["decoded_activations"] = (
+        torch.einsum("bcf,cfd->bcd", inputs["learned_activations"], inputs["decoder_weight"]) + inputs["decoder_bias"]
+    )
+    loss_fn = sm.SparseAutoencoderLoss(0.1, COMPONENTS, matryoshka_prefix_sizes=prefix_sizes)
+    standalone = sm.MatryoshkaReconstructionLoss(prefix_sizes, COMPONENTS)
+    loss_fn.update(**inputs)
+    standalone.update(**inputs)
+    torch.testing.assert_close(loss_fn.compute()["matryoshka"], standalone.compute())
+    torch.testing.assert_close(loss_fn["matryoshka"].compute_prefix_losses(), standalone.compute_prefix_losses())

@@ -1,0 +1,326 @@
+"""Each row of docs/conventions.md: a peer library's definition of a term, computed here by hand from its formula,
+equals the sparse_metrics metric with the options the page lists.
+
+Peer formulas are written from their published definitions (see the page), one line each, in float64; no peer code.
+Batch-mean metrics are checked twice: ``forward`` on one batch against the peer's formula on that batch, and
+``compute`` over two batches of different sizes against the peer's formula on all their items (their epoch value).
+"""
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+import sparse_metrics as sm
+from sparse_metrics.functional import (
+    l2_reconstruction_loss,
+    matryoshka_reconstruction_loss,
+)
+
+D_MODEL, D_SAE = 6, 10
+BATCH_SIZES = (5, 3)
+
+
+def _batches(generator: torch.Generator) -> list[dict[str, Tensor]]:
+    """Batches of (x, x_hat, non-negative sparse f, feature-major W_dec, b_dec), as a ReLU SAE produces them."""
+    decoder_weight = torch.randn(D_SAE, D_MODEL, generator=generator, dtype=torch.float64)
+    decoder_bias = torch.randn(D_MODEL, generator=generator, dtype=torch.float64)
+    batches = []
+    for size in BATCH_SIZES:
+        pre = torch.randn(size, D_SAE, generator=generator, dtype=torch.float64)
+        f = torch.relu(pre - 0.5)
+        x = torch.randn(size, D_MODEL, generator=generator, dtype=torch.float64) * 3
+        batches.append(
+            {"x": x, "x_hat": f @ decoder_weight + decoder_bias, "f": f, "w": decoder_weight, "b": decoder_bias}
+        )
+    return batches
+
+
+def _epoch(batches: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """All items of the batches as one batch (the decoder is shared)."""
+    return {
+        key: torch.cat([b[key] for b in batches]) if key in ("x", "x_hat", "f") else batches[0][key]
+        for key in batches[0]
+    }
+
+
+def _check(
+    metric: Metric,
+    inputs: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    peer: Callable[[dict[str, Tensor]], Tensor],
+    generator: torch.Generator,
+) -> None:
+    batches = _batches(generator)
+    first = metric(**inputs(batches[0]))
+    torch.testing.assert_close(first.double(), peer(batches[0]), rtol=1e-12, atol=1e-12)
+    metric.update(**inputs(batches[1]))
+    torch.testing.assert_close(metric.compute(), peer(_epoch(batches)), rtol=1e-12, atol=1e-12)
+
+
+def _reconstruction(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {"decoded_activations": batch["x_hat"], "source_activations": batch["x"]}
+
+
+def _error(batch: dict[str, Tensor]) -> Tensor:
+    return batch["x_hat"] - batch["x"]
+
+
+# --- MSE / L2 reconstruction ------------------------------------------------------------------------------------------
+
+
+def test_prior_art_l2(generator):
+    # per item: mean over d_model of e^2; mean over items
+    _check(sm.L2ReconstructionLoss(), _reconstruction, lambda b: (_error(b) ** 2).mean(1).mean(0), generator)
+
+
+def test_saev_mse(generator):
+    # element-wise squared error, mean over every element of [batch, d_model]
+    _check(sm.L2ReconstructionLoss(), _reconstruction, lambda b: (_error(b) ** 2).mean(), generator)
+
+
+def test_saev_mse_normalised(generator):
+    # norm=True: e_bd^2 / ||x_b||_2 (the row norm, not squared), mean over every element
+    def peer(b: dict[str, Tensor]) -> Tensor:
+        return ((_error(b) ** 2) / b["x"].norm(dim=1, keepdim=True)).mean()
+
+    batches = _batches(generator)
+    metric = sm.L2ReconstructionLoss(keep_batch_dim=True)
+    for batch in batches:
+        metric.update(**_reconstruction(batch))
+    norms = torch.cat([b["x"].norm(dim=1) for b in batches])
+    torch.testing.assert_close((metric.compute() / norms).mean(), peer(_epoch(batches)), rtol=1e-12, atol=1e-12)
+
+
+def test_saelens_mse(generator):
+    # per item: sum over d_model of e^2; mean over the batch
+    _check(
+        sm.L2ReconstructionLoss(feature_reduction="sum"),
+        _reconstruction,
+        lambda b: (_error(b) ** 2).sum(1).mean(),
+        generator,
+    )
+
+
+def test_dictionary_learning_mse(generator):
+    # "mse_loss": per item ||e_b||^2 (sum over d_model), mean over the batch
+    _check(
+        sm.L2ReconstructionLoss(feature_reduction="sum"),
+        _reconstruction,
+        lambda b: _error(b).pow(2).sum(dim=-1).mean(),
+        generator,
+    )
+
+
+def test_dictionary_learning_l2_norm(generator):
+    # "l2_loss": per item the (unsquared) Euclidean norm ||e_b||_2, mean over the batch
+    batches = _batches(generator)
+    metric = sm.L2ReconstructionLoss(feature_reduction="sum", keep_batch_dim=True)
+    for batch in batches:
+        metric.update(**_reconstruction(batch))
+    epoch = _epoch(batches)
+    expected = torch.linalg.vector_norm(_error(epoch), dim=-1).mean()
+    torch.testing.assert_close(metric.compute().sqrt().mean(), expected, rtol=1e-12, atol=1e-12)
+    # As a training loss, differentiably, with the functional form.
+    x_hat = epoch["x_hat"].clone().requires_grad_()
+    loss = l2_reconstruction_loss(x_hat, epoch["x"], feature_reduction="sum", keep_batch_dim=True).sqrt().mean()
+    reference_x_hat = epoch["x_hat"].clone().requires_grad_()
+    torch.linalg.vector_norm(reference_x_hat - epoch["x"], dim=-1).mean().backward()
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x_hat.grad, reference_x_hat.grad)
+
+
+def test_openai_normalized_mse(generator):
+    # mean over items of (mean_d e^2) / (mean_d x^2)
+    batches = _batches(generator)
+    error = sm.L2ReconstructionLoss(keep_batch_dim=True)
+    power = sm.L2ReconstructionLoss(keep_batch_dim=True)  # the "error" of reconstructing x by 0: mean_d x^2
+    for batch in batches:
+        error.update(**_reconstruction(batch))
+        power.update(decoded_activations=torch.zeros_like(batch["x"]), source_activations=batch["x"])
+    epoch = _epoch(batches)
+    expected = ((_error(epoch) ** 2).mean(dim=1) / (epoch["x"] ** 2).mean(dim=1)).mean()
+    torch.testing.assert_close((error.compute() / power.compute()).mean(), expected, rtol=1e-12, atol=1e-12)
+
+
+# --- L1 ---------------------------------------------------------------------------------------------------------------
+
+
+def _learned(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {"learned_activations": batch["f"]}
+
+
+def test_prior_art_l1(generator):
+    _check(sm.L1AbsoluteLoss(), _learned, lambda b: b["f"].abs().sum(1).mean(), generator)
+
+
+def test_saev_l1(generator):
+    # mean over items of sum_F f (no absolute value: ReLU activations are non-negative)
+    _check(sm.L1AbsoluteLoss(), _learned, lambda b: b["f"].sum(1).mean(), generator)
+
+
+def test_dictionary_learning_l1(generator):
+    _check(sm.L1AbsoluteLoss(), _learned, lambda b: torch.linalg.vector_norm(b["f"], ord=1, dim=-1).mean(), generator)
+
+
+def test_saelens_l1_weighted_by_decoder_norm(generator):
+    # sum_i |f_i| * ||W_dec[i]||_2, mean over the batch
+    def scaled(b: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"learned_activations": b["f"] * b["w"].norm(dim=1)}
+
+    _check(sm.L1AbsoluteLoss(), scaled, lambda b: (b["f"].abs() * b["w"].norm(dim=1)).sum(1).mean(), generator)
+
+
+def test_openai_normalized_l1(generator):
+    # mean over items of sum_i |f_bi| / ||x_b||_2
+    def scaled(b: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"learned_activations": b["f"] / b["x"].norm(dim=1, keepdim=True)}
+
+    _check(sm.L1AbsoluteLoss(), scaled, lambda b: (b["f"].abs().sum(1) / b["x"].norm(dim=1)).mean(), generator)
+
+
+# --- L0 ---------------------------------------------------------------------------------------------------------------
+
+
+def test_prior_art_l0(generator):
+    _check(sm.L0NormMetric(), _learned, lambda b: (b["f"] != 0).double().sum(1).mean(), generator)
+
+
+@pytest.mark.parametrize("peer", ["saev", "saelens"])
+def test_active_count_l0(generator, peer):
+    # saev and SAELens count f > 0; the same as f != 0 for non-negative (ReLU, JumpReLU, TopK) activations
+    _check(sm.L0NormMetric(), _learned, lambda b: (b["f"] > 0).double().sum(1).mean(), generator)
+
+
+# --- Sparsity penalty and total loss ----------------------------------------------------------------------------------
+
+
+def _collection_check(loss_fn: sm.SparseAutoencoderLoss, inputs, peer_loss, generator) -> None:
+    batches = _batches(generator)
+    out = loss_fn(**inputs(batches[0]))
+    torch.testing.assert_close(out["loss"].double(), peer_loss(batches[0]), rtol=1e-12, atol=1e-12)
+    loss_fn.update(**inputs(batches[1]))
+    torch.testing.assert_close(loss_fn.compute()["loss"], peer_loss(_epoch(batches)), rtol=1e-12, atol=1e-12)
+
+
+def _loss_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {"source_activations": batch["x"], "learned_activations": batch["f"], "decoded_activations": batch["x_hat"]}
+
+
+def test_prior_art_loss(generator):
+    # per item: mean_d e^2 + coefficient * sum_i |f_i|; mean over items
+    coefficient = 0.01
+    _collection_check(
+        sm.SparseAutoencoderLoss(sparsity_coefficient=coefficient),
+        _loss_inputs,
+        lambda b: ((_error(b) ** 2).mean(1) + coefficient * b["f"].abs().sum(1)).mean(),
+        generator,
+    )
+
+
+def test_saev_vanilla_loss(generator):
+    # mse (element mean) + sparsity_coeff * l1 (mean_b sum_F f), sparsity_coeff = 4e-4 by default
+    def peer(b: dict[str, Tensor]) -> Tensor:
+        return (_error(b) ** 2).mean() + 4e-4 * b["f"].sum(1).mean()
+
+    _collection_check(sm.SparseAutoencoderLoss(sparsity_coefficient=4e-4), _loss_inputs, peer, generator)
+    sparsity = sm.SparsityLoss(4e-4)
+    _check(sparsity, _learned, lambda b: 4e-4 * b["f"].sum(1).mean(), generator)
+
+
+def test_saelens_standard_loss(generator):
+    # sum_d e^2 + l1_coefficient * sum_i |f_i| ||W_dec[i]||, each a mean over the batch
+    coefficient = 5.0
+
+    def scaled(b: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {**_loss_inputs(b), "learned_activations": b["f"] * b["w"].norm(dim=1)}
+
+    def peer(b: dict[str, Tensor]) -> Tensor:
+        return (_error(b) ** 2).sum(1).mean() + coefficient * (b["f"].abs() * b["w"].norm(dim=1)).sum(1).mean()
+
+    _collection_check(
+        sm.SparseAutoencoderLoss(sparsity_coefficient=coefficient, feature_reduction="sum"), scaled, peer, generator
+    )
+
+
+# --- Matryoshka -------------------------------------------------------------------------------------------------------
+
+
+def _prefix_reconstruction(b: dict[str, Tensor], width: int) -> Tensor:
+    """One separate decode of the first ``width`` features, bias added once (as every peer does it)."""
+    return b["f"][:, :width] @ b["w"][:width] + b["b"]
+
+
+def _matryoshka_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {
+        "source_activations": batch["x"],
+        "learned_activations": batch["f"],
+        "decoder_weight": batch["w"],
+        "decoder_bias": batch["b"],
+    }
+
+
+def test_saev_matryoshka(generator):
+    # element mean over (batch, prefix, d_model) of (x - x_hat_p)^2
+    widths = [2, 5, D_SAE]
+
+    def peer(b: dict[str, Tensor]) -> Tensor:
+        stacked = torch.stack([b["x"] - _prefix_reconstruction(b, m) for m in widths], dim=1)
+        return (stacked**2).mean()
+
+    _check(sm.MatryoshkaReconstructionLoss(widths), _matryoshka_inputs, peer, generator)
+    # saev draws new prefix widths every step: the functional form takes them per call.
+    batch = _batches(generator)[0]
+    for drawn in ([3, D_SAE], [1, 4, 8, D_SAE]):
+        torch.testing.assert_close(
+            matryoshka_reconstruction_loss(batch["x"], batch["f"], batch["w"], batch["b"], prefix_sizes=drawn),
+            (torch.stack([batch["x"] - _prefix_reconstruction(batch, m) for m in drawn], dim=1) ** 2).mean(),
+        )
+
+
+def test_saelens_matryoshka(generator):
+    # full-width MSE + sum of the inner widths' MSEs (unweighted), each sum_d e^2 averaged over the batch
+    inner = [2, 5]
+
+    def peer(b: dict[str, Tensor]) -> Tensor:
+        full = (_error(b) ** 2).sum(1).mean()
+        return full + sum(
+            (((b["x"] - _prefix_reconstruction(b, m)) ** 2).sum(1).mean() for m in inner), torch.zeros(())
+        )
+
+    metric = sm.MatryoshkaReconstructionLoss([*inner, D_SAE], feature_reduction="sum", prefix_weights=[1, 1, 1])
+    _check(metric, _matryoshka_inputs, peer, generator)
+
+
+def test_dictionary_learning_matryoshka(generator):
+    # groups of features with weights w_g (default 1/G): sum_g w_g * mean_b sum_d (x - x_hat_g)^2, x_hat_g decoding
+    # every group up to and including g
+    group_sizes = [2, 3, 5]
+    widths = torch.tensor(group_sizes).cumsum(0).tolist()
+    for weights in (None, [0.5, 0.3, 0.2]):
+        used = weights or [1 / len(group_sizes)] * len(group_sizes)
+
+        def peer(b: dict[str, Tensor], used: list[float] = used) -> Tensor:
+            return sum(
+                (
+                    w * ((b["x"] - _prefix_reconstruction(b, m)) ** 2).sum(1).mean()
+                    for w, m in zip(used, widths, strict=True)
+                ),
+                torch.zeros((), dtype=torch.float64),
+            )
+
+        metric = sm.MatryoshkaReconstructionLoss(widths, feature_reduction="sum", prefix_weights=weights)
+        _check(metric, _matryoshka_inputs, peer, generator)
+
+
+def test_the_conventions_page_names_exactly_these_tests():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "conventions.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(test_[a-z0-9_]+)(?:\[[a-z]+\])?`", page))
+    here = {name for name in globals() if name.startswith("test_")} - {
+        "test_the_conventions_page_names_exactly_these_tests"
+    }
+    assert named == here
