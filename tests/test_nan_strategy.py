@@ -166,3 +166,21 @@ def test_propagate_reads_no_value_and_error_must():
     sm.SparseAutoencoderLoss(0.1, C, nan_strategy="propagate").to("meta")(**inputs)
     with pytest.raises(RuntimeError):  # .item()/bool() of a meta tensor
         sm.SparseAutoencoderLoss(0.1, C, nan_strategy="error").to("meta")(**inputs)
+
+
+def test_the_collection_drops_an_item_from_the_training_metrics_too(generator):
+    """FVU, feature density and dead features see the same items as the loss terms under "ignore"."""
+    clean = {k: v for k, v in _batch(generator, None).items() if k != "decoder_weight"}
+    dirty = {**clean, "source_activations": clean["source_activations"].clone()}
+    dirty["source_activations"][2, 0, 1] = float("inf")
+    keep = [0, 1, 3, 4, 5]
+    options = {"explained_variance": True, "feature_density": True, "num_features": D_SAE, "dead_feature_window": 12}
+    ignoring = sm.SparseAutoencoderLoss(0.5, C, nan_strategy="ignore", **options)
+    expected_fn = sm.SparseAutoencoderLoss(0.5, C, **options)
+    out = ignoring(**dirty)
+    expected = expected_fn(**{k: v[keep] for k, v in clean.items()})
+    assert out.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(out[key], value, msg=key)
+    for key, value in expected_fn.compute().items():
+        torch.testing.assert_close(ignoring.compute()[key], value, msg=key)
