@@ -56,15 +56,17 @@ def _collect(metrics: Sequence[Metric]) -> tuple[list[_State], list[_State]]:
     for metric in metrics:
         for name, reduction in metric._reductions.items():
             value = getattr(metric, name)
-            if isinstance(value, Tensor) and callable(reduction):
+            # A tensor state reduced by cat would need equal shapes on every rank (ranks may hold different
+            # numbers of rows): those belong in a list state, gathered with padding.
+            if isinstance(value, Tensor) and callable(reduction) and reduction is not dim_zero_cat:
                 tensor_states.append((metric, name, value))
             elif isinstance(value, list) and reduction is dim_zero_cat:
                 rows = dim_zero_cat(value) if value else metric._empty_list_state(name)  # type: ignore[operator]
                 list_states.append((metric, name, rows))
             else:
                 raise TypeError(
-                    f"{type(metric).__name__}.{name}: packed sync supports tensor states with a reduction and list "
-                    f"states reduced by cat, got {type(value).__name__} with {reduction}."
+                    f"{type(metric).__name__}.{name}: packed sync supports tensor states reduced by sum, max, min or a "
+                    f"callable, and list states reduced by cat; got a {type(value).__name__} state with {reduction}."
                 )
     return tensor_states, list_states
 

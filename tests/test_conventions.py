@@ -317,6 +317,69 @@ def test_dictionary_learning_matryoshka(generator):
         _check(metric, _matryoshka_inputs, peer, generator)
 
 
+# --- Other terms -------------------------------------------------------------------------------------------------
+
+
+def test_sparsify_fvu_is_pooled_here():
+    """sparsify's DDP value averages per-rank ratios (1.0 here); the pooled ratio over every item is 0.2."""
+    ranks = [
+        (torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [1.0]])),
+        (torch.tensor([[4.0], [6.0]]), torch.tensor([[5.0], [5.0]])),
+    ]
+
+    def sparsify_fvu(x, x_hat):
+        return ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+
+    assert torch.stack([sparsify_fvu(x, x_hat) for x, x_hat in ranks]).mean() == 1.0
+    metric = sm.FractionOfVarianceUnexplained()
+    for x, x_hat in ranks:  # the ranks' batches as updates: the same pooled statistics as two ranks
+        metric.update(decoded_activations=x_hat, source_activations=x)
+    x, x_hat = (torch.cat(parts) for parts in zip(*ranks, strict=True))
+    torch.testing.assert_close(metric.compute(), sparsify_fvu(x, x_hat).double())
+    torch.testing.assert_close(metric.compute(), torch.tensor(0.2, dtype=torch.float64))
+
+
+def test_saelens_explained_variance(generator):
+    def saelens(batch):
+        x, error = batch["x"], _error(batch)
+        return 1 - (error**2).sum(-1).mean() / ((x - x.mean(0)) ** 2).sum(-1).mean()
+
+    _check(sm.ExplainedVariance(), _reconstruction, saelens, generator)
+
+
+def _firing_steps(generator, steps, batch_size):
+    """Activations where each feature fires rarely, so that features die and revive within the run."""
+    return [
+        torch.relu(torch.randn(batch_size, D_SAE, generator=generator, dtype=torch.float64) - 1.8) for _ in range(steps)
+    ]
+
+
+@pytest.mark.parametrize("threshold", [0, 2])
+def test_saelens_dead_features(generator, threshold):
+    """SAELens: dead when not fired for more than N steps; here window = (N + 1) * batch_size items."""
+    batch_size = 4
+    metric = sm.DeadFeatures(D_SAE, window=(threshold + 1) * batch_size)
+    steps_since_fired = torch.zeros(D_SAE, dtype=torch.int64)
+    for f in _firing_steps(generator, 12, batch_size):
+        steps_since_fired += 1
+        steps_since_fired[(f > 0).any(0)] = 0
+        metric.update(learned_activations=f)
+        assert torch.equal(metric.dead_mask(), steps_since_fired > threshold)
+
+
+def test_openai_dead_features(generator):
+    """OpenAI: dead when not fired within the last T tokens; here window = T items (tokens)."""
+    window = 6
+    metric = sm.DeadFeatures(D_SAE, window=window)
+    tokens = torch.cat(_firing_steps(generator, 5, 3))
+    for batch in tokens.split(3):
+        metric.update(learned_activations=batch)
+    seen = tokens.shape[0]
+    last_fired = [max((i for i in range(seen) if tokens[i, j] > 0), default=None) for j in range(D_SAE)]
+    tokens_since = torch.tensor([seen if t is None else seen - 1 - t for t in last_fired])
+    assert torch.equal(metric.dead_mask(), tokens_since >= window)
+
+
 def test_the_conventions_page_names_exactly_these_tests():
     page = (Path(__file__).resolve().parents[1] / "docs" / "conventions.md").read_text(encoding="utf-8")
     named = set(re.findall(r"`(test_[a-z0-9_]+)(?:\[[a-z]+\])?`", page))

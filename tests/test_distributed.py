@@ -5,8 +5,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from torchmetrics import Metric
 
 import sparse_metrics as sm
+from sparse_metrics import _distributed
 from tests import reference
 from tests.distributed import run_on_ranks
 
@@ -190,3 +192,20 @@ def test_sync_on_compute_false_gives_rank_local_values():
     assert not torch.equal(rank0["local"], rank1["local"])
     assert torch.equal(rank0["synced"], rank1["synced"])
     torch.testing.assert_close(rank0["synced"], (rank0["local"] + rank1["local"]) / 2)
+
+
+def test_packed_sync_rejects_a_tensor_state_reduced_by_cat():
+    """Such a state would need the same shape on every rank; the packed sync says so instead of hanging."""
+
+    class Rows(Metric):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("rows", torch.zeros(0), dist_reduce_fx="cat")
+
+        def update(self) -> None: ...
+
+        def compute(self) -> torch.Tensor:
+            return self.rows
+
+    with pytest.raises(TypeError, match=r"Rows\.rows: packed sync supports .* got a Tensor state"):
+        _distributed._collect([Rows()])

@@ -305,3 +305,11 @@ def test_counts_are_int64_and_sums_float64(generator):
     metric.update(learned_activations=torch.randn(3, 2, 5, generator=generator))
     assert metric.l0_count.dtype == torch.int64
     assert metric.l0_sum.dtype == torch.float64
+
+
+def test_sparsity_coefficient_tensor_is_copied():
+    """An in-place edit of the caller's tensor cannot slip a negative coefficient past the setter's check."""
+    coefficient = torch.tensor([0.1, 0.2])
+    metric = sm.SparsityLoss(coefficient, 2)
+    coefficient.fill_(-1.0)
+    torch.testing.assert_close(metric.sparsity_coefficient, torch.tensor([0.1, 0.2]))

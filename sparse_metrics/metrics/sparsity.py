@@ -87,7 +87,8 @@ class SparsityLoss(ItemMeanMetric):
     def sparsity_coefficient(self, value: float | Tensor) -> None:
         value = check_sparsity_coefficient(value, self.num_components, check_values=True)
         if isinstance(value, Tensor):
-            self._coefficient_tensor = value.detach().to(device=self.device)
+            # A copy: an in-place edit of the caller's tensor must not bypass the check above.
+            self._coefficient_tensor = value.detach().to(device=self.device, copy=True)
         else:
             self._coefficient_tensor = None
             self._coefficient_number = value
