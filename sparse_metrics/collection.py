@@ -31,7 +31,7 @@ from sparse_metrics.functional.feature_density import (
 )
 from sparse_metrics.functional.l1_absolute import _absolute_sum
 from sparse_metrics.functional.l2_reconstruction import _l2_reconstruction_error
-from sparse_metrics.metrics._base import ItemMeanMetric, finite_items, screen_items
+from sparse_metrics.metrics._base import ItemMeanMetric, PackedSyncMetric, finite_items, screen_items
 from sparse_metrics.metrics.dead_features import DeadFeatures
 from sparse_metrics.metrics.explained_variance import FractionOfVarianceUnexplained
 from sparse_metrics.metrics.feature_density import FeatureDensity
@@ -118,7 +118,6 @@ class SparseAutoencoderLoss(MetricCollection):
         keep_batch_dim: Members keep per-item values (``"loss"`` stays a scalar mean).
         prefix: Prefix for every output key (torchmetrics' convention).
         postfix: Postfix for every output key.
-        compute_groups: Passed to :class:`torchmetrics.MetricCollection`.
         compiled: Compute each batch's per-item L2, L0 and L1 with ``torch.compile`` (``fullgraph=True``), which
             fuses the passes over the ``[batch, d_sae]`` activations. The first batch of each new shape pays the
             compilation; where compiling fails (say, no C++ compiler for the CPU backend), a ``RuntimeWarning``
@@ -126,7 +125,7 @@ class SparseAutoencoderLoss(MetricCollection):
         nan_strategy: ``"propagate"`` (default), ``"ignore"`` or ``"error"`` for items with a NaN or infinite value
             in any member (see :class:`~sparse_metrics.metrics._base.ItemMeanMetric`); "ignore" drops such an item
             from every member and from ``"loss"``.
-        kwargs: Passed to every member (``process_group``, ``sync_on_compute``, ...).
+        kwargs: Passed to every member (``process_group``, ``sync_on_compute``, ...; not ``dist_sync_on_step``).
 
     Example:
         >>> import torch
@@ -161,7 +160,6 @@ class SparseAutoencoderLoss(MetricCollection):
         keep_batch_dim: bool = False,
         prefix: str | None = None,
         postfix: str | None = None,
-        compute_groups: bool = True,
         compiled: bool = False,
         nan_strategy: NanStrategy = "propagate",
         **kwargs: Any,
@@ -172,6 +170,11 @@ class SparseAutoencoderLoss(MetricCollection):
             raise ValueError(
                 "`num_features` (the dictionary size d_sae) is required with `feature_density=True` or "
                 "`dead_feature_window`, got None."
+            )
+        if kwargs.get("dist_sync_on_step"):
+            raise ValueError(
+                "`dist_sync_on_step=True` is not supported: forward returns this process's batch values and its "
+                "differentiable loss; compute() returns the values synced across processes."
             )
         common: dict[str, Any] = {"keep_batch_dim": keep_batch_dim, "nan_strategy": nan_strategy, **kwargs}
         members: dict[str, Metric | MetricCollection] = {
@@ -196,7 +199,8 @@ class SparseAutoencoderLoss(MetricCollection):
             members["feature_density"] = FeatureDensity(num_features, num_components, **kwargs)
         if dead_feature_window is not None and num_features is not None:
             members["dead_features"] = DeadFeatures(num_features, num_components, window=dead_feature_window, **kwargs)
-        super().__init__(members, prefix=prefix, postfix=postfix, compute_groups=compute_groups)
+        # No torchmetrics compute groups: the collection already shares each statistic between its members.
+        super().__init__(members, prefix=prefix, postfix=postfix, compute_groups=False)
         self.num_components = num_components
         self.feature_reduction = feature_reduction
         self.component_reduction = component_reduction
@@ -219,6 +223,9 @@ class SparseAutoencoderLoss(MetricCollection):
     def _members(self) -> dict[str, ItemMeanMetric]:
         """The per-item-mean members (the loss terms), by key."""
         return {key: cast(ItemMeanMetric, module) for key, module in self._modules.items() if key in _LOSS_KEYS}
+
+    def _all_members(self) -> list[PackedSyncMetric]:
+        return [cast(PackedSyncMetric, module) for module in self._modules.values()]
 
     @property
     def _fvu(self) -> FractionOfVarianceUnexplained | None:
@@ -322,6 +329,16 @@ class SparseAutoencoderLoss(MetricCollection):
         return batch
 
     def _record(self, batch: _Batch) -> None:
+        """Record a validated batch into every member, or, if any member fails, into none."""
+        snapshots = [(member, member._snapshot()) for member in self._all_members()]
+        try:
+            self._record_members(batch)
+        except Exception:
+            for member, snapshot in snapshots:
+                member._restore(snapshot)
+            raise
+
+    def _record_members(self, batch: _Batch) -> None:
         members = self._members()
         for key, values in batch.per_item.items():
             members[key]._record_batch(values)

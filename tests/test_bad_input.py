@@ -202,3 +202,40 @@ def test_collection_rejects_activations_of_another_batch(generator, method):
     assert "[5, 2, 8]" in str(raised.value)
     assert "[4, 2, 3]" in str(raised.value)
     _assert_same(before, _snapshot(members))
+
+
+def _on(device, inputs):
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
+@pytest.mark.parametrize("method", ["update", "forward"])
+def test_inputs_on_another_device_than_the_states_change_nothing(generator, method):
+    """Shapes are valid, so the failure comes while recording: every member must still be as it was."""
+    good = _good(generator=generator)
+    collection = sm.SparseAutoencoderLoss(0.1, 2, matryoshka_prefix_sizes=[4, 8], keep_batch_dim=True)
+    metric = sm.L2ReconstructionLoss(2, keep_batch_dim=True)
+    for target in (collection, metric):
+        target.update(**good)
+        members = list(target.values(copy_state=False)) if target is collection else [target]
+        before = _snapshot(members)
+        with pytest.raises(RuntimeError, match="device"):
+            getattr(target, method)(**_on("meta", good))
+        _assert_same(before, _snapshot(members))
+        assert {member.update_count for member in members} == {1}
+
+
+def test_a_member_failing_to_record_rolls_back_the_others(generator, monkeypatch):
+    good = _good(generator=generator)
+    collection = sm.SparseAutoencoderLoss(0.1, 2, feature_density=True, num_features=8, keep_batch_dim=True)
+    collection.update(**good)
+    members = list(collection.values(copy_state=False))
+    before = _snapshot(members)
+
+    def fail(self, activity):
+        raise RuntimeError("simulated failure while recording")
+
+    monkeypatch.setattr(sm.FeatureDensity, "_record_activity", fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        collection(**good)
+    _assert_same(before, _snapshot(members))
+    assert {member.update_count for member in members} == {1}

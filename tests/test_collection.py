@@ -174,15 +174,6 @@ def test_prefix_and_postfix_name_every_key(generator):
     assert set(loss_fn(**_data(generator))) == {f"train/{k}_epoch" for k in ("l2", "l0", "l1", "sparsity", "loss")}
 
 
-def test_compute_groups_on_and_off_agree(generator):
-    batches = [_data(generator, batch=n) for n in (4, 7)]
-    batches[0]["learned_activations"] = (batches[0]["learned_activations"] > 0).float()  # L0 == L1 on this batch
-    results = []
-    for compute_groups in (True, False):
-        loss_fn = sm.SparseAutoencoderLoss(0.1, 3, compute_groups=compute_groups)
-        for batch in batches:
-            loss_fn.update(**batch)
-        results.append(loss_fn.compute())
-    for key in results[0]:
-        torch.testing.assert_close(results[0][key], results[1][key])
-    assert not torch.allclose(results[0]["l0"], results[0]["l1"])
+def test_dist_sync_on_step_is_rejected():
+    with pytest.raises(ValueError, match="`dist_sync_on_step=True` is not supported"):
+        sm.SparseAutoencoderLoss(0.1, dist_sync_on_step=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -64,6 +65,13 @@ def _supports_float64(device: torch.device) -> bool:
     return device.type != "mps"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Snapshot:
+    update_count: int
+    computed: Any
+    states: dict[str, Any]
+
+
 class PackedSyncMetric(Metric):
     """Base of every sparse_metrics metric: packed distributed sync, and rejected updates that change nothing.
 
@@ -78,20 +86,40 @@ class PackedSyncMetric(Metric):
         """Make a rejected ``update`` leave the metric exactly as it was.
 
         ``_per_item`` validates everything before any state changes; torchmetrics' wrapper, however, counts the call
-        and drops the cached ``compute`` result before ``update`` runs. Those are restored if it raises.
+        and drops the cached ``compute`` result before ``update`` runs. Those, and the states, are restored if it
+        raises.
         """
         wrapped = super()._wrap_update(update)
 
         @functools.wraps(update)
         def update_or_restore(*args: Any, **kwargs: Any) -> None:
-            update_count, computed = self._update_count, self._computed
+            snapshot = self._snapshot()
             try:
                 wrapped(*args, **kwargs)
             except Exception:
-                self._update_count, self._computed = update_count, computed
+                self._restore(snapshot)
                 raise
 
         return update_or_restore
+
+    def _snapshot(self) -> _Snapshot:
+        """What ``_restore`` needs to undo a batch: states are replaced, never changed in place, so references do."""
+        states = {name: list(value) if isinstance(value, list) else value for name, value in self.metric_state.items()}
+        return _Snapshot(self._update_count, self._computed, states)
+
+    def _restore(self, snapshot: _Snapshot) -> None:
+        self._update_count, self._computed = snapshot.update_count, snapshot.computed
+        for name, value in snapshot.states.items():
+            setattr(self, name, value)
+
+    def _count_update(self) -> None:
+        """Count a batch recorded outside ``update`` (by ``forward`` or a collection), as torchmetrics counts updates.
+
+        Callers record the batch first and count it after, so a batch that fails to record (on another device than
+        the states, say) leaves the count as it was.
+        """
+        self._update_count += 1
+        self._computed = None
 
     def _sync_dist(self, dist_sync_fn: Any = gather_all_tensors, process_group: Any | None = None) -> None:
         """Sync every state in at most two collective calls (see :mod:`sparse_metrics._distributed`)."""
@@ -351,16 +379,16 @@ class ItemMeanMetric(PackedSyncMetric):
         per_item = self._screen(self._per_item(*args, **kwargs))
         self._record_batch(per_item)
         value = self._output(per_item)
-        self._forward_cache = value  # type: ignore[assignment]  # torchmetrics annotates it as None
+        # Detached: the cache outlives the step, and must not keep its autograd graph alive.
+        self._forward_cache = value.detach()  # type: ignore[assignment]  # torchmetrics annotates it as None
         return value
 
     def _record_batch(self, per_item: Tensor) -> None:
         """Accumulate validated, screened per-item values, as ``update`` would (used by forward and the collection)."""
-        self._update_count += 1
-        self._computed = None
         self._add(per_item)
         if self.compute_on_cpu:
             self._move_list_states_to_cpu()
+        self._count_update()
 
     def compute(self) -> Tensor:
         """Mean over every item seen (synced across processes), or the per-item values with ``keep_batch_dim``.

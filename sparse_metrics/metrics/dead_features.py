@@ -116,9 +116,8 @@ class DeadFeatures(PackedSyncMetric):
 
     def _record_batch(self, activity: FeatureActivity) -> None:
         """Record a validated batch as ``update`` would (used by forward and the collection)."""
-        self._update_count += 1
-        self._computed = None
         self._record_activity(activity)
+        self._count_update()
 
     def _active(self, learned_activations: Tensor) -> Tensor:
         return _active_features(learned_activations, self.num_components, self.num_features)

@@ -93,9 +93,8 @@ class FractionOfVarianceUnexplained(PackedSyncMetric):
 
     def _record_batch(self, source: Tensor, squared_error_per_item: Tensor) -> None:
         """Record a validated batch as ``update`` would (used by forward and the collection)."""
-        self._update_count += 1
-        self._computed = None
         self._record_statistics(source, squared_error_per_item)
+        self._count_update()
 
     def _batch_value(self, source: Tensor, squared_error: Tensor) -> Tensor:
         """This class's value on one batch (the collection reports it from forward)."""

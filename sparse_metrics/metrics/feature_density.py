@@ -90,9 +90,8 @@ class FeatureDensity(PackedSyncMetric):
 
     def _record_batch(self, activity: FeatureActivity) -> None:
         """Record a validated batch as ``update`` would (used by forward and the collection)."""
-        self._update_count += 1
-        self._computed = None
         self._record_activity(activity)
+        self._count_update()
 
     def _active(self, learned_activations: Tensor) -> Tensor:
         """Validate the input; its activity mask ``[batch, component, num_features]``."""
