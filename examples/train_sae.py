@@ -18,8 +18,8 @@ single-process run and prints the same table, up to floating-point rounding. Two
 script itself (``--nproc 2``) or by ``torchrun``, whose environment variables the script detects.
 
 With ``tqdm`` installed (``pip install -e ".[examples]"``) rank 0 shows a progress bar when writing to a terminal
-(never in CI logs or pipes); ``--plot PATH`` (needs matplotlib) writes the loss curves, and the histogram of feature
-densities when the library has ``FeatureDensity``, to a PNG.
+(never in CI logs or pipes); ``--plot PATH`` (needs matplotlib) writes the loss curves and the histogram of the
+last epoch's feature densities (``FeatureDensity``) to a PNG.
 
 Examples:
     python examples/train_sae.py
@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import sparse_metrics as sm
+from sparse_metrics.functional import DENSITY_EPSILON
 
 D_MODEL = 64  # width of the activations the SAE reads
 NUM_TRUE_FEATURES = 256  # ground-truth directions, 4x more than dimensions: they must share the space
@@ -254,9 +255,8 @@ class _Recorder:
 
     def __init__(self, d_sae: int, *, plotting: bool) -> None:
         self.plotting = plotting
-        # Feature density (issue 4's metric) feeds the plot's histogram, where this version of the library has it.
-        metric_class = getattr(sm, "FeatureDensity", None) if plotting else None
-        self.density = None if metric_class is None else metric_class(d_sae)
+        # Feature density feeds the plot's histogram.
+        self.density = sm.FeatureDensity(d_sae) if plotting else None
         self.densities: Tensor | None = None
         self.step_losses: list[float] = []
         self.bar: Any = None
@@ -325,7 +325,7 @@ def plot_training(
     if densities is not None:
         histogram = axes[0, 1]
         # Dead features have density 0: they are drawn at the epsilon, left of every live one.
-        epsilon = 1e-7
+        epsilon = DENSITY_EPSILON
         histogram.hist(torch.log10(densities.double().flatten() + epsilon).tolist(), bins=40)
         histogram.set(xlabel=f"log10(feature density + {epsilon:g})", ylabel="features", title="last epoch")
     figure.tight_layout()

@@ -121,7 +121,8 @@ class SparseAutoencoderLoss(MetricCollection):
         compiled: Compute each batch's per-item L2, L0 and L1 with ``torch.compile`` (``fullgraph=True``), which
             fuses the passes over the ``[batch, d_sae]`` activations. The first batch of each new shape pays the
             compilation; where compiling fails (say, no C++ compiler for the CPU backend), a ``RuntimeWarning``
-            says why and the collection runs eagerly from then on, with the same results.
+            says why and the collection runs eagerly from then on, with the same results. With
+            ``feature_density`` or ``dead_feature_window``, the activity mask those share with L0 is computed eagerly.
         nan_strategy: ``"propagate"`` (default), ``"ignore"`` or ``"error"`` for items with a NaN or infinite value
             in any member (see :class:`~sparse_metrics.metrics._base.ItemMeanMetric`); "ignore" drops such an item
             from every member and from ``"loss"``.

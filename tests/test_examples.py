@@ -10,7 +10,6 @@ from types import ModuleType
 
 import pytest
 import torch
-from torchmetrics import Metric
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -116,30 +115,10 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert "\r" not in run.stderr  # no progress bar outside a terminal
 
 
-class _FeatureDensityStandIn(Metric):
-    """Fraction of items on which each feature fired: the interface the plot expects of issue 4's FeatureDensity."""
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.add_state("fired", torch.zeros(num_features, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("items", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
-
-    def update(self, learned_activations: torch.Tensor) -> None:
-        self.fired += (learned_activations != 0).sum(dim=0)
-        self.items += learned_activations.shape[0]
-
-    def compute(self) -> torch.Tensor:
-        return self.fired / self.items
-
-
 def test_plot_with_feature_density(
     train_sae: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     plt = pytest.importorskip("matplotlib.pyplot")
-    import sparse_metrics as sm  # noqa: PLC0415
-
-    if not hasattr(sm, "FeatureDensity"):
-        monkeypatch.setattr(sm, "FeatureDensity", _FeatureDensityStandIn, raising=False)
     drawn: list[int] = []
     monkeypatch.setattr(plt.Figure, "savefig", lambda figure, *a, **k: drawn.append(len(figure.axes)))
     train_sae.main([*SMALL, "--epochs", "1", "--plot", str(tmp_path / "curves.png")])

@@ -591,3 +591,35 @@ def test_collection_rejects_a_bad_batch_before_any_member_changes(generator):
         loss_fn.update(**{**batch, "learned_activations": torch.rand(5, 2, D_SAE + 1)})
     for key, member in loss_fn.items(keep_base=True):
         _same(before[key], _state(member))
+
+
+def test_fvu_updates_never_read_tensor_values():
+    """On the meta device reading a value raises: accumulating several batches needs no host synchronisation."""
+    metric = sm.FractionOfVarianceUnexplained(2).to("meta")
+    for _ in range(3):
+        metric.update(torch.empty(4, 2, 3, device="meta"), torch.empty(4, 2, 3, device="meta"))
+    assert metric.fvu_statistics[0].device.type == "meta"
+
+
+def test_fvu_rejects_another_d_model_and_keeps_its_state(generator):
+    metric = sm.FractionOfVarianceUnexplained()
+    metric.update(torch.randn(4, 3, generator=generator), torch.randn(4, 3, generator=generator))
+    before = metric.compute()
+    with pytest.raises(
+        ValueError, match=r"`source_activations` has d_model 5, but this metric holds items of d_model 3"
+    ):
+        metric.update(torch.randn(4, 5, generator=generator), torch.randn(4, 5, generator=generator))
+    torch.testing.assert_close(metric.compute(), before)
+    assert metric.update_count == 1
+
+
+@pytest.mark.parametrize(("saved_components", "loaded_components"), [(1, 2), (2, 1), (2, 3)])
+def test_fvu_refuses_a_checkpoint_of_another_component_count(generator, saved_components, loaded_components):
+    saved = sm.FractionOfVarianceUnexplained(saved_components)
+    saved.persistent(True)
+    source = torch.randn(4, saved_components, 3, generator=generator)
+    saved.update(source + 1, source)
+    fresh = sm.FractionOfVarianceUnexplained(loaded_components)
+    fresh.persistent(True)
+    with pytest.raises(ValueError, match=r"Cannot load state `fvu_statistics` into FractionOfVarianceUnexplained"):
+        fresh.load_state_dict(saved.state_dict())

@@ -104,8 +104,13 @@ class FractionOfVarianceUnexplained(PackedSyncMetric):
         """Merge a validated batch (source ``[batch, component, d_model]``, per-item summed squared errors)."""
         if source.shape[0] == 0:
             return
-        batch = _batch_statistics(source, squared_error_per_item, self._statistics_dtype)
         local = self._statistics()
+        if local is not None and local.mean.shape[-1] != source.shape[-1]:
+            raise ValueError(
+                f"`source_activations` has d_model {source.shape[-1]}, but this metric holds items of d_model "
+                f"{local.mean.shape[-1]}; reset() it before feeding activations of another width."
+            )
+        batch = _batch_statistics(source, squared_error_per_item, self._statistics_dtype)
         merged = batch if local is None else _merge_statistics(local, batch)
         setattr(self, self._state_name, [self._pack(merged)])
 
@@ -127,22 +132,59 @@ class FractionOfVarianceUnexplained(PackedSyncMetric):
         packets: list[Tensor] = getattr(self, self._state_name)
         if not packets:
             return None
+        if len(packets) == 1:  # this process's own packet: its width follows from its length, with no host sync
+            return self._parse(packets[0], self._d_model_of(packets[0]))
+        # Gathered packets, during compute(): each may carry another rank's width, read from its header.
         flat = torch.cat(packets)
-        components = self.num_components
         merged: VarianceStatistics | None = None
         offset = 0
         while offset < flat.numel():
             d_model = int(flat[offset].item())
-            mean_end = offset + _HEADER + components * d_model
-            statistics = VarianceStatistics(
-                item_count=flat[offset + 1],
-                mean=flat[offset + _HEADER : mean_end].reshape(components, d_model),
-                m2=flat[mean_end : mean_end + components],
-                squared_error=flat[mean_end + components : mean_end + 2 * components],
-            )
+            end = offset + self._packet_length(d_model)
+            statistics = self._parse(flat[offset:end], d_model)
             merged = statistics if merged is None else _merge_statistics(merged, statistics)
-            offset = mean_end + 2 * components
+            offset = end
         return merged
+
+    def _packet_length(self, d_model: int) -> int:
+        """Header, then mean ``[component, d_model]``, M2 ``[component]`` and squared error ``[component]``."""
+        return _HEADER + self.num_components * (d_model + 2)
+
+    def _d_model_of(self, packet: Tensor) -> int:
+        return (packet.numel() - _HEADER) // self.num_components - 2
+
+    def _parse(self, packet: Tensor, d_model: int) -> VarianceStatistics:
+        components = self.num_components
+        mean_end = _HEADER + components * d_model
+        return VarianceStatistics(
+            item_count=packet[1],
+            mean=packet[_HEADER:mean_end].reshape(components, d_model),
+            m2=packet[mean_end : mean_end + components],
+            squared_error=packet[mean_end + components : mean_end + 2 * components],
+        )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Refuse packets written by a metric with another ``num_components`` (their lengths do not fit this one)."""
+        for packet in state_dict.get(prefix + self._state_name) or []:
+            d_model = self._d_model_of(packet)
+            if d_model < 1 or packet.numel() != self._packet_length(d_model) or int(packet[0].item()) != d_model:
+                raise ValueError(
+                    f"Cannot load state `{prefix + self._state_name}` into {type(self).__name__}"
+                    f"(num_components={self.num_components}): a packet of {packet.numel()} values does not fit; the "
+                    "checkpoint comes from a metric configured differently."
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _empty_list_state(self, name: str) -> Tensor:
         """No packet: a process that saw no item sends zero scalar rows."""
