@@ -4,9 +4,9 @@ Features that stop firing ("dead" features) waste dictionary capacity. Resamplin
 
 1. Over a window of items, record every item's reconstruction error and every feature's activity. The library gives
    both: ``L2ReconstructionLoss(keep_batch_dim=True, feature_reduction="sum")`` keeps the per-item squared error
-   :math:`\\lVert x_b - \\hat x_b \\rVert^2` (its ``compute()`` returns the ``[window]`` values), and ``l0_norm`` of the
-   transposed activations ``f.T`` counts, per feature, the items it fired on.
-2. Dead features are those that fired on no item of the window.
+   :math:`\\lVert x_b - \\hat x_b \\rVert^2` (its ``compute()`` returns the ``[window]`` values), and
+   ``DeadFeatures(d_sae, window=len(window))`` tracks, per feature, the items since it last fired.
+2. Dead features are those that fired on no item of the window: ``DeadFeatures.dead_mask()``.
 3. For each dead feature, draw an input with probability proportional to its squared error (without replacement),
    point the feature's decoder row at it (unit norm, after subtracting the decoder bias), set its encoder column to
    the same direction scaled to a fifth of the live features' mean encoder norm, zero its encoder bias, and clear
@@ -34,7 +34,6 @@ from torch import Tensor, nn
 from train_sae import D_MODEL, SparseAutoencoder, _one_thread, make_data
 
 import sparse_metrics as sm
-from sparse_metrics.functional import l0_norm
 
 ENCODER_SCALE = 0.2  # revived encoder columns: this fraction of the live columns' mean norm
 DEAD_BIAS = -1e3  # encoder bias that keeps a --kill feature silent on this data
@@ -88,15 +87,15 @@ def train_epochs(
 
 @torch.no_grad()
 def scan_window(sae: SparseAutoencoder, window: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
-    """Per-item squared errors ``[window]`` and per-feature firing counts ``[d_sae]`` over the window's items."""
+    """Per-item squared errors ``[window]`` and the dead-feature mask ``[d_sae]`` over the window's items."""
     errors = sm.L2ReconstructionLoss(keep_batch_dim=True, feature_reduction="sum")
-    fired = torch.zeros(sae.W_dec.shape[0], dtype=torch.float64)
+    # Dead: silent for at least `window` items, i.e. on every item of the window once all of it has been seen.
+    dead_features = sm.DeadFeatures(sae.W_dec.shape[0], window=window.shape[0])
     for x in window.split(batch_size):
         f, x_hat = sae(x)
         errors.update(decoded_activations=x_hat, source_activations=x)
-        # Transposed, the "items" are the features: l0_norm counts the items each feature is non-zero on.
-        fired += l0_norm(f.T, keep_batch_dim=True).double()
-    return errors.compute(), fired
+        dead_features.update(learned_activations=f)
+    return errors.compute(), dead_features.dead_mask()
 
 
 @torch.no_grad()
@@ -162,16 +161,15 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
 
     loss_before = train_epochs(sae, optimizer, loss_fn, activations, args, generator)
     window = activations[torch.randperm(args.num_samples, generator=generator)[: args.window]]
-    squared_errors, fired = scan_window(sae, window, args.batch_size)
-    dead = fired == 0
+    squared_errors, dead = scan_window(sae, window, args.batch_size)
     drawn = resample(sae, optimizer, dead, window, squared_errors, generator)
     print(
         f"after {args.epochs} epochs: loss {loss_before:.4g}, {int(dead.sum())} of {args.d_sae} features dead over "
         f"{args.window} items; resampled them from {len(drawn.unique())} high-error items"
     )
     loss_after = train_epochs(sae, optimizer, loss_fn, activations, args, generator)
-    _, fired_after = scan_window(sae, window, args.batch_size)
-    dead_after = int((fired_after == 0).sum())
+    _, dead_mask_after = scan_window(sae, window, args.batch_size)
+    dead_after = int(dead_mask_after.sum())
     print(f"after {args.epochs} more epochs: loss {loss_after:.4g}, {dead_after} features dead")
     return {
         "dead_before": float(dead.sum()),

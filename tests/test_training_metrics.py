@@ -623,3 +623,17 @@ def test_fvu_refuses_a_checkpoint_of_another_component_count(generator, saved_co
     fresh.persistent(True)
     with pytest.raises(ValueError, match=r"Cannot load state `fvu_statistics` into FractionOfVarianceUnexplained"):
         fresh.load_state_dict(saved.state_dict())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: sm.FractionOfVarianceUnexplained(dist_sync_on_step=True),
+        lambda: sm.ExplainedVariance(dist_sync_on_step=True),
+        lambda: sm.FeatureDensity(4, dist_sync_on_step=True),
+        lambda: sm.DeadFeatures(4, window=8, dist_sync_on_step=True),
+    ],
+)
+def test_dist_sync_on_step_is_refused_where_forward_cannot_honour_it(make):
+    with pytest.raises(ValueError, match=r"`dist_sync_on_step=True` is not supported by \w+: its forward returns"):
+        make()

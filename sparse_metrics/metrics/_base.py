@@ -80,7 +80,20 @@ class PackedSyncMetric(Metric):
       implements ``_empty_list_state(name)``.
     - An ``update`` that raises leaves the metric exactly as it was, provided it validates everything before it
       touches a state (the update count and cached result torchmetrics changes first are restored).
+    - ``dist_sync_on_step=True`` is refused unless the subclass's ``forward`` honours it.
     """
+
+    #: Whether ``forward`` honours ``dist_sync_on_step=True``; where it returns this process's own batch value, the
+    #: option is refused rather than silently ignored.
+    _forward_syncs_on_step: ClassVar[bool] = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.dist_sync_on_step and not self._forward_syncs_on_step:
+            raise ValueError(
+                f"`dist_sync_on_step=True` is not supported by {type(self).__name__}: its forward returns this "
+                "process's batch value; compute() returns the value synced across processes."
+            )
 
     def _wrap_update(self, update: Callable[..., None]) -> Callable[..., None]:
         """Make a rejected ``update`` leave the metric exactly as it was.
@@ -255,6 +268,8 @@ class ItemMeanMetric(PackedSyncMetric):
     is_differentiable = True
     higher_is_better = False
     plot_lower_bound = 0.0
+
+    _forward_syncs_on_step = True
 
     #: Prefix of this class's state names.
     _state_prefix: ClassVar[str]
