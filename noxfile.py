@@ -46,8 +46,8 @@ def slow(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """Ruff (lint and format) and mypy --strict on the package."""
-    _install(session, "lint")
+    """Ruff (lint and format) and mypy --strict on the package (with matplotlib, which plot() imports)."""
+    _install(session, "lint,plot")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from sparse_metrics._config import NumComponents, NumFeatures, PositiveInt, validate_arguments
 from sparse_metrics.functional.dead_features import _advance, _combine_processes, _dead_compute
-from sparse_metrics.functional.feature_density import FeatureActivity, _active_features, _feature_activity
-from sparse_metrics.metrics._base import PackedSyncMetric
+from sparse_metrics.functional.feature_density import FeatureActivity
+from sparse_metrics.metrics._activity import ActivityMetric
 
 __all__ = ["DeadFeatures"]
 
@@ -22,7 +22,7 @@ def _reduce_counters(stacked: Tensor) -> Tensor:
     return torch.cat([combined, seen.sum(dim=0)], dim=-1)
 
 
-class DeadFeatures(PackedSyncMetric):
+class DeadFeatures(ActivityMetric):
     r"""Number of features that have not fired within the last ``window`` items (tokens), across processes.
 
     For feature :math:`i`, :math:`s_i` counts the items seen after the last item in which it was non-zero (every
@@ -91,9 +91,7 @@ class DeadFeatures(PackedSyncMetric):
     def __init__(
         self, num_features: NumFeatures, num_components: NumComponents = 1, *, window: PositiveInt, **kwargs: Any
     ) -> None:
-        super().__init__(**kwargs)
-        self.num_features = num_features
-        self.num_components = num_components
+        super().__init__(num_features, num_components, **kwargs)
         self.window = window
         # [component, num_features + 1]: items since each feature fired, then the items seen (repeated per
         # component). One state, so that the cross-process reduction sees both together.
@@ -104,24 +102,6 @@ class DeadFeatures(PackedSyncMetric):
             persistent=True,
         )
 
-    def update(self, learned_activations: Tensor, **kwargs: Any) -> None:
-        """Advance the counters by a batch. Extra keyword arguments are ignored (one call feeds a collection)."""
-        self._record_activity(_feature_activity(self._active(learned_activations)))
-
-    def forward(self, learned_activations: Tensor, **kwargs: Any) -> Tensor:
-        """Advance the counters and return this process's number of dead features (not synced)."""
-        activity = _feature_activity(self._active(learned_activations))
-        self._record_batch(activity)
-        return self._batch_value(activity)
-
-    def _record_batch(self, activity: FeatureActivity) -> None:
-        """Record a validated batch as ``update`` would (used by forward and the collection)."""
-        self._record_activity(activity)
-        self._count_update()
-
-    def _active(self, learned_activations: Tensor) -> Tensor:
-        return _active_features(learned_activations, self.num_components, self.num_features)
-
     def _record_activity(self, activity: FeatureActivity) -> None:
         since, seen = self.dead_counters[:, :-1], self.dead_counters[:, -1:]
         self.dead_counters = torch.cat([_advance(since, activity), seen + activity.batch_size], dim=-1)
@@ -129,9 +109,6 @@ class DeadFeatures(PackedSyncMetric):
     def _batch_value(self, activity: FeatureActivity) -> Tensor:
         """Dead features on this process after the batch (forward's value)."""
         return self._squeeze(_dead_compute(self.dead_counters[:, :-1], self.window).sum(dim=-1))
-
-    def _squeeze(self, value: Tensor) -> Tensor:
-        return value.squeeze(0) if self.num_components == 1 else value
 
     def _mask(self) -> Tensor:
         return _dead_compute(self.dead_counters[:, :-1], self.window)

@@ -11,18 +11,17 @@ from sparse_metrics._config import NumComponents, NumFeatures, validate_argument
 from sparse_metrics.functional.feature_density import (
     DENSITY_EPSILON,
     FeatureActivity,
-    _active_features,
     _density_compute,
-    _feature_activity,
     _mean_log10,
 )
 from sparse_metrics.metrics import _base
-from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, PackedSyncMetric
+from sparse_metrics.metrics._activity import ActivityMetric
+from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE
 
 __all__ = ["FeatureDensity"]
 
 
-class FeatureDensity(PackedSyncMetric):
+class FeatureDensity(ActivityMetric):
     r"""Fraction of items in which each feature is active (non-zero), over every item on every process.
 
     .. math:: \rho_{ci} = \frac{1}{N} \sum_{b=1}^{N} \mathbb{1}[f_{bci} \neq 0], \qquad
@@ -65,9 +64,7 @@ class FeatureDensity(PackedSyncMetric):
 
     @validate_arguments
     def __init__(self, num_features: NumFeatures, num_components: NumComponents = 1, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_features = num_features
-        self.num_components = num_components
+        super().__init__(num_features, num_components, **kwargs)
         self.add_state(
             self._fire_count_state,
             torch.zeros(num_components, num_features, dtype=torch.int64),
@@ -78,25 +75,6 @@ class FeatureDensity(PackedSyncMetric):
             self._item_count_state, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum", persistent=True
         )
 
-    def update(self, learned_activations: Tensor, **kwargs: Any) -> None:
-        """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
-        self._record_activity(_feature_activity(self._active(learned_activations)))
-
-    def forward(self, learned_activations: Tensor, **kwargs: Any) -> Tensor:
-        """Accumulate a batch and return its own densities ``[*component, num_features]``."""
-        activity = _feature_activity(self._active(learned_activations))
-        self._record_batch(activity)
-        return self._batch_value(activity)
-
-    def _record_batch(self, activity: FeatureActivity) -> None:
-        """Record a validated batch as ``update`` would (used by forward and the collection)."""
-        self._record_activity(activity)
-        self._count_update()
-
-    def _active(self, learned_activations: Tensor) -> Tensor:
-        """Validate the input; its activity mask ``[batch, component, num_features]``."""
-        return _active_features(learned_activations, self.num_components, self.num_features)
-
     def _record_activity(self, activity: FeatureActivity) -> None:
         self.density_fire_count = self.density_fire_count + activity.fire_count
         self.density_item_count = self.density_item_count + activity.batch_size
@@ -104,9 +82,6 @@ class FeatureDensity(PackedSyncMetric):
     def _batch_value(self, activity: FeatureActivity) -> Tensor:
         density = _density_compute(activity.fire_count, torch.tensor(activity.batch_size), self._density_dtype)
         return self._squeeze(density)
-
-    def _squeeze(self, value: Tensor) -> Tensor:
-        return value.squeeze(0) if self.num_components == 1 else value
 
     def _density(self) -> Tensor:
         return _density_compute(self.density_fire_count, self.density_item_count, self._density_dtype)
