@@ -246,6 +246,9 @@ def train(
             plot_training(args.plot, history, recorder.step_losses, steps_per_epoch, recorder.densities)
             print(f"wrote {args.plot}")
     if distributed:
+        # Leave together: a rank that tears the group down while its peer is still busy (rank 0 plotting, say) can
+        # leave that peer hanging in its own teardown.
+        dist.barrier()
         dist.destroy_process_group()
     return history
 

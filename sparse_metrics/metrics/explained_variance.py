@@ -104,15 +104,31 @@ class FractionOfVarianceUnexplained(PackedSyncMetric):
         """Merge a validated batch (source ``[batch, component, d_model]``, per-item summed squared errors)."""
         if source.shape[0] == 0:
             return
-        local = self._statistics()
-        if local is not None and local.mean.shape[-1] != source.shape[-1]:
-            raise ValueError(
-                f"`source_activations` has d_model {source.shape[-1]}, but this metric holds items of d_model "
-                f"{local.mean.shape[-1]}; reset() it before feeding activations of another width."
-            )
+        local = self._local_statistics(source.shape[-1])
         batch = _batch_statistics(source, squared_error_per_item, self._statistics_dtype)
         merged = batch if local is None else _merge_statistics(local, batch)
         setattr(self, self._state_name, [self._pack(merged)])
+
+    def _local_statistics(self, d_model: int) -> VarianceStatistics | None:
+        """This process's statistics, to merge a batch of width ``d_model`` into, with no host synchronisation.
+
+        Outside ``compute()`` the state is this process's single packet, whose length gives its width; the width in
+        its header would have to be read from the device.
+        """
+        packets: list[Tensor] = getattr(self, self._state_name)
+        if not packets:
+            return None
+        if len(packets) > 1:  # several packets, e.g. a checkpoint saved from a synced state: read their headers
+            statistics = self._statistics()
+            held = -1 if statistics is None else statistics.mean.shape[-1]
+        else:
+            statistics, held = None, self._d_model_of(packets[0])
+        if held != d_model:
+            raise ValueError(
+                f"`source_activations` has d_model {d_model}, but this metric holds items of d_model {held}; "
+                "reset() it before feeding activations of another width."
+            )
+        return statistics if statistics is not None else self._parse(packets[0], d_model)
 
     def _pack(self, statistics: VarianceStatistics) -> Tensor:
         mean = statistics.mean
@@ -128,13 +144,14 @@ class FractionOfVarianceUnexplained(PackedSyncMetric):
         )
 
     def _statistics(self) -> VarianceStatistics | None:
-        """Parse the packet(s) of the state (several after a sync, in rank order) and merge them; None if empty."""
+        """Parse the packet(s) of the state and merge them; None if empty.
+
+        After a sync the state holds every process's packet, concatenated in rank order, each of its own width (read
+        from its header): this runs in ``compute()``, which reads the result anyway.
+        """
         packets: list[Tensor] = getattr(self, self._state_name)
         if not packets:
             return None
-        if len(packets) == 1:  # this process's own packet: its width follows from its length, with no host sync
-            return self._parse(packets[0], self._d_model_of(packets[0]))
-        # Gathered packets, during compute(): each may carry another rank's width, read from its header.
         flat = torch.cat(packets)
         merged: VarianceStatistics | None = None
         offset = 0
