@@ -369,7 +369,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--d-model", type=int, default=None, help="model width (default 512; --quick: 32)")
     parser.add_argument("--d-sae", type=int, default=None, help="dictionary size (default 16384; --quick: 256)")
     parser.add_argument("--repeats", type=int, default=None, help="paired rounds for rows 1-2 (default 11)")
-    parser.add_argument("--matryoshka-repeats", type=int, default=None, help="paired rounds for row 3a (default 5)")
+    parser.add_argument("--matryoshka-repeats", type=int, default=None, help="paired rounds for row 3a (default 9)")
     parser.add_argument("--saelens-repeats", type=int, default=None, help="rounds for row 3b, 0 skips (default 1)")
     parser.add_argument("--prefixes", type=int, default=8, help="Matryoshka prefixes, equal widths (default 8)")
     parser.add_argument("--density", type=float, default=0.02, help="fraction of non-zero activations (0.02)")
@@ -386,7 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run of seconds")
     parser.add_argument("--compiled-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    full = {"batch": 4096, "d_model": 512, "d_sae": 16384, "repeats": 11, "matryoshka_repeats": 5}
+    full = {"batch": 4096, "d_model": 512, "d_sae": 16384, "repeats": 11, "matryoshka_repeats": 9}
     quick = {"batch": 64, "d_model": 32, "d_sae": 256, "repeats": 3, "matryoshka_repeats": 3}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
