@@ -100,3 +100,28 @@ def lockstep_items_since_fired(streams: Sequence[Tensor]) -> Tensor:
             age = min(ages) if ages else None
             result[c, i] = sum(len(stream) if age is None else min(age, len(stream)) for stream in streams)
     return result
+
+
+def sae_batches(
+    sizes: Sequence[int], seed: int, *, components: int, d_model: int, d_sae: int
+) -> list[dict[str, Tensor]]:
+    """Seeded SAE steps of the given batch sizes sharing one decoder: inputs of the collection, by keyword."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(components, d_sae, d_model, generator=generator)
+    batches = []
+    for size in sizes:
+        source = torch.randn(size, components, d_model, generator=generator)
+        batches.append(
+            {
+                "source_activations": source,
+                "decoded_activations": source + 0.3 * torch.randn(size, components, d_model, generator=generator),
+                "learned_activations": sparse_activations(size, components, d_sae, generator=generator),
+                "decoder_weight": weight,
+            }
+        )
+    return batches
+
+
+def as_dict(value: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+    """A metric's or a collection's compute() result as a dict, to compare both the same way."""
+    return value if isinstance(value, dict) else {"value": value}

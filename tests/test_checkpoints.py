@@ -30,24 +30,7 @@ FACTORIES = {
 
 
 def _batches(seed: int, sizes: list[int]) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(C, D_SAE, D_MODEL, generator=generator)
-    batches = []
-    for size in sizes:
-        source = torch.randn(size, C, D_MODEL, generator=generator)
-        batches.append(
-            {
-                "source_activations": source,
-                "decoded_activations": source + 0.3 * torch.randn(size, C, D_MODEL, generator=generator),
-                "learned_activations": reference.sparse_activations(size, C, D_SAE, generator=generator),
-                "decoder_weight": weight,
-            }
-        )
-    return batches
-
-
-def _as_dict(value: Any) -> dict[str, torch.Tensor]:
-    return value if isinstance(value, dict) else {"value": value}
+    return reference.sae_batches(sizes, seed, components=C, d_model=D_MODEL, d_sae=D_SAE)
 
 
 def _metric(name: str, keep_batch_dim: bool, **kwargs: Any) -> Any:
@@ -75,7 +58,7 @@ def _save_mid_epoch(directory: str, seed: int = 0) -> dict[str, dict[str, torch.
             torch.save(metric.state_dict(), os.path.join(directory, f"{name}_{keep_batch_dim}.pt"))
             for batch in batches[SAVE_AFTER:]:
                 metric.update(**batch)
-            results[f"{name}_{keep_batch_dim}"] = _as_dict(metric.compute())
+            results[f"{name}_{keep_batch_dim}"] = reference.as_dict(metric.compute())
     return results
 
 
@@ -90,7 +73,7 @@ def _resume(directory: str, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]
             metric.load_state_dict(state)
             for batch in batches[SAVE_AFTER:]:
                 metric.update(**batch)
-            results[f"{name}_{keep_batch_dim}"] = _as_dict(metric.compute())
+            results[f"{name}_{keep_batch_dim}"] = reference.as_dict(metric.compute())
     return results
 
 
@@ -186,13 +169,13 @@ def test_pickle_deepcopy_and_clone_round_trips(name):
     for copied in copies:
         copied.update(**batches[1])
     metric.update(**batches[1])
-    expected = _as_dict(metric.compute())
+    expected = reference.as_dict(metric.compute())
     for copied in copies:
-        result = _as_dict(copied.compute())
+        result = reference.as_dict(copied.compute())
         if name == "collection" and copied is copies[-1]:
             result = {key.removeprefix("val_"): value for key, value in result.items()}
-            assert all(key.startswith("val_") for key in _as_dict(copied.compute()))
+            assert all(key.startswith("val_") for key in reference.as_dict(copied.compute()))
         _assert_identical({"": result}, {"": expected})
     # Copies are independent: updating one leaves the original alone.
     copies[0].update(**batches[0])
-    _assert_identical({"": _as_dict(metric.compute())}, {"": expected})
+    _assert_identical({"": reference.as_dict(metric.compute())}, {"": expected})

@@ -32,24 +32,7 @@ def _factories() -> dict[str, Any]:
 
 
 def _batches(sizes: list[int], seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(C, D_SAE, D_MODEL, generator=generator)
-    batches = []
-    for size in sizes:
-        source = torch.randn(size, C, D_MODEL, generator=generator)
-        batches.append(
-            {
-                "source_activations": source,
-                "decoded_activations": source + 0.3 * torch.randn(size, C, D_MODEL, generator=generator),
-                "learned_activations": reference.sparse_activations(size, C, D_SAE, generator=generator),
-                "decoder_weight": weight,
-            }
-        )
-    return batches
-
-
-def _as_dict(value: Any) -> dict[str, torch.Tensor]:
-    return value if isinstance(value, dict) else {"value": value}
+    return reference.sae_batches(sizes, seed, components=C, d_model=D_MODEL, d_sae=D_SAE)
 
 
 #: scenario -> batch sizes per rank (for 2 or 3 ranks). Ranks call update a different number of times, one may have
@@ -81,14 +64,14 @@ def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
                 metric = factory(**kwargs)
                 for index, batch in enumerate(_rank_batches(split[rank], seed=rank)):
                     metric(**batch) if index % 2 else metric.update(**batch)
-                synced = _as_dict(metric.compute())
+                synced = reference.as_dict(metric.compute())
                 # The reference: one process, every rank's finite batches in rank order.
                 single = factory(**kwargs, sync_on_compute=False)
                 for other in range(world_size):
                     for batch in _rank_batches(split[other], seed=other):
                         if not batch["learned_activations"].isnan().any():
                             single.update(**batch)
-                expected = _as_dict(single.compute())
+                expected = reference.as_dict(single.compute())
                 assert synced.keys() == expected.keys()
                 for key, value in expected.items():
                     torch.testing.assert_close(synced[key], value, rtol=1e-6, atol=1e-9, msg=f"{scenario} {key}")
@@ -149,17 +132,17 @@ def _device_moves_and_local_values(rank: int, world_size: int) -> dict[str, Any]
         plain = factory(keep_batch_dim=True)
         for batch in batches:
             plain.update(**batch)
-        for key, value in _as_dict(plain.compute()).items():
-            assert torch.equal(_as_dict(moved.compute())[key], value), (name, key)
+        for key, value in reference.as_dict(plain.compute()).items():
+            assert torch.equal(reference.as_dict(moved.compute())[key], value), (name, key)
         local = factory(sync_on_compute=False)
         for batch in batches:
             local.update(**batch)
         alone = factory(sync_on_compute=False)
         for batch in batches:
             alone.update(**batch)  # a fresh metric never synced: the rank-local reference
-        for key, value in _as_dict(alone.compute()).items():
-            assert torch.equal(_as_dict(local.compute())[key], value), (name, key)
-        results[name] = _as_dict(local.compute())
+        for key, value in reference.as_dict(alone.compute()).items():
+            assert torch.equal(reference.as_dict(local.compute())[key], value), (name, key)
+        results[name] = reference.as_dict(local.compute())
     return results
 
 
