@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat, dim_zero_max, dim_zero_min, dim_zero_sum
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 __all__ = ["sync_states", "synced_states"]
 
@@ -32,6 +33,8 @@ _TENSOR_REDUCTIONS: dict[Any, Callable[..., Tensor]] = {
 }
 #: (metric, state name, value): a tensor state, or a list state's rows concatenated.
 _State = tuple[Metric, str, Tensor]
+#: torchmetrics' ``dist_sync_fn`` signature: ``gather(tensor, group=...)`` returns every rank's tensor, in rank order.
+Gather = Callable[..., list[Tensor]]
 
 
 def _as_bytes(tensor: Tensor) -> Tensor:
@@ -43,9 +46,13 @@ def _from_bytes(buffer: Tensor, like: Tensor, shape: Sequence[int]) -> Tensor:
     return buffer.clone().view(like.dtype).reshape(shape)
 
 
-def _all_gather(buffer: Tensor, group: Any, world_size: int) -> list[Tensor]:
-    gathered = [torch.empty_like(buffer) for _ in range(world_size)]
-    dist.all_gather(gathered, buffer, group=group)
+def _all_gather(buffer: Tensor, group: Any, gather: Gather | None) -> list[Tensor]:
+    """Every rank's ``buffer`` (the same length on every rank), in rank order, through ``gather`` where given."""
+    if gather is not None and gather is not gather_all_tensors:
+        gathered = list(gather(buffer, group=group))
+    else:  # torchmetrics' default would first exchange the shapes, which are known equal here
+        gathered = [torch.empty_like(buffer) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, buffer, group=group)
     return gathered
 
 
@@ -72,13 +79,13 @@ def _collect(metrics: Sequence[Metric]) -> tuple[list[_State], list[_State]]:
 
 
 def _sync_tensor_states(
-    tensor_states: list[_State], row_counts: Tensor, group: Any, world_size: int
+    tensor_states: list[_State], row_counts: Tensor, group: Any, gather: Gather | None
 ) -> list[list[int]]:
     """Collective 1: reduce every tensor state in place; return each rank's list-state row counts."""
     header = torch.cat([_as_bytes(value) for _, _, value in tensor_states] + [_as_bytes(row_counts)])
     values_by_state: list[list[Tensor]] = [[] for _ in tensor_states]
     rows_by_rank: list[list[int]] = []
-    for rank_buffer in _all_gather(header, group, world_size):
+    for rank_buffer in _all_gather(header, group, gather):
         offset = 0
         for values, (_, _, value) in zip(values_by_state, tensor_states, strict=True):
             end = offset + value.numel() * value.element_size()
@@ -98,7 +105,9 @@ def _sync_tensor_states(
     return rows_by_rank
 
 
-def _sync_list_states(list_states: list[_State], rows_by_rank: list[list[int]], group: Any, world_size: int) -> None:
+def _sync_list_states(
+    list_states: list[_State], rows_by_rank: list[list[int]], group: Any, gather: Gather | None
+) -> None:
     """Collective 2 (only if some rank has rows): concatenate every list state over the ranks, in rank order."""
     row_nbytes = [rows.shape[1:].numel() * rows.element_size() for _, _, rows in list_states]
     rank_nbytes = [sum(n * b for n, b in zip(rows, row_nbytes, strict=True)) for rows in rows_by_rank]
@@ -109,7 +118,7 @@ def _sync_list_states(list_states: list[_State], rows_by_rank: list[list[int]], 
     payload = torch.zeros(max(rank_nbytes), dtype=torch.uint8, device=list_states[0][2].device)
     local = torch.cat([_as_bytes(rows) for _, _, rows in list_states])
     payload[: local.numel()] = local
-    gathered = _all_gather(payload, group, world_size)
+    gathered = _all_gather(payload, group, gather)
     for index, (metric, name, rows) in enumerate(list_states):
         pieces = []
         for rank_buffer, rows_of_rank in zip(gathered, rows_by_rank, strict=True):
@@ -119,23 +128,23 @@ def _sync_list_states(list_states: list[_State], rows_by_rank: list[list[int]], 
         setattr(metric, name, [torch.cat(pieces)])
 
 
-def sync_states(metrics: Sequence[Metric], process_group: Any = None) -> None:
+def sync_states(metrics: Sequence[Metric], process_group: Any = None, gather: Gather | None = None) -> None:
     """Replace the states of ``metrics`` in place by their reduction over ``process_group``.
 
     Tensor states need a reduction: ``"sum"``, ``"max"``, ``"min"`` or a callable taking the per-rank values stacked on
     a new first axis (torchmetrics' convention); list states must be reduced by ``"cat"``, and a metric with
     list states provides ``_empty_list_state(name)``: an empty tensor with the dtype, device and trailing shape of
     that state's rows (a rank may have none). Every rank must call this with the same metrics, configured alike.
+    ``gather`` is torchmetrics' ``dist_sync_fn`` (default: ``torch.distributed.all_gather``), called on byte buffers.
     """
     tensor_states, list_states = _collect(metrics)
     if not tensor_states and not list_states:
         return
-    world_size = dist.get_world_size(process_group)
     device = (tensor_states or list_states)[0][2].device
     row_counts = torch.tensor([rows.shape[0] for _, _, rows in list_states], dtype=torch.int64, device=device)
-    rows_by_rank = _sync_tensor_states(tensor_states, row_counts, process_group, world_size)
+    rows_by_rank = _sync_tensor_states(tensor_states, row_counts, process_group, gather)
     if list_states:
-        _sync_list_states(list_states, rows_by_rank, process_group, world_size)
+        _sync_list_states(list_states, rows_by_rank, process_group, gather)
 
 
 @contextmanager
@@ -149,12 +158,13 @@ def synced_states(metrics: Sequence[Metric], process_group: Any = None) -> Itera
     if not to_sync:
         yield
         return
-    # Syncing replaces state attributes with new objects, so references are enough to restore the local state.
+    # Syncing replaces state attributes with new objects, so references are enough to restore the local state, also
+    # when a collective fails halfway (the tensor states already reduced, the list states not).
     local = [{name: getattr(m, name) for name in m._defaults} for m in to_sync]
-    sync_states(to_sync, process_group)
-    for metric in to_sync:
-        metric._to_sync = False
     try:
+        sync_states(to_sync, process_group, gather=to_sync[0].dist_sync_fn)
+        for metric in to_sync:
+            metric._to_sync = False
         yield
     finally:
         for metric, states in zip(to_sync, local, strict=True):

@@ -6,17 +6,21 @@ synchronisation on an accelerator. Each error names the argument, what was expec
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import cast
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "autocast_disabled",
     "check_batch_size",
     "check_decoder",
     "check_feature_reduction",
+    "check_floating",
     "check_nan_strategy",
     "check_prefix_sizes",
     "check_prefix_weights",
@@ -24,6 +28,7 @@ __all__ = [
     "check_same_shape",
     "check_sparsity_coefficient",
     "computation_dtype",
+    "infer_d_model",
     "to_components",
 ]
 
@@ -32,7 +37,8 @@ def _shape(tensor: Tensor) -> list[int]:
     return list(tensor.shape)
 
 
-def _check_floating(name: str, tensor: object) -> Tensor:
+def check_floating(name: str, tensor: object) -> Tensor:
+    """Check ``tensor`` is a floating-point tensor; return it."""
     if not isinstance(tensor, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(tensor).__name__}.")
     if not tensor.is_floating_point():
@@ -47,6 +53,25 @@ def computation_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def autocast_disabled(device: torch.device) -> AbstractContextManager[object]:
+    """A region where autocast is off on ``device``: the math of every metric runs in float32 or float64."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def infer_d_model(decoder_weight: object, d_sae: int) -> int:
+    """``d_model`` as a decoder shows it where no other input has it, read so that errors point at the real fault.
+
+    A ``[..., d_model, d_sae]`` weight is taken as transposed, so that the error says so.
+    """
+    if not isinstance(decoder_weight, Tensor) or decoder_weight.ndim == 0:
+        return 0
+    if decoder_weight.ndim >= 2 and decoder_weight.shape[-2] != d_sae and decoder_weight.shape[-1] == d_sae:
+        return int(decoder_weight.shape[-2])
+    return int(decoder_weight.shape[-1])
+
+
 def to_components(name: str, tensor: object, num_components: int | None) -> Tensor:
     """Check ``tensor`` is ``[batch, feature]`` or ``[batch, component, feature]`` and view it as the latter.
 
@@ -58,7 +83,9 @@ def to_components(name: str, tensor: object, num_components: int | None) -> Tens
     Returns:
         A ``[batch, component, feature]`` view of ``tensor`` (no copy).
     """
-    tensor = _check_floating(name, tensor)
+    tensor = check_floating(name, tensor)
+    if tensor.ndim in (2, 3) and tensor.shape[-1] == 0:
+        raise ValueError(f"`{name}` must have a non-empty feature axis (its last), got shape {_shape(tensor)}.")
     if tensor.ndim == 2 and num_components in (None, 1):
         return tensor.unsqueeze(1)
     if tensor.ndim == 3 and num_components in (None, tensor.shape[1]):
@@ -74,7 +101,7 @@ def to_components(name: str, tensor: object, num_components: int | None) -> Tens
 
 def check_same_shape(name: str, tensor: object, reference_name: str, reference: Tensor) -> Tensor:
     """Check ``tensor`` is a floating-point tensor of exactly the shape of ``reference``."""
-    tensor = _check_floating(name, tensor)
+    tensor = check_floating(name, tensor)
     if tensor.shape != reference.shape:
         raise ValueError(
             f"`{name}` must have the shape of `{reference_name}`, {_shape(reference)}, got {_shape(tensor)}."
@@ -122,7 +149,7 @@ def check_decoder(
     The decoder is laid out as SAELens and saev store ``W_dec``: one row per dictionary feature. A weight in the
     ``nn.Linear`` orientation ``[d_model, d_sae]`` is rejected with a hint to transpose it.
     """
-    weight = _check_floating("decoder_weight", decoder_weight)
+    weight = check_floating("decoder_weight", decoder_weight)
     component = [num_components] if source_is_batched_by_component else []
     expected = [*component, d_sae, d_model]
     if _shape(weight) != expected:
@@ -136,7 +163,7 @@ def check_decoder(
     if decoder_bias is None:
         bias = None
     else:
-        bias = _check_floating("decoder_bias", decoder_bias)
+        bias = check_floating("decoder_bias", decoder_bias)
         if _shape(bias) != [*component, d_model]:
             raise ValueError(
                 f"`decoder_bias` must have shape [*component, d_model] = {[*component, d_model]}, got {_shape(bias)}."

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
-from sparse_metrics._compile import CompiledWithFallback
+from sparse_metrics._batch import SAE_INPUTS, SaeBatch
 from sparse_metrics._config import (
     ComponentReduction,
     FeatureReduction,
@@ -20,18 +20,7 @@ from sparse_metrics._config import (
     validate_arguments,
 )
 from sparse_metrics._distributed import synced_states
-from sparse_metrics._validation import check_sae_inputs, computation_dtype
-from sparse_metrics.functional._statistics import _sae_loss_statistics
-from sparse_metrics.functional.feature_density import (
-    DENSITY_EPSILON,
-    FeatureActivity,
-    _feature_activity,
-    _l0_from_active,
-    _mean_log10,
-)
-from sparse_metrics.functional.l1_absolute import _absolute_sum
-from sparse_metrics.functional.l2_reconstruction import _l2_reconstruction_error
-from sparse_metrics.metrics._base import ItemMeanMetric, PackedSyncMetric, finite_items, screen_items
+from sparse_metrics.metrics._base import DerivedOutput, ItemMeanMetric, SaeMetric, batch_contributions, recording
 from sparse_metrics.metrics.dead_features import DeadFeatures
 from sparse_metrics.metrics.explained_variance import FractionOfVarianceUnexplained
 from sparse_metrics.metrics.feature_density import FeatureDensity
@@ -41,31 +30,78 @@ from sparse_metrics.metrics.l2_reconstruction import L2ReconstructionLoss
 from sparse_metrics.metrics.matryoshka import MatryoshkaReconstructionLoss
 from sparse_metrics.metrics.sparsity import SparsityLoss
 
-__all__ = ["SparseAutoencoderLoss"]
+__all__ = ["SparseAutoencoderLoss", "TotalLoss"]
 
-# Shared by every collection built with compiled=True; compiled at its first call.
-_compiled_sae_loss_statistics = CompiledWithFallback(_sae_loss_statistics)
-
-#: Members whose value is a per-item mean (and may enter "loss").
-_LOSS_KEYS = ("l2", "l0", "l1", "sparsity", "matryoshka")
+#: The collection's inputs, in the order ``forward``/``update`` take them positionally.
+_POSITIONAL_INPUTS = SAE_INPUTS
 
 
-class _Batch:
-    """One validated batch: per-item values of the loss members and the statistics of the training metrics."""
+class TotalLoss(SaeMetric):
+    r"""The differentiable total of loss terms, reduced over components: a :class:`SparseAutoencoderLoss` member.
 
-    def __init__(self, per_item: dict[str, Tensor]) -> None:
-        self.per_item = per_item
-        self.source: Tensor | None = None
-        self.squared_error: Tensor | None = None
-        self.activity: FeatureActivity | None = None
+    .. math:: \mathrm{loss} = \operatorname{reduce}_c \sum_t \overline{\mathrm{term}}_{t,c}
+
+    where :math:`\overline{\mathrm{term}}_{t,c}` is term :math:`t`'s mean over the batch (``forward``) or over every
+    item seen on every process (``compute``). The terms are the collection's members; this metric keeps no state of
+    its own.
+    """
+
+    is_differentiable = True
+    higher_is_better = False
+
+    _positional_inputs = _POSITIONAL_INPUTS
+
+    def __init__(
+        self, terms: Sequence[ItemMeanMetric], component_reduction: ComponentReduction = "mean", **kwargs: Any
+    ) -> None:
+        super().__init__(terms[0].num_components, **kwargs)
+        self.__dict__["_terms"] = tuple(terms)  # plain attribute: the terms are the collection's children
+        self.component_reduction = component_reduction
+
+    @property
+    def terms(self) -> tuple[ItemMeanMetric, ...]:
+        """The members summed into the loss."""
+        terms: tuple[ItemMeanMetric, ...] = self.__dict__["_terms"]
+        return terms
+
+    def _batch_uses(self) -> frozenset[str]:
+        return frozenset().union(*(term._batch_uses() for term in self.terms))
+
+    def _contribution(self, batch: SaeBatch) -> tuple[Tensor, ...]:
+        return tuple(batch.contribution(term) for term in self.terms)
+
+    def _finite_items(self, batch: SaeBatch, contribution: tuple[Tensor, ...]) -> Tensor | None:
+        masks = [term._finite_items(batch, part) for term, part in zip(self.terms, contribution, strict=True)]
+        return torch.stack([mask for mask in masks if mask is not None]).all(dim=0)
+
+    def _record(self, contribution: tuple[Tensor, ...]) -> None:
+        """Nothing: the terms record the batch."""
+
+    def _value(self, contribution: tuple[Tensor, ...]) -> Tensor:
+        parts = [term._batch_mean(part) for term, part in zip(self.terms, contribution, strict=True)]
+        return self._reduce(parts)
+
+    def compute(self) -> Tensor:
+        """The loss of every item seen on every process (a collective under ``torch.distributed``)."""
+        with synced_states(self.terms, self.terms[0].process_group):
+            return self._reduce([term._epoch_mean() for term in self.terms])
+
+    def _reduce(self, parts: Sequence[Tensor]) -> Tensor:
+        per_component = torch.stack(list(parts)).sum(dim=0)
+        return per_component.mean() if self.component_reduction == "mean" else per_component.sum()
+
+    def extra_repr(self) -> str:
+        """Show the terms in ``repr``."""
+        return f"terms=[{', '.join(type(term).__name__ for term in self.terms)}], {self.component_reduction!r}"
 
 
 class SparseAutoencoderLoss(MetricCollection):
     r"""Every SAE loss term in one collection, plus the differentiable total loss.
 
     Members, by key: ``"l2"`` (:class:`L2ReconstructionLoss`), ``"l0"`` (:class:`L0NormMetric`), ``"l1"``
-    (:class:`L1AbsoluteLoss`), ``"sparsity"`` (:class:`SparsityLoss`) and, when ``matryoshka_prefix_sizes`` is
-    given, ``"matryoshka"`` (:class:`MatryoshkaReconstructionLoss`).
+    (:class:`L1AbsoluteLoss`), ``"sparsity"`` (:class:`SparsityLoss`), ``"loss"`` (:class:`TotalLoss`) and the
+    options below. Every key that ``forward`` and ``compute`` return is a member, so Lightning's
+    ``log_dict(collection)``, nesting in a ``MetricCollection`` and ``MetricTracker`` see all of them.
 
     .. math:: \mathrm{loss} = \operatorname{reduce}_c \big(\mathrm{reconstruction}_c + \mathrm{sparsity}_c\big)
 
@@ -73,52 +109,53 @@ class SparseAutoencoderLoss(MetricCollection):
     ``component_reduction`` over the components.
 
     - ``forward(**inputs)`` accumulates the batch and returns each member's value on it, ``"loss"`` (a
-      differentiable scalar) and, with Matryoshka, ``"matryoshka_prefix_<m>"`` for each prefix width ``m``.
+      differentiable scalar) included; every member's ``_forward_cache`` holds its (detached) batch value.
     - ``update(**inputs)`` accumulates without building an autograd graph.
-    - ``compute()`` returns the epoch values of the same keys, synced across processes.
+    - ``compute()`` returns the epoch values of the same keys, synced across processes in at most two collectives.
+    - :meth:`loggable` turns either result into the scalars a logger takes.
 
-    Training metrics, by option (none of them enters ``"loss"``):
+    Options and the keys they add:
 
-    - ``explained_variance=True`` adds member ``"fvu"`` (:class:`FractionOfVarianceUnexplained`) and output keys
-      ``"fvu"`` and ``"explained_variance"`` (``1 - fvu``), ``[*component]``. Each item's squared error is the
-      L2 member's, reused (times ``d_model`` for the mean reduction).
-    - ``feature_density=True`` adds member ``"feature_density"`` (:class:`FeatureDensity`) and keys
-      ``"feature_density"`` (per feature, ``[*component, num_features]``) and ``"mean_log10_feature_density"``
-      (``[*component]``, epsilon 1e-10).
-    - ``dead_feature_window=w`` adds member ``"dead_features"`` (:class:`DeadFeatures`, window ``w`` items) and
-      key ``"dead_features"``, the number of dead features ``[*component]``; its counters survive ``reset()``.
+    - ``matryoshka_prefix_sizes``: ``"matryoshka"`` (:class:`MatryoshkaReconstructionLoss`, then the reconstruction
+      term of ``"loss"``) and ``"matryoshka_prefix_<m>"``, the error of each prefix of width ``m``.
+    - ``explained_variance=True`` (needs ``d_model``): ``"fvu"`` (:class:`FractionOfVarianceUnexplained`) and
+      ``"explained_variance"`` (``1 - fvu``).
+    - ``feature_density=True`` (needs ``num_features``): ``"feature_density"`` (:class:`FeatureDensity`, per feature
+      ``[*component, num_features]``) and ``"mean_log10_feature_density"``.
+    - ``dead_feature_window=w`` (needs ``num_features``): ``"dead_features"`` (:class:`DeadFeatures`, window ``w``
+      items; its counters survive ``reset()``) and ``"dead_feature_fraction"``.
 
-    The density and dead features both need ``num_features``. One activity mask ``f != 0`` per batch gives the
-    per-item L0, the per-feature firing counts and the items since each feature fired: the ``[batch, d_sae]``
-    activations are not read again for them. All members sync together in ``compute()``: one collective, two when
-    some member keeps rows (``keep_batch_dim`` or the FVU, whose per-process statistics travel as rows).
-
-    Inputs (keywords): ``source_activations``, ``learned_activations``, ``decoded_activations``, and for Matryoshka
-    ``decoder_weight`` (feature-major ``[*component, d_sae, d_model]``) and optionally ``decoder_bias``. Every
-    input is validated before any member's state changes, so a rejected batch leaves the collection untouched.
-    Each statistic is computed once per batch: the L1 also feeds the sparsity penalty, and when the largest Matryoshka
-    prefix is the whole dictionary (``d_sae``), its error is the L2 error of ``decoded_activations``, the SAE's own
-    reconstruction ``f W + b`` — which the collection therefore takes to be the whole dictionary's decode.
+    Inputs (keywords, or positionally in this order): ``source_activations``, ``learned_activations``,
+    ``decoded_activations``, ``decoder_weight`` (feature-major ``[*component, d_sae, d_model]``; required for
+    Matryoshka and decoder-norm weighting) and ``decoder_bias``. A keyword that is not one of these raises
+    ``TypeError``. The batch is validated once, before any member's state changes, and every statistic the members
+    share (the squared error, the L1, the activity mask) is computed once: the L1 also feeds the sparsity penalty, and
+    one activity mask ``f != 0`` gives the L0, the densities and the dead-feature counters.
 
     Args:
+        num_components: Number of SAEs trained side by side (the first positional argument, as in the prior-art
+            ``sparse_autoencoder`` package).
         sparsity_coefficient: Non-negative number or ``[component]`` tensor; change it between steps through the
             :attr:`sparsity_coefficient` property.
-        num_components: Number of SAEs trained side by side.
-        matryoshka_prefix_sizes: Cumulative prefix widths; adds the ``"matryoshka"`` member and makes it the
+        l1_coefficient: The prior-art package's name for ``sparsity_coefficient``; give one of the two.
+        matryoshka_prefix_sizes: Cumulative prefix widths; adds the Matryoshka member and makes it the
             reconstruction term of the loss.
         matryoshka_prefix_weights: One weight per prefix (default ``1/P``).
+        matryoshka_reuse_decoded_activations: Take the error of ``decoded_activations`` as the whole-dictionary
+            prefix's instead of decoding it again: right only where ``decoded_activations`` is exactly ``f W + b``.
         sparsity_decoder_norm_weighting: Weight each ``|f_i|`` of the sparsity penalty by the L2 norm of decoder
             row ``i`` (SAELens style; ``decoder_weight`` becomes a required input). ``"l1"`` stays the plain L1.
-        explained_variance: Add the FVU / explained variance.
+        explained_variance: Add the FVU and explained variance (needs ``d_model``).
+        d_model: The width of the activations, for the explained variance.
         feature_density: Add the feature density (needs ``num_features``).
         dead_feature_window: Add the dead-feature count with this window in items (needs ``num_features``).
         num_features: The dictionary size ``d_sae``, for the density and dead features.
         feature_reduction: ``"mean"`` or ``"sum"`` of squared errors over ``d_model`` (L2 and Matryoshka).
         component_reduction: ``"mean"`` or ``"sum"`` of the per-component loss into the scalar ``"loss"``.
-        keep_batch_dim: Members keep per-item values (``"loss"`` stays a scalar mean).
+        keep_batch_dim: The loss terms keep per-item values (``"loss"`` stays a scalar mean).
         prefix: Prefix for every output key (torchmetrics' convention).
         postfix: Postfix for every output key.
-        compiled: Compute each batch's per-item L2, L0 and L1 with ``torch.compile`` (``fullgraph=True``), which
+        compiled: Compute each batch's squared error, L0 and L1 with ``torch.compile`` (``fullgraph=True``), which
             fuses the passes over the ``[batch, d_sae]`` activations. The first batch of each new shape pays the
             compilation; where compiling fails (say, no C++ compiler for the CPU backend), a ``RuntimeWarning``
             says why and the collection runs eagerly from then on, with the same results. With
@@ -126,7 +163,8 @@ class SparseAutoencoderLoss(MetricCollection):
         nan_strategy: ``"propagate"`` (default), ``"ignore"`` or ``"error"`` for items with a NaN or infinite value
             in any member (see :class:`~sparse_metrics.metrics._base.ItemMeanMetric`); "ignore" drops such an item
             from every member and from ``"loss"``.
-        kwargs: Passed to every member (``process_group``, ``sync_on_compute``, ...; not ``dist_sync_on_step``).
+        kwargs: Passed to every member (``process_group``, ``sync_on_compute``, ``dist_sync_fn``, ...; not
+            ``dist_sync_on_step``).
 
     Example:
         >>> import torch
@@ -146,13 +184,16 @@ class SparseAutoencoderLoss(MetricCollection):
     @validate_arguments
     def __init__(
         self,
-        sparsity_coefficient: float | Tensor = 1e-3,
         num_components: NumComponents = 1,
+        sparsity_coefficient: float | Tensor | None = None,
         *,
+        l1_coefficient: float | Tensor | None = None,
         matryoshka_prefix_sizes: Sequence[int] | None = None,
         matryoshka_prefix_weights: Sequence[float] | None = None,
+        matryoshka_reuse_decoded_activations: bool = False,
         sparsity_decoder_norm_weighting: bool = False,
         explained_variance: bool = False,
+        d_model: PositiveInt | None = None,
         feature_density: bool = False,
         dead_feature_window: PositiveInt | None = None,
         num_features: NumFeatures | None = None,
@@ -165,25 +206,24 @@ class SparseAutoencoderLoss(MetricCollection):
         nan_strategy: NanStrategy = "propagate",
         **kwargs: Any,
     ) -> None:
-        if matryoshka_prefix_weights is not None and matryoshka_prefix_sizes is None:
-            raise ValueError("`matryoshka_prefix_weights` needs `matryoshka_prefix_sizes`, which is None.")
-        if (feature_density or dead_feature_window is not None) and num_features is None:
-            raise ValueError(
-                "`num_features` (the dictionary size d_sae) is required with `feature_density=True` or "
-                "`dead_feature_window`, got None."
-            )
-        if kwargs.get("dist_sync_on_step"):
-            raise ValueError(
-                "`dist_sync_on_step=True` is not supported: forward returns this process's batch values and its "
-                "differentiable loss; compute() returns the values synced across processes."
-            )
-        common: dict[str, Any] = {"keep_batch_dim": keep_batch_dim, "nan_strategy": nan_strategy, **kwargs}
-        members: dict[str, Metric | MetricCollection] = {
-            "l2": L2ReconstructionLoss(num_components, feature_reduction=feature_reduction, **common),
-            "l0": L0NormMetric(num_components, **common),
-            "l1": L1AbsoluteLoss(num_components, **common),
+        coefficient = _coefficient(sparsity_coefficient, l1_coefficient)
+        _check_options(
+            matryoshka=matryoshka_prefix_sizes is not None,
+            matryoshka_options=matryoshka_prefix_weights is not None or matryoshka_reuse_decoded_activations,
+            explained_variance=explained_variance,
+            d_model=d_model,
+            activity=feature_density or dead_feature_window is not None,
+            num_features=num_features,
+            dist_sync_on_step=bool(kwargs.get("dist_sync_on_step")),
+        )
+        common: dict[str, Any] = {"nan_strategy": nan_strategy, **kwargs}
+        terms: dict[str, Any] = {"keep_batch_dim": keep_batch_dim, **common}
+        members: dict[str, SaeMetric] = {
+            "l2": L2ReconstructionLoss(num_components, feature_reduction=feature_reduction, **terms),
+            "l0": L0NormMetric(num_components, **terms),
+            "l1": L1AbsoluteLoss(num_components, **terms),
             "sparsity": SparsityLoss(
-                sparsity_coefficient, num_components, decoder_norm_weighting=sparsity_decoder_norm_weighting, **common
+                coefficient, num_components, decoder_norm_weighting=sparsity_decoder_norm_weighting, **terms
             ),
         }
         if matryoshka_prefix_sizes is not None:
@@ -192,25 +232,28 @@ class SparseAutoencoderLoss(MetricCollection):
                 num_components,
                 feature_reduction=feature_reduction,
                 prefix_weights=matryoshka_prefix_weights,
-                **common,
+                reuse_decoded_activations=matryoshka_reuse_decoded_activations,
+                **terms,
             )
-        if explained_variance:
-            members["fvu"] = FractionOfVarianceUnexplained(num_components, **kwargs)
+        if explained_variance and d_model is not None:
+            members["fvu"] = FractionOfVarianceUnexplained(num_components, d_model=d_model, **common)
         if feature_density and num_features is not None:
-            members["feature_density"] = FeatureDensity(num_features, num_components, **kwargs)
+            members["feature_density"] = FeatureDensity(num_features, num_components, **common)
         if dead_feature_window is not None and num_features is not None:
-            members["dead_features"] = DeadFeatures(num_features, num_components, window=dead_feature_window, **kwargs)
-        # No torchmetrics compute groups: the collection already shares each statistic between its members.
-        super().__init__(members, prefix=prefix, postfix=postfix, compute_groups=False)
+            members["dead_features"] = DeadFeatures(num_features, num_components, window=dead_feature_window, **common)
+        reconstruction = members["matryoshka" if matryoshka_prefix_sizes is not None else "l2"]
+        assert isinstance(reconstruction, ItemMeanMetric)
+        loss = TotalLoss([reconstruction, members["sparsity"]], component_reduction, **common)  # type: ignore[list-item]
+        # No torchmetrics compute groups: the members share each statistic through the batch already.
+        super().__init__({}, prefix=prefix, postfix=postfix, compute_groups=False)
+        for key, member in members.items():  # in this order (MetricCollection would sort a dict's keys)
+            self[key] = member
+            for name in member._derived_outputs():  # each derived value right after its source
+                self[name] = DerivedOutput(member, name, **common)
+        self["loss"] = loss
         self.num_components = num_components
-        self.feature_reduction = feature_reduction
-        self.component_reduction = component_reduction
+        self.nan_strategy = nan_strategy
         self.compiled = compiled
-
-    @property
-    def reconstruction_key(self) -> str:
-        """The member whose value is the reconstruction term of ``"loss"``: ``"matryoshka"`` or ``"l2"``."""
-        return "matryoshka" if "matryoshka" in self._modules else "l2"
 
     @property
     def sparsity_coefficient(self) -> float | Tensor:
@@ -221,214 +264,186 @@ class SparseAutoencoderLoss(MetricCollection):
     def sparsity_coefficient(self, value: float | Tensor) -> None:
         self._sparsity.sparsity_coefficient = value
 
-    def _members(self) -> dict[str, ItemMeanMetric]:
-        """The per-item-mean members (the loss terms), by key."""
-        return {key: cast(ItemMeanMetric, module) for key, module in self._modules.items() if key in _LOSS_KEYS}
-
-    def _all_members(self) -> list[PackedSyncMetric]:
-        return [cast(PackedSyncMetric, module) for module in self._modules.values()]
-
-    @property
-    def _fvu(self) -> FractionOfVarianceUnexplained | None:
-        return cast(FractionOfVarianceUnexplained | None, self._modules.get("fvu"))
-
-    @property
-    def _density(self) -> FeatureDensity | None:
-        return cast(FeatureDensity | None, self._modules.get("feature_density"))
-
-    @property
-    def _dead(self) -> DeadFeatures | None:
-        return cast(DeadFeatures | None, self._modules.get("dead_features"))
-
     @property
     def _sparsity(self) -> SparsityLoss:
-        return cast(SparsityLoss, self._modules["sparsity"])
+        member = self._modules["sparsity"]
+        assert isinstance(member, SparsityLoss)
+        return member
 
     @property
-    def _matryoshka(self) -> MatryoshkaReconstructionLoss | None:
-        return cast(MatryoshkaReconstructionLoss | None, self._modules.get("matryoshka"))
+    def reconstruction_key(self) -> str:
+        """The member whose value is the reconstruction term of ``"loss"``: ``"matryoshka"`` or ``"l2"``."""
+        return "matryoshka" if "matryoshka" in self._modules else "l2"
 
-    def _batch(
-        self,
-        source_activations: Tensor,
-        learned_activations: Tensor,
-        decoded_activations: Tensor,
-        decoder_weight: Tensor | None = None,
-        decoder_bias: Tensor | None = None,
-    ) -> _Batch:
-        """Every member's values for one batch, after ``nan_strategy``; raises before any state is touched.
+    def add_metrics(self, metrics: Any, *additional_metrics: Metric) -> None:
+        """Add members (as ``torchmetrics.MetricCollection.add_metrics`` does).
 
-        One check covers every member: with "ignore", an item non-finite for any of them is dropped from all of them
-        (and from ``"loss"``) by computing the batch again on the finite items only.
+        This package's metrics read the shared batch; any other metric is fed through its own ``update`` signature
+        (torchmetrics' ``_filter_kwargs``) and reports its own ``forward``/``compute`` values.
+
+        Raises:
+            ValueError: A key is taken already, or a metric syncs on step (its values could not be recorded in the
+                collection's transaction and then returned).
         """
-        batch = self._batch_values(
-            source_activations, learned_activations, decoded_activations, decoder_weight, decoder_bias
-        )
-        nan_strategy = self._sparsity.nan_strategy
-        if nan_strategy == "propagate":
-            return batch
-        inputs = ["source_activations", "learned_activations", "decoded_activations"]
-        if self._matryoshka is not None or self._sparsity.decoder_norm_weighting:
-            inputs += ["decoder_weight", "decoder_bias"]
-        if nan_strategy == "error":
-            screen_items(batch.per_item, nan_strategy, type(self).__name__, inputs)  # raises if any is non-finite
-            return batch
-        finite = finite_items(batch.per_item.values())
-        if bool(finite.all()):  # the one synchronisation of "ignore"
-            return batch
-        rows = (source_activations[finite], learned_activations[finite], decoded_activations[finite])
-        return self._batch_values(*rows, decoder_weight, decoder_bias)
-
-    def _batch_values(
-        self,
-        source_activations: Tensor,
-        learned_activations: Tensor,
-        decoded_activations: Tensor,
-        decoder_weight: Tensor | None = None,
-        decoder_bias: Tensor | None = None,
-    ) -> _Batch:
-        """Every member's values for one batch; raises before any state is touched."""
-        source, learned, decoded = check_sae_inputs(
-            source_activations, learned_activations, decoded_activations, self.num_components
-        )
-        activity: FeatureActivity | None = None
-        if self._density is not None or self._dead is not None:
-            # One activity mask f != 0 gives the per-item L0, the per-feature firing counts and the items since each
-            # feature fired, in place of the L0 pass of the loss statistics (this path is not compiled).
-            member = self._density if self._density is not None else cast(DeadFeatures, self._dead)
-            active = member._active(learned_activations)
-            activity = _feature_activity(active)
-            l2 = _l2_reconstruction_error(decoded, source, self.feature_reduction)
-            l0, l1 = _l0_from_active(active, computation_dtype(learned)), _absolute_sum(learned)
-        else:
-            statistics = _compiled_sae_loss_statistics if self.compiled else _sae_loss_statistics
-            l2, l0, l1 = statistics(source, learned, decoded, self.feature_reduction)
-        if self._sparsity.decoder_norm_weighting:
-            sparsity = self._sparsity._per_item(learned_activations, decoder_weight)
-        else:
-            sparsity = self._sparsity._from_l1(l1)
-        batch = _Batch({"l2": l2, "l0": l0, "l1": l1, "sparsity": sparsity})
-        batch.activity = activity
-        if self._matryoshka is not None:
-            if decoder_weight is None:
+        for metric in _metrics_of(metrics, additional_metrics):
+            if metric.dist_sync_on_step:
                 raise ValueError(
-                    "`decoder_weight` is required when `matryoshka_prefix_sizes` is set: pass the feature-major "
-                    "decoder [*component, d_sae, d_model]."
+                    f"{type(metric).__name__} has `dist_sync_on_step=True`, which a SparseAutoencoderLoss member "
+                    "cannot honour: forward returns this process's batch values."
                 )
-            # decoded_activations is the SAE's reconstruction from its whole dictionary: its error is the last
-            # prefix's when that prefix is d_sae, so that prefix is not decoded a second time.
-            batch.per_item["matryoshka"] = self._matryoshka._per_item(
-                source_activations, learned_activations, decoder_weight, decoder_bias, full_dictionary_error=l2
+        if isinstance(metrics, Mapping) and (taken := sorted(set(metrics) & set(self._modules))):
+            raise ValueError(f"SparseAutoencoderLoss has members {taken} already; choose other keys.")
+        super().add_metrics(metrics, *additional_metrics)
+
+    # One step.
+
+    def _members(self) -> tuple[list[tuple[str, SaeMetric]], list[tuple[str, Metric]]]:
+        """This package's members, which read the shared batch, and any others, fed through their signatures."""
+        own: list[tuple[str, SaeMetric]] = []
+        foreign: list[tuple[str, Metric]] = []
+        for key, member in self.items(keep_base=True, copy_state=False):
+            if isinstance(member, SaeMetric):
+                own.append((key, member))
+            else:
+                foreign.append((key, member))
+        return own, foreign
+
+    def _inputs(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        if len(args) > len(_POSITIONAL_INPUTS):
+            raise TypeError(
+                f"SparseAutoencoderLoss takes at most {len(_POSITIONAL_INPUTS)} positional inputs "
+                f"({', '.join(_POSITIONAL_INPUTS)}), got {len(args)}."
             )
-        if self._fvu is not None:
-            # The L2 member's per-item error, already validated, summed (not averaged) over d_model.
-            batch.source = source
-            squared_error = batch.per_item["l2"]
-            batch.squared_error = (
-                squared_error * source.shape[-1] if self.feature_reduction == "mean" else squared_error
-            )
-        return batch
+        inputs = dict(zip(_POSITIONAL_INPUTS, args, strict=False))
+        for name in kwargs:
+            if name in inputs:
+                raise TypeError(f"SparseAutoencoderLoss got multiple values for input `{name}`.")
+        return {**inputs, **kwargs}
 
-    def _record(self, batch: _Batch) -> None:
-        """Record a validated batch into every member, or, if any member fails, into none."""
-        snapshots = [(member, member._snapshot()) for member in self._all_members()]
-        try:
-            self._record_members(batch)
-        except Exception:
-            for member, snapshot in snapshots:
-                member._restore(snapshot)
-            raise
+    def _step(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], *, forward: bool) -> dict[str, Tensor]:
+        """Validate the batch, screen it once, record it into every member as one transaction; the batch values."""
+        inputs = self._inputs(args, kwargs)
+        own, foreign = self._members()
+        uses = frozenset().union(*(member._batch_uses() for _, member in own))
+        batch = SaeBatch(
+            inputs, num_components=self.num_components, owner=type(self).__name__, uses=uses, compiled=self.compiled
+        )
+        members = [member for _, member in own]
+        if forward:
+            for member in members:
+                member._check_not_synced()
+        contributions = batch_contributions(members, batch, self.nan_strategy, type(self).__name__)
+        values: dict[str, Tensor] = {}
+        with recording([member for _, member in [*own, *foreign]]):
+            for member, contribution in zip(members, contributions, strict=True):
+                member._record_counted(contribution)
+            for key, other in foreign:
+                given = other._filter_kwargs(**inputs)
+                if forward:
+                    values[key] = other(**given)
+                else:
+                    other.update(**given)
+        if forward:
+            for (key, member), contribution in zip(own, contributions, strict=True):
+                value = member._value(contribution)
+                member._forward_cache = value.detach()  # type: ignore[assignment]  # torchmetrics annotates it as None
+                values[key] = value
+        return values
 
-    def _record_members(self, batch: _Batch) -> None:
-        members = self._members()
-        for key, values in batch.per_item.items():
-            members[key]._record_batch(values)
-        if self._fvu is not None and batch.source is not None and batch.squared_error is not None:
-            self._fvu._record_batch(batch.source, batch.squared_error)
-        if batch.activity is not None:
-            for member in (self._density, self._dead):
-                if member is not None:
-                    member._record_batch(batch.activity)
-
-    def update(  # type: ignore[override]
-        self,
-        source_activations: Tensor,
-        learned_activations: Tensor,
-        decoded_activations: Tensor,
-        decoder_weight: Tensor | None = None,
-        decoder_bias: Tensor | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """Accumulate a batch into every member, building no autograd graph. Extra keywords are ignored."""
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Accumulate a batch into every member, building no autograd graph."""
         with torch.no_grad():
-            batch = self._batch(
-                source_activations, learned_activations, decoded_activations, decoder_weight, decoder_bias
-            )
-        self._record(batch)
+            self._step(args, kwargs, forward=False)
 
-    def forward(
-        self,
-        source_activations: Tensor,
-        learned_activations: Tensor,
-        decoded_activations: Tensor,
-        decoder_weight: Tensor | None = None,
-        decoder_bias: Tensor | None = None,
-        **kwargs: Any,
-    ) -> dict[str, Tensor]:
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Accumulate a batch and return its values, ``"loss"`` included (differentiable)."""
-        batch = self._batch(source_activations, learned_activations, decoded_activations, decoder_weight, decoder_bias)
-        self._record(batch)
-        per_item = batch.per_item
-        members = self._members()
-        values = {key: members[key]._output(values) for key, values in per_item.items()}
-        if self._matryoshka is not None:
-            values.update(self._prefix_values(self._matryoshka._prefix_output(per_item["matryoshka"])))
-        reconstruction = members[self.reconstruction_key]._batch_mean(per_item[self.reconstruction_key])
-        values["loss"] = self._total(reconstruction, members["sparsity"]._batch_mean(per_item["sparsity"]))
-        if self._fvu is not None and batch.source is not None and batch.squared_error is not None:
-            fvu = self._fvu._batch_value(batch.source, batch.squared_error)
-            values.update({"fvu": fvu, "explained_variance": 1 - fvu})
-        if batch.activity is not None:
-            if self._density is not None:
-                density = self._density._batch_value(batch.activity)
-                values.update(self._density_values(density))
-            if self._dead is not None:
-                values["dead_features"] = self._dead._batch_value(batch.activity)
-        return self._named(values)
+        values = self._step(args, kwargs, forward=True)
+        return {self._set_name(key): values[key] for key, _ in self.items(keep_base=True, copy_state=False)}
 
     def compute(self) -> dict[str, Tensor]:
-        """Epoch values of every member, the per-prefix Matryoshka errors and ``"loss"``, synced across ranks."""
-        members = self._members()
-        every_member: list[Metric] = [module for module in self._modules.values() if isinstance(module, Metric)]
-        with synced_states(every_member, every_member[0].process_group):
-            values = {key: member.compute() for key, member in members.items()}
-            if self._matryoshka is not None:
-                values.update(self._prefix_values(self._matryoshka.compute_prefix_losses()))
-            values["loss"] = self._total(members[self.reconstruction_key]._mean(), members["sparsity"]._mean())
-            if self._fvu is not None:
-                fvu = self._fvu.compute()
-                values.update({"fvu": fvu, "explained_variance": 1 - fvu})
-            if self._density is not None:
-                values.update(self._density_values(self._density.compute()))
-            if self._dead is not None:
-                values["dead_features"] = self._dead.compute()
-        return self._named(values)
-
-    @staticmethod
-    def _density_values(density: Tensor) -> dict[str, Tensor]:
-        return {"feature_density": density, "mean_log10_feature_density": _mean_log10_density(density)}
-
-    def _prefix_values(self, prefix_values: Tensor) -> dict[str, Tensor]:
-        sizes = self._matryoshka.prefix_sizes if self._matryoshka is not None else ()
-        return {f"matryoshka_prefix_{size}": prefix_values[..., index] for index, size in enumerate(sizes)}
-
-    def _total(self, reconstruction: Tensor, sparsity: Tensor) -> Tensor:
-        per_component = reconstruction + sparsity
-        return per_component.mean() if self.component_reduction == "mean" else per_component.sum()
-
-    def _named(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Epoch values of every member, ``"loss"`` included, synced across processes (one packed sync)."""
+        own, _ = self._members()
+        stateful = [member for _, member in own if member._defaults]
+        with synced_states(stateful, stateful[0].process_group if stateful else None):
+            values = {key: member.compute() for key, member in self.items(keep_base=True, copy_state=False)}
         return {self._set_name(key): value for key, value in values.items()}
 
+    def loggable(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The scalars of a ``forward`` or ``compute`` result, for a logger (``log_dict``, ``{k: v.item()}``).
 
-def _mean_log10_density(density: Tensor) -> Tensor:
-    return _mean_log10(density, DENSITY_EPSILON)
+        A one-element value is kept as a 0-d tensor; a per-component value ``[component]`` becomes one key per
+        component, ``"<key>/<c>"``; per-feature values (``feature_density``) and per-item values (``keep_batch_dim``)
+        are left out: log those as histograms.
+
+        Example:
+            >>> import torch
+            >>> from sparse_metrics import SparseAutoencoderLoss
+            >>> loss_fn = SparseAutoencoderLoss(2, feature_density=True, num_features=3)
+            >>> x = torch.zeros(4, 2, 5)
+            >>> out = loss_fn(source_activations=x, learned_activations=torch.ones(4, 2, 3), decoded_activations=x)
+            >>> sorted(loss_fn.loggable(out))[:4]
+            ['l0/0', 'l0/1', 'l1/0', 'l1/1']
+        """
+        scalars: dict[str, Tensor] = {}
+        for key, member in self.items(keep_base=False, copy_state=False):
+            value = values.get(key)
+            if value is None or getattr(member, "per_feature", False) or getattr(member, "_value_has_axis", False):
+                continue
+            if value.numel() == 1:
+                scalars[key] = value.reshape(())
+            elif value.ndim == 1:
+                scalars.update({f"{key}/{component}": item for component, item in enumerate(value.unbind())})
+        return scalars
+
+
+def _coefficient(sparsity_coefficient: float | Tensor | None, l1_coefficient: float | Tensor | None) -> float | Tensor:
+    if sparsity_coefficient is not None and l1_coefficient is not None:
+        raise ValueError("Give `sparsity_coefficient` or its prior-art name `l1_coefficient`, not both.")
+    return next((c for c in (sparsity_coefficient, l1_coefficient) if c is not None), 1e-3)
+
+
+def _check_options(
+    *,
+    matryoshka: bool,
+    matryoshka_options: bool,
+    explained_variance: bool,
+    d_model: int | None,
+    activity: bool,
+    num_features: int | None,
+    dist_sync_on_step: bool,
+) -> None:
+    """Refuse options that need another one, and options that nothing would use."""
+    if matryoshka_options and not matryoshka:
+        raise ValueError(
+            "`matryoshka_prefix_weights` and `matryoshka_reuse_decoded_activations` need `matryoshka_prefix_sizes`, "
+            "which is None."
+        )
+    if explained_variance != (d_model is not None):
+        raise ValueError(
+            "`d_model` (the width of the activations) goes with `explained_variance=True`: give both or neither, got "
+            f"explained_variance={explained_variance}, d_model={d_model}."
+        )
+    if activity != (num_features is not None):
+        raise ValueError(
+            "`num_features` (the dictionary size d_sae) goes with `feature_density=True` or `dead_feature_window`: "
+            f"give both or neither, got num_features={num_features}."
+        )
+    if dist_sync_on_step:
+        raise ValueError(
+            "`dist_sync_on_step=True` is not supported: forward returns this process's batch values and its "
+            "differentiable loss; compute() returns the values synced across processes."
+        )
+
+
+def _metrics_of(metrics: Any, additional: Sequence[Metric]) -> Iterator[Metric]:
+    """Every metric in an ``add_metrics`` argument (a metric, a sequence or dict of them, or a collection)."""
+    groups = [metrics, *additional]
+    for group in groups:
+        if isinstance(group, MetricCollection):
+            yield from group.values(copy_state=False)
+        elif isinstance(group, Metric):
+            yield group
+        elif isinstance(group, Mapping):
+            yield from (m for m in group.values() if isinstance(m, Metric))
+        elif isinstance(group, Sequence):
+            yield from (m for m in group if isinstance(m, Metric))

@@ -113,7 +113,7 @@ def test_bad_input_to_the_collection_raises_and_loses_nothing(
     generator, argument, replacement, error, fragments, method
 ):
     good = _good(generator=generator)
-    collection = sm.SparseAutoencoderLoss(0.1, 2, matryoshka_prefix_sizes=[4, 8], keep_batch_dim=True)
+    collection = sm.SparseAutoencoderLoss(2, 0.1, matryoshka_prefix_sizes=[4, 8], keep_batch_dim=True)
     collection.update(**good)
     members = list(collection.values(copy_state=False))
     before = _snapshot(members)
@@ -126,11 +126,11 @@ def test_bad_input_to_the_collection_raises_and_loses_nothing(
 def test_missing_decoder_weight_for_matryoshka(generator):
     good = _good(generator=generator)
     del good["decoder_weight"]
-    collection = sm.SparseAutoencoderLoss(0.1, 2, matryoshka_prefix_sizes=[4, 8])
+    collection = sm.SparseAutoencoderLoss(2, 0.1, matryoshka_prefix_sizes=[4, 8])
     collection.update(**good | {"decoder_weight": _good(generator=generator)["decoder_weight"]})
     members = list(collection.values(copy_state=False))
     before = _snapshot(members)
-    with pytest.raises(ValueError, match="decoder_weight"):
+    with pytest.raises(TypeError, match="decoder_weight"):
         collection(**good)
     _assert_same(before, _snapshot(members))
 
@@ -193,7 +193,7 @@ def test_num_components_one_accepts_both_layouts(generator):
 def test_collection_rejects_activations_of_another_batch(generator, method):
     """Each metric alone accepts any batch size; the collection checks its inputs describe the same items."""
     good = _good(generator=generator)
-    collection = sm.SparseAutoencoderLoss(0.1, 2)
+    collection = sm.SparseAutoencoderLoss(2, 0.1)
     collection.update(**good)
     members = list(collection.values(copy_state=False))
     before = _snapshot(members)
@@ -212,7 +212,7 @@ def _on(device, inputs):
 def test_inputs_on_another_device_than_the_states_change_nothing(generator, method):
     """Shapes are valid, so the failure comes while recording: every member must still be as it was."""
     good = _good(generator=generator)
-    collection = sm.SparseAutoencoderLoss(0.1, 2, matryoshka_prefix_sizes=[4, 8], keep_batch_dim=True)
+    collection = sm.SparseAutoencoderLoss(2, 0.1, matryoshka_prefix_sizes=[4, 8], keep_batch_dim=True)
     metric = sm.L2ReconstructionLoss(2, keep_batch_dim=True)
     for target in (collection, metric):
         target.update(**good)
@@ -226,7 +226,7 @@ def test_inputs_on_another_device_than_the_states_change_nothing(generator, meth
 
 def test_a_member_failing_to_record_rolls_back_the_others(generator, monkeypatch):
     good = _good(generator=generator)
-    collection = sm.SparseAutoencoderLoss(0.1, 2, feature_density=True, num_features=8, keep_batch_dim=True)
+    collection = sm.SparseAutoencoderLoss(2, 0.1, feature_density=True, num_features=8, keep_batch_dim=True)
     collection.update(**good)
     members = list(collection.values(copy_state=False))
     before = _snapshot(members)
@@ -234,7 +234,7 @@ def test_a_member_failing_to_record_rolls_back_the_others(generator, monkeypatch
     def fail(self, activity):
         raise RuntimeError("simulated failure while recording")
 
-    monkeypatch.setattr(sm.FeatureDensity, "_record_activity", fail)
+    monkeypatch.setattr(sm.FeatureDensity, "_record", fail)
     with pytest.raises(RuntimeError, match="simulated"):
         collection(**good)
     _assert_same(before, _snapshot(members))

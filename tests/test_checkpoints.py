@@ -25,7 +25,7 @@ FACTORIES = {
     "l0": lambda k: sm.L0NormMetric(C, keep_batch_dim=k),
     "sparsity": lambda k: sm.SparsityLoss(torch.tensor([0.1, 0.3]), C, keep_batch_dim=k),
     "matryoshka": lambda k: sm.MatryoshkaReconstructionLoss([4, 12], C, keep_batch_dim=k, prefix_weights=[2.0, 1.0]),
-    "collection": lambda k: sm.SparseAutoencoderLoss(0.2, C, matryoshka_prefix_sizes=[6, 12], keep_batch_dim=k),
+    "collection": lambda k: sm.SparseAutoencoderLoss(C, 0.2, matryoshka_prefix_sizes=[6, 12], keep_batch_dim=k),
 }
 
 
@@ -127,8 +127,8 @@ def test_two_ranks_resume_in_fresh_processes_gives_the_uninterrupted_result(tmp_
             "matryoshka_prefix_sum",
         ),
         (
-            lambda: sm.SparseAutoencoderLoss(0.1, 2, matryoshka_prefix_sizes=[4, 8]),
-            lambda: sm.SparseAutoencoderLoss(0.1, 3, matryoshka_prefix_sizes=[4, 8]),
+            lambda: sm.SparseAutoencoderLoss(2, 0.1, matryoshka_prefix_sizes=[4, 8]),
+            lambda: sm.SparseAutoencoderLoss(3, 0.1, matryoshka_prefix_sizes=[4, 8]),
             "_sum",
         ),
     ],

@@ -49,13 +49,14 @@ def _reference_loss(
 def test_keys_of_forward_and_compute(generator):
     inputs = _data(generator)
     plain = sm.SparseAutoencoderLoss(num_components=3)
-    assert set(plain.keys()) == {"l2", "l0", "l1", "sparsity"}
+    assert set(plain.keys()) == {"l2", "l0", "l1", "sparsity", "loss"}  # every key is a member
     assert set(plain(**inputs)) == {"l2", "l0", "l1", "sparsity", "loss"}
     assert set(plain.compute()) == {"l2", "l0", "l1", "sparsity", "loss"}
     matryoshka = sm.SparseAutoencoderLoss(num_components=3, matryoshka_prefix_sizes=[4, 12])
     expected = {"l2", "l0", "l1", "sparsity", "matryoshka", "matryoshka_prefix_4", "matryoshka_prefix_12", "loss"}
     assert set(matryoshka(**inputs)) == expected
     assert set(matryoshka.compute()) == expected
+    assert set(matryoshka.keys()) == expected
 
 
 @pytest.mark.parametrize("component_reduction", ["mean", "sum"])
@@ -68,8 +69,8 @@ def test_loss_and_its_gradients_equal_the_reference(
 ):
     inputs = _data(generator, requires_grad=True)
     loss_fn = sm.SparseAutoencoderLoss(
-        0.05,
         3,
+        0.05,
         matryoshka_prefix_sizes=prefix_sizes,
         matryoshka_prefix_weights=prefix_weights,
         feature_reduction=feature_reduction,
@@ -100,7 +101,7 @@ def test_epoch_values_over_uneven_batches(generator):
     first = _data(generator, batch=5)
     decoder = first["decoder_weight"], first["decoder_bias"]  # one SAE: the same decoder every step
     batches = [first, *(_data(generator, batch=n, decoder=decoder) for n in (1, 9))]
-    loss_fn = sm.SparseAutoencoderLoss(0.1, 3, matryoshka_prefix_sizes=[6, 12], component_reduction="sum")
+    loss_fn = sm.SparseAutoencoderLoss(3, 0.1, matryoshka_prefix_sizes=[6, 12], component_reduction="sum")
     for index, batch in enumerate(batches):
         if index % 2:
             loss_fn.update(**batch)
@@ -131,7 +132,7 @@ def test_epoch_values_over_uneven_batches(generator):
 
 def test_update_builds_no_graph_and_states_hold_none(generator):
     inputs = _data(generator, requires_grad=True)
-    loss_fn = sm.SparseAutoencoderLoss(0.1, 3, matryoshka_prefix_sizes=[12], keep_batch_dim=True)
+    loss_fn = sm.SparseAutoencoderLoss(3, 0.1, matryoshka_prefix_sizes=[12], keep_batch_dim=True)
     loss_fn.update(**inputs)
     loss_fn(**inputs)["loss"].backward()
     for member in loss_fn.values(copy_state=False):
@@ -143,7 +144,7 @@ def test_update_builds_no_graph_and_states_hold_none(generator):
 
 def test_keep_batch_dim_members_and_scalar_loss(generator):
     inputs = _data(generator, batch=4)
-    loss_fn = sm.SparseAutoencoderLoss(0.1, 3, keep_batch_dim=True)
+    loss_fn = sm.SparseAutoencoderLoss(3, 0.1, keep_batch_dim=True)
     out = loss_fn(**inputs)
     assert out["l2"].shape == (4, 3)
     assert out["loss"].shape == ()
@@ -154,13 +155,13 @@ def test_keep_batch_dim_members_and_scalar_loss(generator):
 
 def test_one_component_values_are_scalars(generator):
     inputs = {k: v[:, 0] if k.endswith("activations") else v[0] for k, v in _data(generator).items()}
-    out = sm.SparseAutoencoderLoss(0.1, matryoshka_prefix_sizes=[4, 12])(**inputs)
+    out = sm.SparseAutoencoderLoss(sparsity_coefficient=0.1, matryoshka_prefix_sizes=[4, 12])(**inputs)
     assert all(value.shape == () for value in out.values())
 
 
 def test_sparsity_coefficient_schedule_through_the_collection(generator):
     inputs = _data(generator)
-    loss_fn = sm.SparseAutoencoderLoss(0.0, 3)
+    loss_fn = sm.SparseAutoencoderLoss(3, 0.0)
     assert loss_fn(**inputs)["sparsity"].abs().sum() == 0
     loss_fn.sparsity_coefficient = torch.tensor([0.0, 1.0, 2.0])
     out = loss_fn(**inputs)
@@ -176,4 +177,4 @@ def test_prefix_and_postfix_name_every_key(generator):
 
 def test_dist_sync_on_step_is_rejected():
     with pytest.raises(ValueError, match="`dist_sync_on_step=True` is not supported"):
-        sm.SparseAutoencoderLoss(0.1, dist_sync_on_step=True)
+        sm.SparseAutoencoderLoss(sparsity_coefficient=0.1, dist_sync_on_step=True)

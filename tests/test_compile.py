@@ -11,7 +11,7 @@ import torch
 
 import sparse_metrics as sm
 import sparse_metrics.functional as smf
-from sparse_metrics import _compile, collection
+from sparse_metrics import _batch, _compile
 from sparse_metrics.functional._statistics import _sae_loss_statistics
 from tests import reference
 
@@ -60,9 +60,7 @@ FUNCTIONS = {
         prefix_sizes=[6, 12, 24],
     ),
     "sae_loss_statistics": lambda i: torch.stack(
-        _sae_loss_statistics(
-            i["source_activations"], i["learned_activations"], i["decoded_activations"], feature_reduction="mean"
-        )
+        _sae_loss_statistics(i["source_activations"], i["learned_activations"], i["decoded_activations"])
     ),
 }
 
@@ -92,8 +90,8 @@ def _collection_step(loss_fn, inputs):
 
 @needs_cpu_compiler
 def test_compiled_collection_matches_eager(generator):
-    eager = sm.SparseAutoencoderLoss(0.1, 2, matryoshka_prefix_sizes=[8, 24])
-    compiled = sm.SparseAutoencoderLoss(0.1, 2, matryoshka_prefix_sizes=[8, 24], compiled=True)
+    eager = sm.SparseAutoencoderLoss(2, 0.1, matryoshka_prefix_sizes=[8, 24])
+    compiled = sm.SparseAutoencoderLoss(2, 0.1, matryoshka_prefix_sizes=[8, 24], compiled=True)
     torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would pass the comparisons unseen
@@ -105,7 +103,7 @@ def test_compiled_collection_matches_eager(generator):
             torch.testing.assert_close(gradients, expected_gradients)
             compiled.update(**inputs)
             eager.update(**inputs)
-    assert not collection._compiled_sae_loss_statistics._failed
+    assert not _batch._compiled_sae_loss_statistics._failed
     torch.testing.assert_close(compiled.compute(), eager.compute())
 
 
@@ -121,7 +119,10 @@ def test_compiled_training_step_matches_eager(generator):
 
     x = torch.randn(8, 6, generator=generator, dtype=torch.float64)
     parameters = [*sae.parameters(), *decoder.parameters()]
-    eager_fn, compiled_fn = sm.SparseAutoencoderLoss(0.1), sm.SparseAutoencoderLoss(0.1)
+    eager_fn, compiled_fn = (
+        sm.SparseAutoencoderLoss(sparsity_coefficient=0.1),
+        sm.SparseAutoencoderLoss(sparsity_coefficient=0.1),
+    )
     expected = step(eager_fn, x)
     expected_gradients = torch.autograd.grad(expected, parameters)
     torch._dynamo.reset()
@@ -144,11 +145,9 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(generator, monkeyp
         return compiled
 
     monkeypatch.setattr(_compile.torch, "compile", failing_compile)
-    monkeypatch.setattr(
-        collection, "_compiled_sae_loss_statistics", _compile.CompiledWithFallback(_sae_loss_statistics)
-    )
-    eager = sm.SparseAutoencoderLoss(0.1, 2)
-    compiled = sm.SparseAutoencoderLoss(0.1, 2, compiled=True)
+    monkeypatch.setattr(_batch, "_compiled_sae_loss_statistics", _compile.CompiledWithFallback(_sae_loss_statistics))
+    eager = sm.SparseAutoencoderLoss(2, 0.1)
+    compiled = sm.SparseAutoencoderLoss(2, 0.1, compiled=True)
     inputs = _inputs(generator)
     with pytest.warns(
         RuntimeWarning, match=r"could not compile _sae_loss_statistics \(SimulatedCompilerFailure: simulated: no C"
@@ -162,7 +161,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(generator, monkeyp
 
 def test_compiled_path_still_validates(generator):
     """Validation runs before the compiled call, so bad input is an error, not a fallback."""
-    compiled = sm.SparseAutoencoderLoss(0.1, 2, compiled=True)
+    compiled = sm.SparseAutoencoderLoss(2, 0.1, compiled=True)
     inputs = _inputs(generator)
     inputs["decoded_activations"] = inputs["decoded_activations"][:, :, :-1]
     with pytest.raises(ValueError, match="`decoded_activations` must have the shape of `source_activations`"):
@@ -180,7 +179,7 @@ def test_errors_other_than_compiling_are_not_swallowed(generator, monkeypatch):
 
     monkeypatch.setattr(_compile.torch, "compile", failing_compile)
     fresh = _compile.CompiledWithFallback(_sae_loss_statistics)
-    monkeypatch.setattr(collection, "_compiled_sae_loss_statistics", fresh)
+    monkeypatch.setattr(_batch, "_compiled_sae_loss_statistics", fresh)
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
-        sm.SparseAutoencoderLoss(0.1, 2, compiled=True)(**_inputs(generator))
+        sm.SparseAutoencoderLoss(2, 0.1, compiled=True)(**_inputs(generator))
     assert not fresh._failed

@@ -51,7 +51,7 @@ def _inputs(generator, requires_grad):
 def test_two_passes_over_the_activations_per_step(generator, matryoshka, step):
     """One pass for L0 and one for L1, which also feeds the sparsity penalty; Matryoshka reads only prefix blocks."""
     prefix_sizes = [10, 20, D_SAE] if matryoshka else None
-    loss_fn = sm.SparseAutoencoderLoss(0.1, COMPONENTS, matryoshka_prefix_sizes=prefix_sizes)
+    loss_fn = sm.SparseAutoencoderLoss(COMPONENTS, 0.1, matryoshka_prefix_sizes=prefix_sizes)
     inputs = _inputs(generator, requires_grad=step == "forward")
     with FullSizeOperations(BATCH * COMPONENTS * D_SAE) as recorded:
         getattr(loss_fn, step)(**inputs)
@@ -60,7 +60,7 @@ def test_two_passes_over_the_activations_per_step(generator, matryoshka, step):
 
 def test_backward_makes_one_full_size_gradient(generator):
     """The gradient of the L1 term is written into one new tensor (sign, then an in-place product)."""
-    loss_fn = sm.SparseAutoencoderLoss(0.1, COMPONENTS)
+    loss_fn = sm.SparseAutoencoderLoss(COMPONENTS, 0.1)
     inputs = _inputs(generator, requires_grad=True)
     loss = loss_fn(**inputs)["loss"]
     with FullSizeOperations(BATCH * COMPONENTS * D_SAE) as recorded:
@@ -68,15 +68,34 @@ def test_backward_makes_one_full_size_gradient(generator):
     assert recorded.operations == Counter({"sign": 1, "mul_": 1})
 
 
+@pytest.mark.parametrize("reuse", [False, True])
 @pytest.mark.parametrize("step", ["forward", "update"])
-def test_whole_dictionary_error_is_shared_by_l2_and_matryoshka(generator, step):
-    """The largest prefix is the whole dictionary: its error is L2's, so one error is formed per prefix, not P + 1."""
+def test_whole_dictionary_error_is_shared_by_l2_and_matryoshka_on_request(generator, step, reuse):
+    """By default every prefix is decoded (P + 1 errors with L2's); with the opt-in the last prefix reuses L2's (P)."""
     prefix_sizes = [10, 20, D_SAE]
-    loss_fn = sm.SparseAutoencoderLoss(0.1, COMPONENTS, matryoshka_prefix_sizes=prefix_sizes)
+    loss_fn = sm.SparseAutoencoderLoss(
+        COMPONENTS, 0.1, matryoshka_prefix_sizes=prefix_sizes, matryoshka_reuse_decoded_activations=reuse
+    )
     inputs = _inputs(generator, requires_grad=step == "forward")
     with FullSizeOperations(BATCH * COMPONENTS * D_MODEL) as recorded:
         getattr(loss_fn, step)(**inputs)
-    assert recorded.operations["sub"] == len(prefix_sizes)
+    assert recorded.operations["sub"] == len(prefix_sizes) + (0 if reuse else 1)
+
+
+def test_the_default_decodes_the_whole_dictionary_prefix(generator):
+    """decoded_activations that are not f W + b (a skip connection, say) do not leak into the Matryoshka loss."""
+    prefix_sizes = [10, 20, D_SAE]
+    inputs = _inputs(generator, requires_grad=False)  # decoded_activations is unrelated to f W + b here
+    loss_fn = sm.SparseAutoencoderLoss(COMPONENTS, 0.1, matryoshka_prefix_sizes=prefix_sizes)
+    loss_fn.update(**inputs)
+    expected = sm.functional.matryoshka_prefix_errors(
+        inputs["source_activations"],
+        inputs["learned_activations"],
+        inputs["decoder_weight"],
+        inputs["decoder_bias"],
+        prefix_sizes=prefix_sizes,
+    ).mean(0)
+    torch.testing.assert_close(loss_fn["matryoshka"].compute_prefix_losses(), expected.double())
 
 
 def test_whole_dictionary_prefix_equals_the_standalone_metric(generator):
@@ -86,7 +105,9 @@ def test_whole_dictionary_prefix_equals_the_standalone_metric(generator):
     inputs["decoded_activations"] = (
         torch.einsum("bcf,cfd->bcd", inputs["learned_activations"], inputs["decoder_weight"]) + inputs["decoder_bias"]
     )
-    loss_fn = sm.SparseAutoencoderLoss(0.1, COMPONENTS, matryoshka_prefix_sizes=prefix_sizes)
+    loss_fn = sm.SparseAutoencoderLoss(
+        COMPONENTS, 0.1, matryoshka_prefix_sizes=prefix_sizes, matryoshka_reuse_decoded_activations=True
+    )
     standalone = sm.MatryoshkaReconstructionLoss(prefix_sizes, COMPONENTS)
     loss_fn.update(**inputs)
     standalone.update(**inputs)

@@ -331,7 +331,7 @@ def test_sparsify_fvu_is_pooled_here():
         return ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
 
     assert torch.stack([sparsify_fvu(x, x_hat) for x, x_hat in ranks]).mean() == 1.0
-    metric = sm.FractionOfVarianceUnexplained()
+    metric = sm.FractionOfVarianceUnexplained(d_model=1)
     for x, x_hat in ranks:  # the ranks' batches as updates: the same pooled statistics as two ranks
         metric.update(decoded_activations=x_hat, source_activations=x)
     x, x_hat = (torch.cat(parts) for parts in zip(*ranks, strict=True))
@@ -344,7 +344,7 @@ def test_saelens_explained_variance(generator):
         x, error = batch["x"], _error(batch)
         return 1 - (error**2).sum(-1).mean() / ((x - x.mean(0)) ** 2).sum(-1).mean()
 
-    _check(sm.ExplainedVariance(), _reconstruction, saelens, generator)
+    _check(sm.ExplainedVariance(d_model=D_MODEL), _reconstruction, saelens, generator)
 
 
 def _firing_steps(generator, steps, batch_size):

@@ -25,7 +25,7 @@ FACTORIES = {
     "sparsity": lambda c, k, **kw: sm.SparsityLoss(0.2, c, keep_batch_dim=k, **kw),
     "matryoshka": lambda c, k, **kw: sm.MatryoshkaReconstructionLoss([4, 8, 16], c, keep_batch_dim=k, **kw),
     "collection": lambda c, k, **kw: sm.SparseAutoencoderLoss(
-        0.2, c, matryoshka_prefix_sizes=[4, 16], keep_batch_dim=k, **kw
+        c, 0.2, matryoshka_prefix_sizes=[4, 16], keep_batch_dim=k, **kw
     ),
 }
 
@@ -127,14 +127,15 @@ def _count_collectives(rank: int, world_size: int) -> dict[str, int]:
     calls: dict[str, int] = {}
     for keep_batch_dim in (False, True):
         batches = _batches(3, [4 + rank, 2], seed=0)
-        loss_fn = sm.SparseAutoencoderLoss(0.1, 3, matryoshka_prefix_sizes=[8, 16], keep_batch_dim=keep_batch_dim)
+        loss_fn = sm.SparseAutoencoderLoss(3, 0.1, matryoshka_prefix_sizes=[8, 16], keep_batch_dim=keep_batch_dim)
         # Every training metric on top; rank 1 sees no batch at all.
         training = sm.SparseAutoencoderLoss(
-            0.1,
             3,
+            0.1,
             matryoshka_prefix_sizes=[8, 16],
             keep_batch_dim=keep_batch_dim,
             explained_variance=True,
+            d_model=D_MODEL,
             feature_density=True,
             dead_feature_window=4,
             num_features=D_SAE,
@@ -170,8 +171,8 @@ def test_compute_makes_at_most_two_collective_calls():
             "metric keep_batch_dim=False": 1,
             "collection keep_batch_dim=True": 2,  # plus one gather of every per-item state
             "metric keep_batch_dim=True": 2,
-            # The FVU's per-process statistics are rows of the second gather, shared with the per-item states.
-            "training collection keep_batch_dim=False": 2,
+            # The FVU's fixed-shape statistics travel with the sums.
+            "training collection keep_batch_dim=False": 1,
             "training collection keep_batch_dim=True": 2,
         }
 

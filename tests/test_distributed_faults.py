@@ -27,7 +27,7 @@ def _factories() -> dict[str, Any]:
         "l0": lambda **kw: sm.L0NormMetric(C, **kw),
         "sparsity": lambda **kw: sm.SparsityLoss(torch.tensor([0.5, 2.0]), C, **kw),
         "matryoshka": lambda **kw: sm.MatryoshkaReconstructionLoss([3, 8], C, **kw),
-        "collection": lambda **kw: sm.SparseAutoencoderLoss(0.3, C, matryoshka_prefix_sizes=[3, 8], **kw),
+        "collection": lambda **kw: sm.SparseAutoencoderLoss(C, 0.3, matryoshka_prefix_sizes=[3, 8], **kw),
     }
 
 
@@ -153,7 +153,7 @@ def test_device_moves_keep_states_and_sync_on_compute_false_is_rank_local():
 
 
 def test_meta_round_trip_keeps_dtypes():
-    metric = sm.SparseAutoencoderLoss(0.1, C, matryoshka_prefix_sizes=[3, 8], keep_batch_dim=True)
+    metric = sm.SparseAutoencoderLoss(C, 0.1, matryoshka_prefix_sizes=[3, 8], keep_batch_dim=True)
     metric.update(**_batches([2])[0])
     metric.to("meta")
     for member in metric.values(copy_state=False):

@@ -246,7 +246,7 @@ def test_state_dict_round_trip_with_persistent_states(generator, name):
 
 def test_pickle_and_clone_round_trip(generator):
     batches, weight, bias = _batches(generator, [4], 1)
-    metric = sm.SparseAutoencoderLoss(0.1, matryoshka_prefix_sizes=[10, 20])
+    metric = sm.SparseAutoencoderLoss(sparsity_coefficient=0.1, matryoshka_prefix_sizes=[10, 20])
     metric.update(**_inputs(*batches[0], weight, bias, False))
     for copied in (pickle.loads(pickle.dumps(metric)), metric.clone(), copy.deepcopy(metric)):
         for key, value in metric.compute().items():

@@ -131,8 +131,8 @@ def test_the_collection_drops_an_item_from_every_member_and_the_loss(generator):
     dirty = {**clean, "decoded_activations": clean["decoded_activations"].clone()}
     dirty["decoded_activations"][3, 1, 2] = float("nan")  # only L2 sees this item as non-finite
     keep = [0, 1, 2, 4, 5]
-    ignoring = sm.SparseAutoencoderLoss(0.5, C, matryoshka_prefix_sizes=[4, 8], nan_strategy="ignore")
-    reference_loss = sm.SparseAutoencoderLoss(0.5, C, matryoshka_prefix_sizes=[4, 8])
+    ignoring = sm.SparseAutoencoderLoss(C, 0.5, matryoshka_prefix_sizes=[4, 8], nan_strategy="ignore")
+    reference_loss = sm.SparseAutoencoderLoss(C, 0.5, matryoshka_prefix_sizes=[4, 8])
     out = ignoring(**dirty)
     expected = reference_loss(**{k: (v[keep] if k.endswith("activations") else v) for k, v in clean.items()})
     for key, value in expected.items():
@@ -142,7 +142,7 @@ def test_the_collection_drops_an_item_from_every_member_and_the_loss(generator):
 
 
 def test_the_collection_error_names_its_inputs(generator):
-    loss_fn = sm.SparseAutoencoderLoss(0.5, C, nan_strategy="error")
+    loss_fn = sm.SparseAutoencoderLoss(C, 0.5, nan_strategy="error")
     dirty = _batch(generator, "learned_activations")
     with pytest.raises(ValueError, match=r"SparseAutoencoderLoss: 2 of 6 items.*`learned_activations`"):
         loss_fn(**dirty)
@@ -163,9 +163,9 @@ def test_propagate_reads_no_value_and_error_must():
         "learned_activations": torch.empty(5, C, D_SAE, device="meta"),
         "decoded_activations": torch.empty(5, C, D_MODEL, device="meta"),
     }
-    sm.SparseAutoencoderLoss(0.1, C, nan_strategy="propagate").to("meta")(**inputs)
+    sm.SparseAutoencoderLoss(C, 0.1, nan_strategy="propagate").to("meta")(**inputs)
     with pytest.raises(RuntimeError):  # .item()/bool() of a meta tensor
-        sm.SparseAutoencoderLoss(0.1, C, nan_strategy="error").to("meta")(**inputs)
+        sm.SparseAutoencoderLoss(C, 0.1, nan_strategy="error").to("meta")(**inputs)
 
 
 def test_the_collection_drops_an_item_from_the_training_metrics_too(generator):
@@ -174,9 +174,15 @@ def test_the_collection_drops_an_item_from_the_training_metrics_too(generator):
     dirty = {**clean, "source_activations": clean["source_activations"].clone()}
     dirty["source_activations"][2, 0, 1] = float("inf")
     keep = [0, 1, 3, 4, 5]
-    options = {"explained_variance": True, "feature_density": True, "num_features": D_SAE, "dead_feature_window": 12}
-    ignoring = sm.SparseAutoencoderLoss(0.5, C, nan_strategy="ignore", **options)
-    expected_fn = sm.SparseAutoencoderLoss(0.5, C, **options)
+    options = {
+        "explained_variance": True,
+        "d_model": D_MODEL,
+        "feature_density": True,
+        "num_features": D_SAE,
+        "dead_feature_window": 12,
+    }
+    ignoring = sm.SparseAutoencoderLoss(C, 0.5, nan_strategy="ignore", **options)
+    expected_fn = sm.SparseAutoencoderLoss(C, 0.5, **options)
     out = ignoring(**dirty)
     expected = expected_fn(**{k: v[keep] for k, v in clean.items()})
     assert out.keys() == expected.keys()

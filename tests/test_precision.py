@@ -20,7 +20,7 @@ def _data(dtype: torch.dtype, batch: int = 512, scale: float = 1.0) -> dict[str,
     weight = 0.1 * torch.randn(C, D_SAE, D_MODEL, generator=generator, dtype=torch.float64)
     return {
         "source_activations": source,
-        # The SAE's reconstruction from its whole dictionary, as the collection's Matryoshka term assumes.
+        # The SAE's reconstruction from its whole dictionary.
         "decoded_activations": torch.einsum("bcf,cfd->bcd", learned, weight),
         "learned_activations": learned,
         "decoder_weight": weight,
@@ -31,9 +31,8 @@ def _references(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Float64 per-item references ``[batch, component]`` on the given (possibly rounded) inputs."""
     s, d, f = inputs["source_activations"], inputs["decoded_activations"], inputs["learned_activations"]
     w = inputs["decoder_weight"]
+    # Every prefix, the whole dictionary's included, is decoded from the (rounded) decoder.
     prefix_errors = reference.per_item_matryoshka_prefixes(s, f, w, None, PREFIXES)
-    # The collection takes the whole-dictionary prefix's error from decoded_activations (the SAE's reconstruction).
-    prefix_errors[..., -1] = reference.per_item_l2(d, s)
     return {
         "l2": reference.per_item_l2(d, s),
         "l1": reference.per_item_l1(f),
@@ -44,7 +43,7 @@ def _references(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _collection() -> sm.SparseAutoencoderLoss:
-    return sm.SparseAutoencoderLoss(0.5, C, matryoshka_prefix_sizes=PREFIXES)
+    return sm.SparseAutoencoderLoss(C, 0.5, matryoshka_prefix_sizes=PREFIXES)
 
 
 # Half-precision inputs are upcast and every per-item value is computed in float32, so against the float64 reference
@@ -93,7 +92,7 @@ def _long_run(updates: int, batch: int) -> None:
     )
     metric = sm.L1AbsoluteLoss(2)
     for rows in values:
-        metric._add(rows)
+        metric._record(rows)
     for component in range(2):
         exact = math.fsum(values[..., component].double().flatten().tolist())
         assert math.isclose(metric.l1_sum[component].item(), exact, rel_tol=1e-12)
@@ -189,8 +188,8 @@ def test_casting_the_metric_changes_no_state_or_configuration_dtype(cast):
 
     def make() -> sm.SparseAutoencoderLoss:
         return sm.SparseAutoencoderLoss(
-            torch.tensor([0.1, 0.3, 0.7]),
             C,
+            torch.tensor([0.1, 0.3, 0.7]),
             matryoshka_prefix_sizes=PREFIXES,
             matryoshka_prefix_weights=[0.1, 0.9],
             keep_batch_dim=True,

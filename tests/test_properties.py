@@ -36,7 +36,7 @@ FACTORIES = {
     "l0": sm.L0NormMetric,
     "sparsity": lambda c, **kw: sm.SparsityLoss(0.25, c, **kw),
     "matryoshka": lambda c, **kw: sm.MatryoshkaReconstructionLoss(PREFIXES, c, prefix_weights=[0.7, 0.3], **kw),
-    "collection": lambda c, **kw: sm.SparseAutoencoderLoss(0.25, c, matryoshka_prefix_sizes=PREFIXES, **kw),
+    "collection": lambda c, **kw: sm.SparseAutoencoderLoss(c, 0.25, matryoshka_prefix_sizes=PREFIXES, **kw),
 }
 
 

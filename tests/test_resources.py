@@ -37,7 +37,7 @@ def test_ten_thousand_forward_steps_use_constant_memory():
     source = torch.randn(4, 2, 3, generator=generator)
     weight = torch.randn(2, 8, 3, generator=generator, requires_grad=True)
     learned = torch.randn(4, 2, 8, generator=generator).relu().requires_grad_()
-    loss_fn = sm.SparseAutoencoderLoss(0.1, 2, matryoshka_prefix_sizes=[4, 8])
+    loss_fn = sm.SparseAutoencoderLoss(2, 0.1, matryoshka_prefix_sizes=[4, 8])
     inputs = {
         "source_activations": source,
         "learned_activations": learned,
@@ -62,7 +62,15 @@ def test_update_and_forward_never_read_tensor_values():
     anything computed from the inputs would raise. Passing proves update/forward never synchronise with the device
     (validation uses shapes and dtypes only)."""
     loss_fn = sm.SparseAutoencoderLoss(
-        torch.tensor([0.1, 0.2]), 2, matryoshka_prefix_sizes=[4, 8], keep_batch_dim=True
+        2,
+        torch.tensor([0.1, 0.2]),
+        matryoshka_prefix_sizes=[4, 8],
+        keep_batch_dim=True,
+        explained_variance=True,
+        d_model=3,
+        feature_density=True,
+        dead_feature_window=4,
+        num_features=8,
     ).to("meta")
     inputs = {
         "source_activations": torch.empty(5, 2, 3, device="meta"),

@@ -47,7 +47,10 @@ def _maybe_squeeze(tensor, squeeze):
 @pytest.mark.parametrize(("components", "squeeze"), [(1, True), (1, False), (3, False)])
 def test_fvu_pools_every_item_over_uneven_batches(generator, components, squeeze):
     batches = _stream(generator, [7, 1, 13, 4], components)
-    fvu, explained = sm.FractionOfVarianceUnexplained(components), sm.ExplainedVariance(components)
+    fvu, explained = (
+        sm.FractionOfVarianceUnexplained(components, d_model=D_MODEL),
+        sm.ExplainedVariance(components, d_model=D_MODEL),
+    )
     for index, (source, decoded, _) in enumerate(batches):
         for metric in (fvu, explained):
             inputs = {
@@ -66,7 +69,7 @@ def test_fvu_pools_every_item_over_uneven_batches(generator, components, squeeze
 
 
 def test_fvu_peer_example_is_the_pooled_ratio():
-    metric = sm.FractionOfVarianceUnexplained()
+    metric = sm.FractionOfVarianceUnexplained(d_model=1)
     metric.update(torch.tensor([[1.0], [1.0]]), torch.tensor([[0.0], [2.0]]))
     metric.update(torch.tensor([[5.0], [5.0]]), torch.tensor([[4.0], [6.0]]))
     assert torch.equal(metric.compute(), torch.tensor(0.2, dtype=torch.float64))
@@ -75,7 +78,7 @@ def test_fvu_peer_example_is_the_pooled_ratio():
 def test_fvu_is_exact_with_a_large_offset(generator):
     # Sum(x^2) - n * mean^2 in float64 loses ~4 digits at a 1e6 offset; the Chan merge loses none.
     batches = _stream(generator, [50, 3, 200, 17, 1], 2, offset=1e6, dtype=torch.float64)
-    metric = sm.FractionOfVarianceUnexplained(2)
+    metric = sm.FractionOfVarianceUnexplained(2, d_model=D_MODEL)
     for source, decoded, _ in batches:
         metric.update(decoded, source)
     expected = reference.fvu(_cat(batches, 1), _cat(batches, 0))
@@ -85,13 +88,13 @@ def test_fvu_is_exact_with_a_large_offset(generator):
 def test_fvu_forward_returns_the_batch_value_differentiably(generator):
     source, decoded, _ = _stream(generator, [9], 2)[0]
     decoded.requires_grad_(True)
-    metric = sm.FractionOfVarianceUnexplained(2)
+    metric = sm.FractionOfVarianceUnexplained(2, d_model=D_MODEL)
     value = metric(decoded, source)
     torch.testing.assert_close(value.double(), reference.fvu(decoded.detach(), source), rtol=1e-5, atol=0)
     value.sum().backward()
     assert decoded.grad is not None
     assert decoded.grad.abs().sum() > 0
-    assert all(not packet.requires_grad for packet in metric.fvu_statistics)
+    assert not metric.fvu_statistics.requires_grad
 
 
 def test_fvu_functional_matches_reference(generator):
@@ -107,8 +110,8 @@ def test_fvu_functional_matches_reference(generator):
 
 def test_fvu_components_are_independent(generator):
     batches = _stream(generator, [6, 4], 3)
-    joint = sm.FractionOfVarianceUnexplained(3)
-    single = [sm.FractionOfVarianceUnexplained() for _ in range(3)]
+    joint = sm.FractionOfVarianceUnexplained(3, d_model=D_MODEL)
+    single = [sm.FractionOfVarianceUnexplained(d_model=D_MODEL) for _ in range(3)]
     for source, decoded, _ in batches:
         joint.update(decoded, source)
         for c, metric in enumerate(single):
@@ -118,10 +121,10 @@ def test_fvu_components_are_independent(generator):
 
 @_NO_UPDATE
 def test_fvu_empty_batches_and_no_data(generator):
-    metric = sm.FractionOfVarianceUnexplained()
+    metric = sm.FractionOfVarianceUnexplained(d_model=D_MODEL)
     assert torch.isnan(metric.compute())
     metric.update(torch.zeros(0, D_MODEL), torch.zeros(0, D_MODEL))
-    assert metric.fvu_statistics == []
+    assert not metric.fvu_statistics.any()
     source, decoded, _ = _stream(generator, [5], 1)[0]
     metric.update(decoded[:, 0], source[:, 0])
     before = metric.compute()
@@ -132,14 +135,14 @@ def test_fvu_empty_batches_and_no_data(generator):
 @_NO_UPDATE
 def test_fvu_state_dict_round_trip_and_reset(generator):
     batches = _stream(generator, [4, 6], 2)
-    metric = sm.FractionOfVarianceUnexplained(2)
+    metric = sm.FractionOfVarianceUnexplained(2, d_model=D_MODEL)
     for source, decoded, _ in batches:
         metric.update(decoded, source)
-    restored = sm.FractionOfVarianceUnexplained(2)
+    restored = sm.FractionOfVarianceUnexplained(2, d_model=D_MODEL)
     restored.load_state_dict(metric.state_dict())
     assert torch.equal(restored.compute(), metric.compute())
     metric.reset()
-    assert metric.fvu_statistics == []
+    assert not metric.fvu_statistics.any()
 
 
 # --- feature density ---------------------------------------------------------------------------------------------
@@ -318,7 +321,7 @@ def test_decoder_norm_weighted_sparsity(generator, components, squeeze):
 
 def test_decoder_norm_weighting_needs_the_decoder():
     metric = sm.SparsityLoss(0.1, decoder_norm_weighting=True)
-    with pytest.raises(ValueError, match="decoder_weight"):
+    with pytest.raises(TypeError, match="decoder_weight"):
         metric.update(torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"decoder_weight.*transpose"):
         metric.update(torch.ones(2, 3), decoder_weight=torch.ones(4, 3))
@@ -347,19 +350,19 @@ def _same(a, b):
 
 BAD = [
     (
-        lambda: sm.FractionOfVarianceUnexplained(2),
+        lambda: sm.FractionOfVarianceUnexplained(2, d_model=D_MODEL),
         {"decoded_activations": torch.randn(4, 2, 6)},
         ValueError,
         ["decoded_activations", "[4, 2, 6]", "[4, 2, 5]"],
     ),
     (
-        lambda: sm.ExplainedVariance(2),
+        lambda: sm.ExplainedVariance(2, d_model=D_MODEL),
         {"source_activations": torch.randn(4, 3, 5)},
         ValueError,
         ["source_activations", "num_components=2"],
     ),
     (
-        lambda: sm.FractionOfVarianceUnexplained(2),
+        lambda: sm.FractionOfVarianceUnexplained(2, d_model=D_MODEL),
         {"source_activations": torch.ones(4, 2, 5, dtype=torch.int64)},
         TypeError,
         ["source_activations", "int64"],
@@ -436,8 +439,14 @@ PLOTTED = {
     "l0": (sm.L0NormMetric, ("learned_activations",)),
     "sparsity": (lambda: sm.SparsityLoss(0.1, 2), ("learned_activations",)),
     "matryoshka": (lambda: sm.MatryoshkaReconstructionLoss([4, D_SAE], 2), ()),
-    "fvu": (lambda: sm.FractionOfVarianceUnexplained(2), ("decoded_activations", "source_activations")),
-    "explained_variance": (sm.ExplainedVariance, ("decoded_activations", "source_activations")),
+    "fvu": (
+        lambda: sm.FractionOfVarianceUnexplained(2, d_model=D_MODEL),
+        ("decoded_activations", "source_activations"),
+    ),
+    "explained_variance": (
+        lambda: sm.ExplainedVariance(d_model=D_MODEL),
+        ("decoded_activations", "source_activations"),
+    ),
     "density": (lambda: sm.FeatureDensity(D_SAE, 2), ("learned_activations",)),
     "dead": (lambda: sm.DeadFeatures(D_SAE, 2, window=3), ("learned_activations",)),
 }
@@ -503,17 +512,18 @@ def _collection_batches(generator, sizes, components):
 def test_collection_training_metrics_equal_the_standalone_metrics(generator, feature_reduction):
     batches = _collection_batches(generator, [6, 2, 9], 2)
     loss_fn = sm.SparseAutoencoderLoss(
-        0.2,
         2,
+        0.2,
         explained_variance=True,
+        d_model=D_MODEL,
         feature_density=True,
         dead_feature_window=4,
         num_features=D_SAE,
         feature_reduction=feature_reduction,
     )
-    plain = sm.SparseAutoencoderLoss(0.2, 2, feature_reduction=feature_reduction)
+    plain = sm.SparseAutoencoderLoss(2, 0.2, feature_reduction=feature_reduction)
     fvu, density, dead = (
-        sm.FractionOfVarianceUnexplained(2),
+        sm.FractionOfVarianceUnexplained(2, d_model=D_MODEL),
         sm.FeatureDensity(D_SAE, 2),
         sm.DeadFeatures(D_SAE, 2, window=4),
     )
@@ -549,6 +559,7 @@ def test_collection_training_metrics_equal_the_standalone_metrics(generator, fea
         "feature_density",
         "mean_log10_feature_density",
         "dead_features",
+        "dead_feature_fraction",
     }
     for key, value in plain.compute().items():
         torch.testing.assert_close(result[key], value)
@@ -559,14 +570,14 @@ def test_collection_training_metrics_equal_the_standalone_metrics(generator, fea
     assert torch.equal(result["dead_features"], dead.compute())
     # An epoch reset clears the epoch metrics; the dead-feature counters go on.
     loss_fn.reset()
-    assert loss_fn["fvu"].fvu_statistics == []
+    assert not loss_fn["fvu"].fvu_statistics.any()
     assert torch.equal(loss_fn["dead_features"].items_since_fired(), dead.items_since_fired())
 
 
 def test_collection_decoder_norm_weighting_keeps_plain_l1(generator):
     batch = _collection_batches(generator, [5], 2)[0]
     weight = batch["decoder_weight"].clone().requires_grad_(True)
-    loss_fn = sm.SparseAutoencoderLoss(0.5, 2, sparsity_decoder_norm_weighting=True)
+    loss_fn = sm.SparseAutoencoderLoss(2, 0.5, sparsity_decoder_norm_weighting=True)
     out = loss_fn(**{**batch, "decoder_weight": weight})
     learned = batch["learned_activations"].double()
     torch.testing.assert_close(out["l1"].double(), reference.per_item_l1(learned).mean(0))
@@ -576,37 +587,44 @@ def test_collection_decoder_norm_weighting_keeps_plain_l1(generator):
     out["loss"].backward()
     assert weight.grad is not None
     assert weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="decoder_weight"):
+    with pytest.raises(TypeError, match="decoder_weight"):
         loss_fn.update(**{k: v for k, v in batch.items() if k != "decoder_weight"})
 
 
 def test_collection_rejects_a_bad_batch_before_any_member_changes(generator):
     batch = _collection_batches(generator, [5], 2)[0]
     loss_fn = sm.SparseAutoencoderLoss(
-        0.2, 2, explained_variance=True, feature_density=True, dead_feature_window=4, num_features=D_SAE
+        2,
+        0.2,
+        explained_variance=True,
+        d_model=D_MODEL,
+        feature_density=True,
+        dead_feature_window=4,
+        num_features=D_SAE,
     )
     loss_fn.update(**batch)
     before = {key: _state(member) for key, member in loss_fn.items(keep_base=True)}
+    without_decoder = {k: v for k, v in batch.items() if k != "decoder_weight"}
     with pytest.raises(ValueError, match="num_features"):
-        loss_fn.update(**{**batch, "learned_activations": torch.rand(5, 2, D_SAE + 1)})
+        loss_fn.update(**{**without_decoder, "learned_activations": torch.rand(5, 2, D_SAE + 1)})
     for key, member in loss_fn.items(keep_base=True):
         _same(before[key], _state(member))
 
 
 def test_fvu_updates_never_read_tensor_values():
     """On the meta device reading a value raises: accumulating several batches needs no host synchronisation."""
-    metric = sm.FractionOfVarianceUnexplained(2).to("meta")
+    metric = sm.FractionOfVarianceUnexplained(2, d_model=3).to("meta")
     for _ in range(3):
         metric.update(torch.empty(4, 2, 3, device="meta"), torch.empty(4, 2, 3, device="meta"))
-    assert metric.fvu_statistics[0].device.type == "meta"
+    assert metric.fvu_statistics.device.type == "meta"
 
 
 def test_fvu_rejects_another_d_model_and_keeps_its_state(generator):
-    metric = sm.FractionOfVarianceUnexplained()
+    metric = sm.FractionOfVarianceUnexplained(d_model=3)
     metric.update(torch.randn(4, 3, generator=generator), torch.randn(4, 3, generator=generator))
     before = metric.compute()
     with pytest.raises(
-        ValueError, match=r"`source_activations` has d_model 5, but this metric holds items of d_model 3"
+        ValueError, match=r"`source_activations` must have d_model=3 in its last axis, got shape \[4, 5\]"
     ):
         metric.update(torch.randn(4, 5, generator=generator), torch.randn(4, 5, generator=generator))
     torch.testing.assert_close(metric.compute(), before)
@@ -615,11 +633,11 @@ def test_fvu_rejects_another_d_model_and_keeps_its_state(generator):
 
 @pytest.mark.parametrize(("saved_components", "loaded_components"), [(1, 2), (2, 1), (2, 3)])
 def test_fvu_refuses_a_checkpoint_of_another_component_count(generator, saved_components, loaded_components):
-    saved = sm.FractionOfVarianceUnexplained(saved_components)
+    saved = sm.FractionOfVarianceUnexplained(saved_components, d_model=3)
     saved.persistent(True)
     source = torch.randn(4, saved_components, 3, generator=generator)
     saved.update(source + 1, source)
-    fresh = sm.FractionOfVarianceUnexplained(loaded_components)
+    fresh = sm.FractionOfVarianceUnexplained(loaded_components, d_model=3)
     fresh.persistent(True)
     with pytest.raises(ValueError, match=r"Cannot load state `fvu_statistics` into FractionOfVarianceUnexplained"):
         fresh.load_state_dict(saved.state_dict())
@@ -628,8 +646,8 @@ def test_fvu_refuses_a_checkpoint_of_another_component_count(generator, saved_co
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: sm.FractionOfVarianceUnexplained(dist_sync_on_step=True),
-        lambda: sm.ExplainedVariance(dist_sync_on_step=True),
+        lambda: sm.FractionOfVarianceUnexplained(d_model=D_MODEL, dist_sync_on_step=True),
+        lambda: sm.ExplainedVariance(d_model=D_MODEL, dist_sync_on_step=True),
         lambda: sm.FeatureDensity(4, dist_sync_on_step=True),
         lambda: sm.DeadFeatures(4, window=8, dist_sync_on_step=True),
     ],

@@ -17,8 +17,8 @@ D_MODEL, D_SAE = 4, 10
 SPLITS = {"uneven": [[5, 3], [7]], "empty": [[4, 1, 6], []], "zero_rows": [[2], [0, 3]]}
 
 POOLED = {
-    "fvu": sm.FractionOfVarianceUnexplained,
-    "explained_variance": sm.ExplainedVariance,
+    "fvu": lambda c, **kw: sm.FractionOfVarianceUnexplained(c, d_model=D_MODEL, **kw),
+    "explained_variance": lambda c, **kw: sm.ExplainedVariance(c, d_model=D_MODEL, **kw),
     "density": lambda c, **kw: sm.FeatureDensity(D_SAE, c, **kw),
 }
 
@@ -108,8 +108,8 @@ def test_two_ranks_equal_one_process(split):
 def _peer_example(rank: int, world_size: int) -> dict[str, torch.Tensor]:
     source = torch.tensor([[0.0], [2.0]]) if rank == 0 else torch.tensor([[4.0], [6.0]])
     decoded = torch.tensor([[1.0], [1.0]]) if rank == 0 else torch.tensor([[5.0], [5.0]])
-    fvu, explained = sm.FractionOfVarianceUnexplained(), sm.ExplainedVariance()
-    local = sm.FractionOfVarianceUnexplained(sync_on_compute=False)
+    fvu, explained = sm.FractionOfVarianceUnexplained(d_model=1), sm.ExplainedVariance(d_model=1)
+    local = sm.FractionOfVarianceUnexplained(d_model=1, sync_on_compute=False)
     for metric in (fvu, explained, local):
         metric.update(decoded, source)
     return {"fvu": fvu.compute(), "explained_variance": explained.compute(), "local": local.compute()}
@@ -127,7 +127,14 @@ def _collection(rank: int, world_size: int, split: str) -> dict[str, torch.Tenso
 
     def make(**kwargs: Any) -> sm.SparseAutoencoderLoss:
         return sm.SparseAutoencoderLoss(
-            0.1, 2, explained_variance=True, feature_density=True, dead_feature_window=3, num_features=D_SAE, **kwargs
+            2,
+            0.1,
+            explained_variance=True,
+            d_model=D_MODEL,
+            feature_density=True,
+            dead_feature_window=3,
+            num_features=D_SAE,
+            **kwargs,
         )
 
     loss_fn, single = make(), make(sync_on_compute=False)

@@ -3,25 +3,23 @@
 from jaxtyping import Float
 from torch import Tensor
 
-from sparse_metrics._config import FeatureReduction
 from sparse_metrics.functional.l0_norm import _count_active
 from sparse_metrics.functional.l1_absolute import _absolute_sum
-from sparse_metrics.functional.l2_reconstruction import _l2_reconstruction_error
+from sparse_metrics.functional.l2_reconstruction import _squared_error_sum
 
 
 def _sae_loss_statistics(
     source: Float[Tensor, "batch component d_model"],
     learned: Float[Tensor, "batch component d_sae"],
     decoded: Float[Tensor, "batch component d_model"],
-    feature_reduction: FeatureReduction,
 ) -> tuple[Float[Tensor, "batch component"], Float[Tensor, "batch component"], Float[Tensor, "batch component"]]:
-    """Per-item L2 error, L0 and L1 of validated inputs.
+    """Per-item squared error (summed over ``d_model``), L0 and L1 of validated inputs.
 
     Pure tensor code with no data-dependent Python branches, so ``torch.compile(fullgraph=True)`` captures it whole
     and can fuse the L0 and L1 reductions into one pass over the ``[batch, d_sae]`` activations.
     """
     return (
-        _l2_reconstruction_error(decoded, source, feature_reduction),
+        _squared_error_sum(decoded, source),
         _count_active(learned),
         _absolute_sum(learned),
     )

@@ -30,7 +30,7 @@ class VarianceStatistics(NamedTuple):
     """Sufficient statistics of the FVU over a set of items, per component.
 
     Attributes:
-        item_count: Number of items, a 0-d float64 tensor (exact below 2**53).
+        item_count: Number of items, ``[component]`` float64 (exact below 2**53; the same for every component).
         mean: Per-dimension mean of the source, ``[component, d_model]`` float64.
         m2: Sum over items and dimensions of the squared deviation from ``mean``, ``[component]`` float64.
         squared_error: Sum over items and dimensions of the squared reconstruction error, ``[component]`` float64.
@@ -49,7 +49,8 @@ def _source_statistics(
     values = source.detach().to(dtype)
     mean = values.mean(dim=0)
     m2 = (values - mean).square().sum(dim=(0, 2))
-    return torch.tensor(float(source.shape[0]), dtype=dtype, device=source.device), mean, m2
+    count = torch.full((source.shape[1],), float(source.shape[0]), dtype=dtype, device=source.device)
+    return count, mean, m2
 
 
 def _batch_statistics(
@@ -76,7 +77,7 @@ def _merge_statistics(first: VarianceStatistics, second: VarianceStatistics) -> 
     count = first.item_count + second.item_count
     safe_count = count.clamp(min=1)  # both empty: every term below is 0 instead of 0/0
     delta = second.mean - first.mean
-    mean = first.mean + delta * (second.item_count / safe_count)
+    mean = first.mean + delta * (second.item_count / safe_count).unsqueeze(-1)
     m2 = first.m2 + second.m2 + delta.square().sum(dim=-1) * (first.item_count * second.item_count / safe_count)
     return VarianceStatistics(count, mean, m2, first.squared_error + second.squared_error)
 

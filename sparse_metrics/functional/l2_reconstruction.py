@@ -62,14 +62,28 @@ def _l2_reconstruction_update(
     return _l2_reconstruction_error(decoded.view(source.shape), source, feature_reduction)
 
 
+def _squared_error_sum(
+    decoded: Float[Tensor, "batch component d_model"], source: Float[Tensor, "batch component d_model"]
+) -> Float[Tensor, "batch component"]:
+    """Per-item squared error summed over ``d_model`` of validated inputs, in float32 or float64."""
+    dtype = computation_dtype(decoded, source)
+    return (decoded.to(dtype) - source.to(dtype)).square().sum(dim=-1)
+
+
+def _reduce_over_model(
+    squared_error_sum: Float[Tensor, "*batch_component"], d_model: int, feature_reduction: FeatureReduction
+) -> Float[Tensor, "*batch_component"]:
+    """The per-item error under ``feature_reduction``, from the squared error summed over ``d_model``."""
+    return squared_error_sum / d_model if feature_reduction == "mean" else squared_error_sum
+
+
 def _l2_reconstruction_error(
     decoded: Float[Tensor, "batch component d_model"],
     source: Float[Tensor, "batch component d_model"],
     feature_reduction: FeatureReduction,
 ) -> Float[Tensor, "batch component"]:
     """Per-item error of validated inputs, computed in float32 or float64."""
-    dtype = computation_dtype(decoded, source)
-    return _reduce_squared_error(decoded.to(dtype) - source.to(dtype), feature_reduction)
+    return _reduce_over_model(_squared_error_sum(decoded, source), source.shape[-1], feature_reduction)
 
 
 def l2_reconstruction_loss(

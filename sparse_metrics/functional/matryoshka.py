@@ -10,9 +10,7 @@ The reconstructions are built incrementally, :math:`\hat x^{(p)} = \hat x^{(p-1)
 W_{m_{p-1}:m_p}`, so all prefixes together cost one full decode rather than one decode each.
 """
 
-import contextlib
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 
 import torch
 from jaxtyping import Float
@@ -20,6 +18,7 @@ from torch import Tensor
 
 from sparse_metrics._config import FeatureReduction
 from sparse_metrics._validation import (
+    autocast_disabled,
     check_batch_size,
     check_decoder,
     check_feature_reduction,
@@ -29,7 +28,7 @@ from sparse_metrics._validation import (
     to_components,
 )
 from sparse_metrics.functional._output import batch_output
-from sparse_metrics.functional.l2_reconstruction import _reduce_squared_error
+from sparse_metrics.functional.l2_reconstruction import _reduce_over_model, _reduce_squared_error
 
 
 def matryoshka_prefix_reconstructions(
@@ -95,19 +94,13 @@ def _prefix_reconstructions(
     decoder_blocks = torch.split(weight, widths_with_tail, dim=-2)
     reconstruction: Tensor | None = None
     for features, decoder in zip(feature_blocks[: len(widths)], decoder_blocks, strict=False):
-        with _autocast_disabled(learned.device):  # an autocast region would run the decode in half precision
+        with autocast_disabled(learned.device):  # an autocast region would run the decode in half precision
             block = torch.matmul(features.to(dtype), decoder.to(dtype))
         if reconstruction is None:
             reconstruction = block if bias is None else block + bias.to(dtype).unsqueeze(1)
         else:
             reconstruction = reconstruction + block
         yield reconstruction.transpose(0, 1)
-
-
-def _autocast_disabled(device: torch.device) -> AbstractContextManager[object]:
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _matryoshka_update(
@@ -118,14 +111,8 @@ def _matryoshka_update(
     prefix_sizes: Sequence[int],
     num_components: int | None = None,
     feature_reduction: FeatureReduction = "mean",
-    full_dictionary_error: Tensor | None = None,
 ) -> Float[Tensor, "batch component prefix"]:
-    """Validate the inputs and return the per-item error of every prefix, ``[batch, component, prefix]``.
-
-    ``full_dictionary_error``, the ``[batch, component]`` error of a reconstruction from the whole dictionary already
-    computed by the caller, is taken as the last prefix's error when that prefix is the whole dictionary, which is
-    then not decoded again.
-    """
+    """Validate the inputs and return the per-item error of every prefix, ``[batch, component, prefix]``."""
     check_feature_reduction(feature_reduction)
     source = to_components("source_activations", source_activations, num_components)
     learned = to_components("learned_activations", learned_activations, source.shape[1])
@@ -139,8 +126,26 @@ def _matryoshka_update(
         d_sae=learned.shape[-1],
         d_model=source.shape[-1],
     )
-    reuse = full_dictionary_error is not None and sizes[-1] == learned.shape[-1]
-    decoded_sizes = sizes[:-1] if reuse else sizes
+    return _prefix_errors(source, learned, weight, bias, sizes, feature_reduction)
+
+
+def _prefix_errors(
+    source: Float[Tensor, "batch component d_model"],
+    learned: Float[Tensor, "batch component d_sae"],
+    weight: Float[Tensor, "component d_sae d_model"],
+    bias: Float[Tensor, "component d_model"] | None,
+    prefix_sizes: Sequence[int],
+    feature_reduction: FeatureReduction,
+    full_dictionary_error: Float[Tensor, "batch component"] | None = None,
+) -> Float[Tensor, "batch component prefix"]:
+    """Per-item error of every prefix of validated inputs.
+
+    ``full_dictionary_error``, the per-item squared error summed over ``d_model`` of a reconstruction from the whole
+    dictionary that the caller already has, is taken as the last prefix's error when that prefix is the whole
+    dictionary, which is then not decoded again. Only correct where that reconstruction is exactly ``f W + b``.
+    """
+    reuse = full_dictionary_error is not None and prefix_sizes[-1] == learned.shape[-1]
+    decoded_sizes = prefix_sizes[:-1] if reuse else prefix_sizes
     target = source.to(computation_dtype(source, learned, weight, *([] if bias is None else [bias])))
     errors = [
         _reduce_squared_error(reconstruction - target, feature_reduction)
@@ -148,7 +153,7 @@ def _matryoshka_update(
     ]
     if reuse:
         assert full_dictionary_error is not None  # for the type checker: reuse implies it
-        errors.append(full_dictionary_error.to(target.dtype))
+        errors.append(_reduce_over_model(full_dictionary_error.to(target.dtype), source.shape[-1], feature_reduction))
     return torch.stack(errors, dim=-1)
 
 

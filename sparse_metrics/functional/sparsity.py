@@ -13,7 +13,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from sparse_metrics._validation import check_decoder, check_sparsity_coefficient, computation_dtype, to_components
+from sparse_metrics._validation import (
+    autocast_disabled,
+    check_decoder,
+    check_sparsity_coefficient,
+    computation_dtype,
+    infer_d_model,
+    to_components,
+)
 from sparse_metrics.functional._output import batch_output
 from sparse_metrics.functional.l1_absolute import _l1_absolute_update
 
@@ -27,16 +34,21 @@ def _sparsity_from_l1(
     return l1_per_item * sparsity_coefficient
 
 
-def _infer_d_model(decoder_weight: object, d_sae: int) -> int:
-    """``d_model`` as the decoder shows it (no other input has it), read so that errors point at the real fault.
+def _decoder_row_norms(weight: Float[Tensor, "component d_sae d_model"], dtype: torch.dtype) -> Tensor:
+    """L2 norm of each feature-major decoder row, ``[component, d_sae]``, in ``dtype``."""
+    norms: Tensor = torch.linalg.vector_norm(weight, dim=-1, dtype=dtype)
+    return norms
 
-    A ``[..., d_model, d_sae]`` weight is taken as transposed, so that the error says so.
+
+def _weighted_l1(
+    learned: Float[Tensor, "batch component d_sae"], row_norms: Float[Tensor, "component d_sae"]
+) -> Float[Tensor, "batch component"]:
+    """Per-item sum of ``|f_i|`` times the norm of decoder row ``i``, in the row norms' dtype.
+
+    Autocast is off: an autocast region would run this contraction in half precision.
     """
-    if not isinstance(decoder_weight, Tensor) or decoder_weight.ndim == 0:
-        return 0
-    if decoder_weight.ndim >= 2 and decoder_weight.shape[-2] != d_sae and decoder_weight.shape[-1] == d_sae:
-        return int(decoder_weight.shape[-2])
-    return int(decoder_weight.shape[-1])
+    with autocast_disabled(learned.device):
+        return torch.einsum("bcf,cf->bc", learned.to(row_norms.dtype).abs(), row_norms)
 
 
 def _decoder_weighted_l1_update(
@@ -44,7 +56,7 @@ def _decoder_weighted_l1_update(
 ) -> Float[Tensor, "batch component"]:
     """Validate the inputs; per-item sum of ``|f_i|`` times the L2 norm of decoder row ``i``, ``[batch, component]``."""
     learned = to_components("learned_activations", learned_activations, num_components)
-    d_model = _infer_d_model(decoder_weight, learned.shape[-1])
+    d_model = infer_d_model(decoder_weight, learned.shape[-1])
     weight, _ = check_decoder(
         decoder_weight,
         None,
@@ -53,9 +65,7 @@ def _decoder_weighted_l1_update(
         d_sae=learned.shape[-1],
         d_model=d_model,
     )
-    dtype = computation_dtype(learned, weight)
-    row_norms = torch.linalg.vector_norm(weight, dim=-1, dtype=dtype)  # [component, d_sae]
-    return torch.einsum("bcf,cf->bc", learned.to(dtype).abs(), row_norms)
+    return _weighted_l1(learned, _decoder_row_norms(weight, computation_dtype(learned, weight)))
 
 
 def _sparsity_update(

@@ -1,60 +1,46 @@
-"""What the per-feature activity metrics (feature density, dead features) share: input, recording, output shape."""
+"""What the per-feature activity metrics (feature density, dead features) share: input, contribution, output shape."""
 
 from __future__ import annotations
 
-from abc import abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
-from sparse_metrics.functional.feature_density import FeatureActivity, _active_features, _feature_activity
-from sparse_metrics.metrics._base import PackedSyncMetric
+from sparse_metrics._batch import SaeBatch
+from sparse_metrics.functional.feature_density import FeatureActivity
+from sparse_metrics.metrics._base import SaeMetric
 
 __all__ = ["ActivityMetric"]
 
 
-class ActivityMetric(PackedSyncMetric):
+class ActivityMetric(SaeMetric):
     """A metric of which features fire on which items of ``learned_activations`` ``[batch, *component, d_sae]``.
 
-    Subclasses add their states and implement ``_record_activity`` (accumulate a batch's
-    :class:`~sparse_metrics.functional.feature_density.FeatureActivity`) and ``_batch_value`` (forward's value). The
-    collection computes the activity once and hands it to every such member through ``_record_batch``.
+    Its contribution is the batch's :class:`~sparse_metrics.functional.feature_density.FeatureActivity`, which a
+    collection computes once for every such member (and counts the L0 from). A NaN activation counts as firing; with
+    ``nan_strategy`` other than "propagate", an item with a non-finite activation is screened like any other.
     """
 
+    _positional_inputs: ClassVar[tuple[str, ...]] = ("learned_activations",)
+    _uses: ClassVar[frozenset[str]] = frozenset({"activity"})
+
     def __init__(self, num_features: int, num_components: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(num_components, **kwargs)
         self.num_features = num_features
-        self.num_components = num_components
 
-    def update(self, learned_activations: Tensor, **kwargs: Any) -> None:
-        """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
-        self._record_activity(self._activity(learned_activations))
+    def _configuration(self) -> dict[str, Any]:
+        return {**super()._configuration(), "num_features": self.num_features}
 
-    def forward(self, learned_activations: Tensor, **kwargs: Any) -> Tensor:
-        """Accumulate a batch and return this metric's value after it (see the class)."""
-        activity = self._activity(learned_activations)
-        self._record_batch(activity)
-        return self._batch_value(activity)
+    def _contribution(self, batch: SaeBatch) -> FeatureActivity:
+        owner = type(self).__name__
+        learned = batch.require("learned_activations", owner)
+        if learned.shape[-1] != self.num_features:
+            raise ValueError(
+                f"`learned_activations` must have num_features={self.num_features} features in its last axis, "
+                f"got shape {batch.shape('learned_activations')}."
+            )
+        self._check_device(batch)
+        return batch.activity(owner)
 
-    def _record_batch(self, activity: FeatureActivity) -> None:
-        """Record a validated batch as ``update`` would (used by forward and the collection)."""
-        self._record_activity(activity)
-        self._count_update()
-
-    def _active(self, learned_activations: Tensor) -> Tensor:
-        """Validate the input; its activity mask ``[batch, component, num_features]``."""
-        return _active_features(learned_activations, self.num_components, self.num_features)
-
-    def _activity(self, learned_activations: Tensor) -> FeatureActivity:
-        """Validate the input and reduce it to per-feature activity."""
-        return _feature_activity(self._active(learned_activations))
-
-    def _squeeze(self, value: Tensor) -> Tensor:
-        """Drop the component axis of a single-component metric's ``[component, ...]`` value."""
-        return value.squeeze(0) if self.num_components == 1 else value
-
-    @abstractmethod
-    def _record_activity(self, activity: FeatureActivity) -> None: ...
-
-    @abstractmethod
-    def _batch_value(self, activity: FeatureActivity) -> Tensor: ...
+    def _finite_items(self, batch: SaeBatch, contribution: Any) -> Tensor | None:
+        return batch.require("learned_activations", type(self).__name__).detach().isfinite().flatten(1).all(dim=1)

@@ -1,11 +1,27 @@
-"""The state and update/forward/compute machinery shared by every per-item-mean metric."""
+"""The member protocol every metric of this package speaks, and the state machinery the per-item means share.
+
+A metric reads one step through a :class:`~sparse_metrics._batch.SaeBatch` and implements four methods over it:
+
+- ``_contribution(batch)``: what this batch adds (validated; built from the batch's shared statistics);
+- ``_finite_items(batch, contribution)``: which items are finite, for ``nan_strategy`` (None: nothing to screen);
+- ``_record(contribution)``: add it to the state;
+- ``_value(contribution)``: the batch value that ``forward`` returns (differentiable where the metric is).
+
+``update``/``forward`` of a metric used alone and :class:`~sparse_metrics.SparseAutoencoderLoss` run the same
+helpers over these methods (:func:`batch_contributions`, :func:`recording`), so a metric behaves the same alone and
+in a collection.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import inspect
+import json
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar, cast
 
 import torch
@@ -16,130 +32,284 @@ from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
+from sparse_metrics._batch import SAE_INPUTS, SaeBatch
 from sparse_metrics._config import NanStrategy
 from sparse_metrics._distributed import sync_states
 from sparse_metrics._validation import check_nan_strategy
 
-__all__ = ["ACCUMULATOR_DTYPE", "ItemMeanMetric", "PackedSyncMetric", "finite_items", "screen_items"]
+__all__ = [
+    "ACCUMULATOR_DTYPE",
+    "DerivedOutput",
+    "ItemMeanMetric",
+    "SaeMetric",
+    "batch_contributions",
+    "recording",
+    "supports_float64",
+]
 
 #: Sums are accumulated in float64: a float32 sum of a million batch means drifts visibly.
 ACCUMULATOR_DTYPE = torch.float64
 
 
-def finite_items(per_item: Iterable[Tensor]) -> Tensor:
-    """``[batch]`` booleans: whether every value of each item, in every tensor ``[batch, ...]``, is finite."""
-    return torch.stack([values.detach().isfinite().flatten(1).all(dim=1) for values in per_item]).all(dim=0)
-
-
-def screen_items(
-    per_item: dict[str, Tensor], nan_strategy: NanStrategy, owner: str, inputs: list[str]
-) -> dict[str, Tensor]:
-    """Apply ``nan_strategy`` to the per-item values ``[batch, ...]`` of one batch, all at once.
-
-    An item is non-finite when any of its values, in any of the tensors, is NaN or infinite; "ignore" drops it from
-    every tensor, so all of them keep the same items.
-
-    Args:
-        per_item: Per-item values by name, all with the same batch size.
-        nan_strategy: ``"propagate"``, ``"ignore"`` or ``"error"``.
-        owner: The metric's name, for the error.
-        inputs: The argument names to blame in the error.
-    """
-    batch = next(iter(per_item.values())).shape[0]
-    if nan_strategy == "propagate" or batch == 0:
-        return per_item
-    finite = finite_items(per_item.values())
-    if nan_strategy == "ignore":
-        return {name: values[finite] for name, values in per_item.items()}
-    if not bool(finite.all()):  # the one synchronisation of nan_strategy="error"
-        raise ValueError(
-            f"{owner}: {int((~finite).sum())} of {batch} items have a NaN or infinite value; check the inputs "
-            f"{', '.join(f'`{name}`' for name in inputs)}. This is nan_strategy='error'; pass "
-            "nan_strategy='ignore' to drop such items or 'propagate' to let them through."
-        )
-    return per_item
-
-
-def _supports_float64(device: torch.device) -> bool:
+def supports_float64(device: torch.device) -> bool:
     """Whether tensors on ``device`` can be float64 (Apple's MPS backend has no float64)."""
     return device.type != "mps"
+
+
+def batch_contributions(
+    members: Sequence[SaeMetric], batch: SaeBatch, nan_strategy: NanStrategy, owner: str
+) -> list[Any]:
+    """Every member's contribution to ``batch``, after ``nan_strategy`` has screened the items once for all of them.
+
+    An item is non-finite when any member finds it so; "ignore" drops it from every member by building the
+    contributions again from the finite items, "error" raises before any state changes.
+    """
+    contributions = [batch.contribution(member) for member in members]
+    if nan_strategy == "propagate" or batch.batch_size == 0:
+        return contributions
+    masks = [
+        mask
+        for member, contribution in zip(members, contributions, strict=True)
+        if (mask := member._finite_items(batch, contribution)) is not None
+    ]
+    if not masks:
+        return contributions
+    finite = torch.stack(masks).all(dim=0)
+    if not bool(finite.all()):  # the one synchronisation of nan_strategy "error" and "ignore"
+        if nan_strategy == "error":
+            given = batch.names
+            raise ValueError(
+                f"{owner}: {int((~finite).sum())} of {batch.batch_size} items have a NaN or infinite value; check the "
+                f"inputs {', '.join(f'`{name}`' for name in given)}. This is nan_strategy='error'; pass "
+                "nan_strategy='ignore' to drop such items or 'propagate' to let them through."
+            )
+        batch = batch.select(finite)
+        contributions = [batch.contribution(member) for member in members]
+    return contributions
 
 
 @dataclasses.dataclass(frozen=True)
 class _Snapshot:
     update_count: int
     computed: Any
+    forward_cache: Any
     states: dict[str, Any]
 
 
-class PackedSyncMetric(Metric):
-    """Base of every sparse_metrics metric: packed distributed sync, and rejected updates that change nothing.
+def _snapshot(metric: Metric) -> _Snapshot:
+    """What ``_restore`` needs to undo a batch.
 
-    - ``compute()`` syncs every state in at most two collective calls (see :mod:`sparse_metrics._distributed`):
-      tensor states reduced by sum/max/min or a callable, list states by ``"cat"``. A subclass with list states
-      implements ``_empty_list_state(name)``.
-    - An ``update`` that raises leaves the metric exactly as it was, provided it validates everything before it
-      touches a state (the update count and cached result torchmetrics changes first are restored).
-    - ``dist_sync_on_step=True`` is refused unless the subclass's ``forward`` honours it.
+    This package's metrics replace their states, never change them in place, so references do; any other metric's
+    tensor states are copied, since its update may add into them in place.
+    """
+    own = isinstance(metric, SaeMetric)
+    states = {
+        name: list(value) if isinstance(value, list) else value if own else value.clone()
+        for name, value in metric.metric_state.items()
+    }
+    return _Snapshot(metric._update_count, metric._computed, metric._forward_cache, states)
+
+
+def _restore(metric: Metric, snapshot: _Snapshot) -> None:
+    metric._update_count, metric._computed = snapshot.update_count, snapshot.computed
+    metric._forward_cache = snapshot.forward_cache
+    for name, value in snapshot.states.items():
+        setattr(metric, name, value)
+
+
+@contextmanager
+def recording(metrics: Sequence[Metric]) -> Iterator[None]:
+    """Record one batch into ``metrics`` as one transaction: if anything in the block raises, none of them changed."""
+    snapshots = [_snapshot(metric) for metric in metrics]
+    try:
+        yield
+    except BaseException:
+        for metric, snapshot in zip(metrics, snapshots, strict=True):
+            _restore(metric, snapshot)
+        raise
+
+
+class SaeMetric(Metric):
+    """Base of every metric of this package: the member protocol, packed sync, and rejected updates that change nothing.
+
+    - ``update(*inputs, **inputs)`` and ``forward`` take the SAE inputs by keyword (or positionally, in the order of
+      the class's ``update``); a keyword that is not an SAE input raises ``TypeError``, an input that the metric does
+      not read is accepted and ignored, so one ``**inputs`` dict feeds any metric.
+    - ``compute()`` syncs every state in at most two collective calls (see :mod:`sparse_metrics._distributed`), with
+      the metric's ``dist_sync_fn`` as the gather where one is given.
+    - An ``update`` or ``forward`` that raises leaves the metric exactly as it was.
+    - ``dist_sync_on_step=True`` is refused: ``forward`` returns this process's batch value.
     """
 
-    #: Whether ``forward`` honours ``dist_sync_on_step=True``; where it returns this process's own batch value, the
-    #: option is refused rather than silently ignored.
-    _forward_syncs_on_step: ClassVar[bool] = False
+    full_state_update = False
 
-    def __init__(self, **kwargs: Any) -> None:
+    #: The inputs ``update`` takes positionally, in order (every SAE input is accepted by keyword).
+    _positional_inputs: ClassVar[tuple[str, ...]] = ()
+    #: Shared statistics of the batch this metric reads, so that a collection can take the cheapest route to them.
+    _uses: ClassVar[frozenset[str]] = frozenset()
+    #: Whether the value has a feature axis ``[*component, d_sae]`` (and so is no scalar to log).
+    per_feature: ClassVar[bool] = False
+
+    def __init__(self, num_components: int = 1, *, nan_strategy: str = "propagate", **kwargs: Any) -> None:
+        check_nan_strategy(nan_strategy)
         super().__init__(**kwargs)
-        if self.dist_sync_on_step and not self._forward_syncs_on_step:
+        if self.dist_sync_on_step:
             raise ValueError(
                 f"`dist_sync_on_step=True` is not supported by {type(self).__name__}: its forward returns this "
                 "process's batch value; compute() returns the value synced across processes."
             )
+        self.num_components = num_components
+        self.nan_strategy = cast(NanStrategy, nan_strategy)
+        # The inputs this metric reads, as the signature torchmetrics inspects (``update`` takes ``*args, **kwargs``).
+        self._update_signature = inspect.Signature(
+            [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in self._positional_inputs]
+        )
+
+    # Configuration: what makes two metrics of one class compute different things.
+
+    def _configuration(self) -> dict[str, Any]:
+        """The settings that decide what the states hold (JSON-able); checkpoints and compute groups compare them."""
+        return {"num_components": self.num_components}
+
+    def _add_configuration_marker(self) -> None:
+        """Add an empty state whose name carries a digest of the configuration (call once the states are added).
+
+        torchmetrics' compute groups merge two metrics whose state names and values are equal after a first batch;
+        two metrics of one class configured differently (a mean and a sum, two coefficients) can have equal states on
+        a batch and would then report each other's values. Their marker names differ, so they are never merged.
+        """
+        settings = json.dumps([type(self).__name__, self._configuration(), self._merge_guard()], sort_keys=True)
+        digest = hashlib.sha1(settings.encode(), usedforsecurity=False).hexdigest()[:12]
+        self.add_state(f"configuration_{digest}", torch.zeros(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def _merge_guard(self) -> Any:
+        """Settings that are not part of the checkpointed configuration but still forbid a compute-group merge."""
+        return None
+
+    # The protocol.
+
+    def _make_batch(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> SaeBatch:
+        """The validated batch of one ``update``/``forward`` call."""
+        owner = type(self).__name__
+        if len(args) > len(self._positional_inputs):
+            raise TypeError(
+                f"{owner}.update takes at most {len(self._positional_inputs)} positional inputs "
+                f"({', '.join(self._positional_inputs) or 'none'}), got {len(args)}; pass the others by keyword."
+            )
+        inputs = dict(zip(self._positional_inputs, args, strict=False))
+        for name in kwargs:
+            if name in inputs:
+                raise TypeError(f"{owner}.update got multiple values for input `{name}`.")
+        inputs.update(kwargs)
+        return SaeBatch(inputs, num_components=self.num_components, owner=owner, uses=self._batch_uses())
+
+    def _batch_uses(self) -> frozenset[str]:
+        """The shared statistics this metric reads (see :class:`~sparse_metrics._batch.SaeBatch`)."""
+        return self._uses
+
+    @abstractmethod
+    def _contribution(self, batch: SaeBatch) -> Any:
+        """Validate what this metric reads of ``batch`` and return what it adds to the state."""
+
+    def _finite_items(self, batch: SaeBatch, contribution: Any) -> Tensor | None:
+        """``[batch]`` booleans: the items whose contribution is finite; None if this metric screens nothing."""
+        return None
+
+    @abstractmethod
+    def _record(self, contribution: Any) -> None:
+        """Add a contribution to the state (out of place, with no autograd graph)."""
+
+    @abstractmethod
+    def _value(self, contribution: Any) -> Tensor:
+        """The value of the batch alone (after :meth:`_record`), as ``forward`` returns it."""
+
+    def _check_not_synced(self) -> None:
+        if self._is_synced:
+            raise TorchMetricsUserError(
+                f"{type(self).__name__} is synced: call `unsync()` before `forward`, or its batch would be lost when "
+                "the local state is restored."
+            )
+
+    def _record_counted(self, contribution: Any) -> None:
+        """Record a batch and count it as torchmetrics counts an update (``forward`` and collections)."""
+        self._record(contribution)
+        if self.compute_on_cpu:
+            self._move_list_states_to_cpu()
+        self._update_count += 1
+        self._computed = None
+
+    def _filter_kwargs(self, **kwargs: Any) -> dict[str, Any]:
+        """The SAE inputs among ``kwargs`` (a ``torchmetrics.MetricCollection`` routes its inputs through this)."""
+        return {name: value for name, value in kwargs.items() if name in SAE_INPUTS}
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Accumulate a batch (see the class for the inputs), building no autograd graph."""
+        with torch.no_grad():
+            batch = self._make_batch(args, kwargs)
+            (contribution,) = batch_contributions([self], batch, self.nan_strategy, type(self).__name__)
+        self._record(contribution)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Accumulate a batch and return its own value, differentiable with respect to the inputs.
+
+        Unlike torchmetrics' default, the batch is computed once and feeds both the state and the returned value; the
+        global state is neither copied nor reset.
+        """
+        self._check_not_synced()
+        batch = self._make_batch(args, kwargs)
+        (contribution,) = batch_contributions([self], batch, self.nan_strategy, type(self).__name__)
+        with recording([self]):
+            self._record_counted(contribution)
+        value = self._value(contribution)
+        # Detached: the cache outlives the step, and must not keep its autograd graph alive.
+        self._forward_cache = value.detach()  # type: ignore[assignment]  # torchmetrics annotates it as None
+        return value
 
     def _wrap_update(self, update: Callable[..., None]) -> Callable[..., None]:
         """Make a rejected ``update`` leave the metric exactly as it was.
 
-        ``_per_item`` validates everything before any state changes; torchmetrics' wrapper, however, counts the call
-        and drops the cached ``compute`` result before ``update`` runs. Those, and the states, are restored if it
-        raises.
+        torchmetrics' wrapper counts the call and drops the cached ``compute`` result before ``update`` runs; those,
+        and the states, are restored if it raises.
         """
         wrapped = super()._wrap_update(update)
 
         @functools.wraps(update)
         def update_or_restore(*args: Any, **kwargs: Any) -> None:
-            snapshot = self._snapshot()
-            try:
+            with recording([self]):
                 wrapped(*args, **kwargs)
-            except Exception:
-                self._restore(snapshot)
-                raise
 
         return update_or_restore
 
-    def _snapshot(self) -> _Snapshot:
-        """What ``_restore`` needs to undo a batch: states are replaced, never changed in place, so references do."""
-        states = {name: list(value) if isinstance(value, list) else value for name, value in self.metric_state.items()}
-        return _Snapshot(self._update_count, self._computed, states)
+    @property
+    def _value_has_axis(self) -> bool:
+        """Whether the value keeps an axis (items, features) even when that axis has one element."""
+        return self.per_feature
 
-    def _restore(self, snapshot: _Snapshot) -> None:
-        self._update_count, self._computed = snapshot.update_count, snapshot.computed
-        for name, value in snapshot.states.items():
-            setattr(self, name, value)
+    def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
+        """Keep the item or feature axis of a one-element value: torchmetrics squeezes every such result to 0-d."""
+        wrapped = super()._wrap_compute(compute)
 
-    def _count_update(self) -> None:
-        """Count a batch recorded outside ``update`` (by ``forward`` or a collection), as torchmetrics counts updates.
+        @functools.wraps(compute)
+        def compute_keeping_axis(*args: Any, **kwargs: Any) -> Any:
+            value = wrapped(*args, **kwargs)
+            if self._value_has_axis and isinstance(value, Tensor) and value.ndim == 0:
+                return value.reshape(1)  # one item (or feature) of a one-component metric, as forward returns it
+            return value
 
-        Callers record the batch first and count it after, so a batch that fails to record (on another device than
-        the states, say) leaves the count as it was.
-        """
-        self._update_count += 1
-        self._computed = None
+        return compute_keeping_axis
 
     def _sync_dist(self, dist_sync_fn: Any = gather_all_tensors, process_group: Any | None = None) -> None:
-        """Sync every state in at most two collective calls (see :mod:`sparse_metrics._distributed`)."""
-        if dist_sync_fn is not gather_all_tensors:  # a user-supplied sync function keeps torchmetrics' path
-            super()._sync_dist(dist_sync_fn, process_group=process_group)
-            return
-        sync_states([self], process_group or self.process_group)
+        """Sync every state in at most two collective calls (see :mod:`sparse_metrics._distributed`).
+
+        If a collective fails halfway, the local states are put back before the error propagates.
+        """
+        local = {name: getattr(self, name) for name in self._defaults}
+        try:
+            sync_states([self], process_group or self.process_group, gather=dist_sync_fn)
+        except BaseException:
+            for name, value in local.items():
+                setattr(self, name, value)
+            raise
 
     def _apply(self, fn: Callable[..., Any], exclude_state: Sequence[str] = ()) -> Module:
         """Move the states and buffers with the metric, but never change their dtypes.
@@ -151,7 +321,7 @@ class PackedSyncMetric(Metric):
         """
         own = [name for name in self._defaults if name not in exclude_state]
         target = fn(torch.zeros((), device=self.device)).device
-        without_float64 = not _supports_float64(target)
+        without_float64 = not supports_float64(target)
         buffers = dict(self._buffers)
         self._buffers.clear()  # moved below, keeping their dtype
         try:
@@ -176,6 +346,15 @@ class PackedSyncMetric(Metric):
             setattr(self, name, move(value) if isinstance(value, Tensor) else [move(row) for row in value])
         self._computed = None  # torchmetrics cast the cached result too: compute it again from the states
         return self
+
+    def _check_device(self, batch: SaeBatch) -> None:
+        """Refuse inputs on another device than the states (torchmetrics would move the states silently or fail)."""
+        device = batch.device
+        if device is not None and device != self.device and device.type != "meta" and self.device.type != "meta":
+            raise ValueError(
+                f"{type(self).__name__}: the inputs are on {device} but the metric's states are on {self.device}; "
+                f"move the metric there first (`metric.to({str(device)!r})`)."
+            )
 
     def _empty_list_state(self, name: str) -> Tensor:
         """An empty tensor with the dtype, device and trailing shape of the rows of list state ``name``."""
@@ -217,6 +396,24 @@ class PackedSyncMetric(Metric):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def _squeeze(self, value: Tensor) -> Tensor:
+        """Drop the component axis ``[component, ...]`` of a single-component metric's value."""
+        return value.squeeze(0) if self.num_components == 1 else value
+
+    # Outputs a collection reports beside this metric's own value (see DerivedOutput).
+
+    def _derived_outputs(self) -> dict[str, bool | None]:
+        """Names of the values derived from this metric's state, each with its ``higher_is_better``."""
+        return {}
+
+    def _derived_value(self, name: str, contribution: Any) -> Tensor:
+        """Batch value of derived output ``name``."""
+        raise KeyError(name)
+
+    def _derived_compute(self, name: str) -> Tensor:
+        """Epoch value of derived output ``name`` (synced)."""
+        raise KeyError(name)
+
     def plot(self, val: Any = None, ax: Any = None) -> Any:
         """Plot a value, or a sequence of values, of this metric (torchmetrics' plot API; needs matplotlib).
 
@@ -239,18 +436,16 @@ class PackedSyncMetric(Metric):
         return self._plot(val, ax)
 
 
-class ItemMeanMetric(PackedSyncMetric):
+class ItemMeanMetric(SaeMetric):
     """A metric whose value is, per component, the mean over every item seen of a per-item value.
 
-    Subclasses supply ``_per_item`` (validate the inputs and return ``[batch, component]`` values, through the
-    functional core) and an ``update`` with their argument names. This class owns the state:
+    Subclasses supply ``_per_item(batch)`` (per-item values ``[batch, component]``, or ``[batch, component, k]``
+    reduced by ``_item_values``, through the functional core). This class owns the state:
 
     - ``<prefix>_sum``: ``[component]`` float64 sum of the per-item values, reduced by ``"sum"``;
     - ``<prefix>_count``: int64 number of items, reduced by ``"sum"``;
     - ``<prefix>_per_item``: list of detached ``[batch, component]`` float64 rows, reduced by ``"cat"``, filled only
       with ``keep_batch_dim=True``.
-
-    State names carry the class's prefix so that torchmetrics' compute groups can never merge two different metrics.
 
     ``nan_strategy`` says what happens to an item whose per-item value is NaN or infinite (in any component, or
     any Matryoshka prefix; for L0, an item with a non-finite input activation):
@@ -264,28 +459,15 @@ class ItemMeanMetric(PackedSyncMetric):
       result synchronises with the device once per update.
     """
 
-    full_state_update = False
     is_differentiable = True
     higher_is_better = False
     plot_lower_bound = 0.0
 
-    _forward_syncs_on_step = True
-
     #: Prefix of this class's state names.
     _state_prefix: ClassVar[str]
 
-    def __init__(
-        self,
-        num_components: int = 1,
-        *,
-        keep_batch_dim: bool = False,
-        nan_strategy: str = "propagate",  # checked here: subclasses pass it through their **kwargs
-        **kwargs: Any,
-    ) -> None:
-        check_nan_strategy(nan_strategy)
-        super().__init__(**kwargs)
-        self.num_components = num_components
-        self.nan_strategy = cast(NanStrategy, nan_strategy)
+    def __init__(self, num_components: int = 1, *, keep_batch_dim: bool = False, **kwargs: Any) -> None:
+        super().__init__(num_components, **kwargs)
         self._keep_batch_dim = keep_batch_dim
         self._sum_state = f"{self._state_prefix}_sum"
         self._count_state = f"{self._state_prefix}_count"
@@ -294,18 +476,12 @@ class ItemMeanMetric(PackedSyncMetric):
         self.add_state(self._count_state, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state(self._per_item_state, [], dist_reduce_fx="cat")
 
-    def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
-        """Keep the item axis of a single per-item value: torchmetrics squeezes every one-element result to 0-d."""
-        wrapped = super()._wrap_compute(compute)
+    def _configuration(self) -> dict[str, Any]:
+        return {**super()._configuration(), "keep_batch_dim": self._keep_batch_dim}
 
-        @functools.wraps(compute)
-        def compute_keeping_items(*args: Any, **kwargs: Any) -> Any:
-            value = wrapped(*args, **kwargs)
-            if self._keep_batch_dim and isinstance(value, Tensor) and value.ndim == 0:
-                return value.reshape(1)  # one item of a one-component metric: [item], as forward returns it
-            return value
-
-        return compute_keeping_items
+    @property
+    def _value_has_axis(self) -> bool:
+        return self._keep_batch_dim
 
     @property
     def keep_batch_dim(self) -> bool:
@@ -324,86 +500,53 @@ class ItemMeanMetric(PackedSyncMetric):
             self.reset()
 
     @abstractmethod
-    def _per_item(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Validate the inputs (the arguments of ``update``) and return per-item values ``[batch, component]``."""
+    def _per_item(self, batch: SaeBatch) -> Tensor:
+        """Validate what this metric reads and return its per-item values ``[batch, component, ...]``."""
 
     def _item_values(self, per_item: Tensor) -> Tensor:
         """The ``[batch, component]`` values averaged by this metric, from what ``_per_item`` returned."""
         return per_item
 
-    def _screen(self, per_item: Tensor) -> Tensor:
-        """Apply ``nan_strategy`` to per-item values ``[batch, ...]``: drop, reject or keep non-finite items."""
-        if self.nan_strategy == "propagate":
-            return per_item
-        inputs = [name for name in self._update_signature.parameters if name != "kwargs"]
-        return screen_items({"": per_item}, self.nan_strategy, type(self).__name__, inputs)[""]
+    def _contribution(self, batch: SaeBatch) -> Tensor:
+        self._check_device(batch)
+        return self._per_item(batch)
 
-    def _accumulate(self, per_item: Tensor) -> None:
-        """Apply ``nan_strategy`` to validated per-item values, then add them to the state (``update``'s path)."""
-        self._add(self._screen(per_item))
+    def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:
+        return contribution.detach().isfinite().flatten(1).all(dim=1)
 
-    def _add(self, per_item: Tensor) -> None:
-        """Add screened per-item values to the state (out of place, with no graph)."""
-        if per_item.shape[0] == 0:
+    def _record(self, contribution: Tensor) -> None:
+        if contribution.shape[0] == 0:
             return
-        per_item = self._item_values(per_item).detach()
+        per_item = self._item_values(contribution).detach()
         total = self._tensor_state(self._sum_state)
         setattr(self, self._sum_state, total + per_item.sum(dim=0, dtype=total.dtype))
         setattr(self, self._count_state, self._tensor_state(self._count_state) + per_item.shape[0])
         if self._keep_batch_dim:
             getattr(self, self._per_item_state).append(per_item.to(total.dtype))
 
-    def _output(self, per_item: Tensor) -> Tensor:
-        """The value reported for per-item values: their mean, or themselves with ``keep_batch_dim``.
+    def _value(self, contribution: Tensor) -> Tensor:
+        """The batch's value: the mean of its per-item values, or themselves with ``keep_batch_dim``.
 
         The component axis is dropped for a single-component metric.
         """
-        values = self._item_values(per_item)
+        values = self._item_values(contribution)
         if not self._keep_batch_dim:
             values = values.mean(dim=0)
         return values.squeeze(-1) if self.num_components == 1 else values
 
-    def _batch_mean(self, per_item: Tensor) -> Tensor:
-        """Batch mean ``[component]`` of per-item values, whatever ``keep_batch_dim`` (the collection's loss)."""
-        return self._item_values(per_item).mean(dim=0)
+    # What the collection's loss reads of a loss term: per-component means, whatever ``keep_batch_dim``.
 
-    def _mean(self) -> Tensor:
-        """Mean ``[component]`` over every item accumulated (or synced), whatever ``keep_batch_dim``."""
+    def _batch_mean(self, contribution: Tensor) -> Tensor:
+        """Batch mean ``[component]`` of the per-item values (differentiable)."""
+        return self._item_values(contribution).mean(dim=0)
+
+    def _epoch_mean(self) -> Tensor:
+        """Mean ``[component]`` over every item accumulated (or synced)."""
         return self._tensor_state(self._sum_state) / self._tensor_state(self._count_state)
 
     def _tensor_state(self, name: str) -> Tensor:
         value: Tensor = getattr(self, name)
         return value
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Accumulate the batch and return its value, differentiable with respect to the inputs.
-
-        Unlike torchmetrics' default, the per-item values are computed once and feed both the state and the
-        returned batch value; the global state is neither copied nor reset.
-        """
-        if self._is_synced:
-            raise TorchMetricsUserError(
-                "The metric shouldn't be synced when performing ``forward``. HINT: Did you forget to call ``unsync``?"
-            )
-        if self.dist_sync_on_step:
-            # The batch value must be synced across ranks: torchmetrics' generic path does that. Validate first,
-            # since that path resets the state before calling ``update``.
-            self._per_item(*args, **kwargs)
-            synced_value: Tensor = super().forward(*args, **kwargs)
-            return synced_value
-        per_item = self._screen(self._per_item(*args, **kwargs))
-        self._record_batch(per_item)
-        value = self._output(per_item)
-        # Detached: the cache outlives the step, and must not keep its autograd graph alive.
-        self._forward_cache = value.detach()  # type: ignore[assignment]  # torchmetrics annotates it as None
-        return value
-
-    def _record_batch(self, per_item: Tensor) -> None:
-        """Accumulate validated, screened per-item values, as ``update`` would (used by forward and the collection)."""
-        self._add(per_item)
-        if self.compute_on_cpu:
-            self._move_list_states_to_cpu()
-        self._count_update()
 
     def compute(self) -> Tensor:
         """Mean over every item seen (synced across processes), or the per-item values with ``keep_batch_dim``.
@@ -414,9 +557,71 @@ class ItemMeanMetric(PackedSyncMetric):
             rows = getattr(self, self._per_item_state)
             values = dim_zero_cat(rows) if rows else self._empty_list_state(self._per_item_state)
             return values.squeeze(-1) if self.num_components == 1 else values
-        return self._mean()
+        return self._epoch_mean()
 
     def _empty_list_state(self, name: str) -> Tensor:
         """An empty ``[0, component]`` tensor: the rows of a rank that kept no per-item values."""
         dtype = self._tensor_state(self._sum_state).dtype  # float64, or float32 on a device without float64
         return torch.zeros(0, self.num_components, dtype=dtype, device=self.device)
+
+
+class DerivedOutput(SaeMetric):
+    """A value derived from another member's state, as a metric of its own (``explained_variance`` from ``fvu``, say).
+
+    A collection adds one for each output its members derive, so that every key it reports is a metric: Lightning's
+    ``log_dict``, nesting in a ``MetricCollection`` and ``MetricTracker`` see every key. It keeps no state: its batch
+    value is read from the source's contribution, its epoch value from the source's (synced) state. The source is
+    the collection's member, not a child module of this one.
+    """
+
+    def __init__(self, source: SaeMetric, name: str, **kwargs: Any) -> None:
+        outputs = source._derived_outputs()
+        if name not in outputs:
+            raise ValueError(f"{type(source).__name__} derives no output {name!r}; it derives {sorted(outputs)}.")
+        super().__init__(source.num_components, **{"nan_strategy": source.nan_strategy, **kwargs})
+        self.__dict__["_source"] = source  # a plain attribute: the source stays the collection's child only
+        self.output_name = name
+        self._higher_is_better = outputs[name]
+
+    # Class attributes in torchmetrics; here they depend on the output and the source.
+    @property
+    def higher_is_better(self) -> bool | None:  # type: ignore[override]
+        """Whether a higher value is better, as the source says for this output."""
+        return self._higher_is_better
+
+    @property
+    def is_differentiable(self) -> bool:  # type: ignore[override]
+        """Whether the batch value is differentiable: as the source's."""
+        return bool(self.source.is_differentiable)
+
+    @property
+    def source(self) -> SaeMetric:
+        """The metric whose state this output is derived from."""
+        source: SaeMetric = self.__dict__["_source"]
+        return source
+
+    def _make_batch(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> SaeBatch:
+        return self.source._make_batch(args, kwargs)
+
+    def _batch_uses(self) -> frozenset[str]:
+        return self.source._batch_uses()
+
+    def _contribution(self, batch: SaeBatch) -> Any:
+        return batch.contribution(self.source)
+
+    def _finite_items(self, batch: SaeBatch, contribution: Any) -> Tensor | None:
+        return self.source._finite_items(batch, contribution)
+
+    def _record(self, contribution: Any) -> None:
+        """Nothing: the source records the batch."""
+
+    def _value(self, contribution: Any) -> Tensor:
+        return self.source._derived_value(self.output_name, contribution)
+
+    def compute(self) -> Tensor:
+        """The derived value of the source's epoch state."""
+        return self.source._derived_compute(self.output_name)
+
+    def extra_repr(self) -> str:
+        """Show the source and the output in ``repr``."""
+        return f"{type(self.source).__name__}, {self.output_name!r}"

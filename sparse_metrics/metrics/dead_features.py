@@ -51,10 +51,11 @@ class DeadFeatures(ActivityMetric):
     are; :meth:`reset_counters` clears them (e.g. after resampling). They are int64, saved in ``state_dict`` and
     restored by ``load_state_dict``.
 
-    ``update(learned_activations, **kwargs)`` takes ``[batch, num_features]`` or ``[batch, component,
-    num_features]``. ``compute()`` returns the number of dead features, int64 ``[*component]`` (0-d for one
-    component); :meth:`dead_mask` the boolean mask ``[*component, num_features]`` (for resampling) and
-    :meth:`items_since_fired` the global counts; all synced across processes.
+    ``update(learned_activations)`` takes ``[batch, num_features]`` or ``[batch, component, num_features]``.
+    ``compute()`` returns the number of dead features, int64 ``[*component]`` (0-d for one component; a collection
+    also reports their fraction as ``dead_feature_fraction``); :meth:`dead_mask` the boolean mask
+    ``[*component, num_features]`` (for resampling) and :meth:`items_since_fired` the global counts; all synced
+    across processes.
 
     Args:
         num_features: The dictionary size ``d_sae``.
@@ -101,14 +102,32 @@ class DeadFeatures(ActivityMetric):
             dist_reduce_fx=_reduce_counters,
             persistent=True,
         )
+        self._add_configuration_marker()
 
-    def _record_activity(self, activity: FeatureActivity) -> None:
+    def _configuration(self) -> dict[str, Any]:
+        return {**super()._configuration(), "window": self.window}
+
+    def _record(self, contribution: FeatureActivity) -> None:
         since, seen = self.dead_counters[:, :-1], self.dead_counters[:, -1:]
-        self.dead_counters = torch.cat([_advance(since, activity), seen + activity.batch_size], dim=-1)
+        self.dead_counters = torch.cat([_advance(since, contribution), seen + contribution.batch_size], dim=-1)
 
-    def _batch_value(self, activity: FeatureActivity) -> Tensor:
+    def _value(self, contribution: FeatureActivity) -> Tensor:
         """Dead features on this process after the batch (forward's value)."""
-        return self._squeeze(_dead_compute(self.dead_counters[:, :-1], self.window).sum(dim=-1))
+        return self._squeeze(self._mask().sum(dim=-1))
+
+    def _derived_outputs(self) -> dict[str, bool | None]:
+        """``dead_feature_fraction``: the dead features' share of the dictionary."""
+        return {"dead_feature_fraction": False}
+
+    def _derived_value(self, name: str, contribution: FeatureActivity) -> Tensor:
+        if name != "dead_feature_fraction":
+            raise KeyError(name)
+        return self._value(contribution) / self.num_features
+
+    def _derived_compute(self, name: str) -> Tensor:
+        if name != "dead_feature_fraction":
+            raise KeyError(name)
+        return self.compute() / self.num_features
 
     def _mask(self) -> Tensor:
         return _dead_compute(self.dead_counters[:, :-1], self.window)

@@ -2,30 +2,55 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from sparse_metrics._config import NumComponents, validate_arguments
+from sparse_metrics._batch import SaeBatch
+from sparse_metrics._config import NumComponents, PositiveInt, validate_arguments
 from sparse_metrics.functional.explained_variance import (
     VarianceStatistics,
     _batch_fvu,
     _batch_statistics,
     _fvu_compute,
-    _fvu_update,
     _merge_statistics,
 )
-from sparse_metrics.metrics import _base
-from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, PackedSyncMetric
+from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, SaeMetric
 
 __all__ = ["ExplainedVariance", "FractionOfVarianceUnexplained"]
 
-#: Packet layout: [d_model, count, mean (component * d_model), m2 (component), squared error (component)].
-_HEADER = 2
+
+def _pack(statistics: VarianceStatistics) -> Tensor:
+    """One row per component: ``[count, mean (d_model), M2, squared error]``, ``[component, d_model + 3]``."""
+    columns = [statistics.item_count.unsqueeze(-1), statistics.mean]
+    columns += [statistics.m2.unsqueeze(-1), statistics.squared_error.unsqueeze(-1)]
+    return torch.cat(columns, dim=-1)
 
 
-class FractionOfVarianceUnexplained(PackedSyncMetric):
+def _unpack(packed: Tensor) -> VarianceStatistics:
+    return VarianceStatistics(packed[..., 0], packed[..., 1:-2], packed[..., -2], packed[..., -1])
+
+
+def _merge_processes(stacked: Tensor) -> Tensor:
+    """Packed-sync reduction of the ``[process, component, d_model + 3]`` statistics: Chan's merge in rank order.
+
+    Every process folds the same per-process rows in the same order, so all get bitwise identical statistics; a
+    process that saw no item (count 0) is the identity.
+    """
+    merged = _unpack(stacked[0])
+    for statistics in stacked[1:]:
+        merged = _merge_statistics(merged, _unpack(statistics))
+    return _pack(merged)
+
+
+class _VarianceContribution(NamedTuple):
+    statistics: Tensor  # packed [component, d_model + 3], detached
+    source: Tensor  # [batch, component, d_model]
+    squared_error: Tensor  # [batch, component], differentiable
+
+
+class FractionOfVarianceUnexplained(SaeMetric):
     r"""Fraction of the source's variance the reconstruction misses, pooled over every item seen.
 
     .. math:: \mathrm{FVU}_c = \frac{\sum_{b=1}^{N} \sum_{d} (x_{bcd} - \hat x_{bcd})^2}
@@ -37,29 +62,24 @@ class FractionOfVarianceUnexplained(PackedSyncMetric):
     ``x = [0, 2], x̂ = [1, 1]`` and rank 1 with ``x = [4, 6], x̂ = [5, 5]`` give 0.2; the mean of the per-rank
     ratios would be 1.0.
 
-    ``update(decoded_activations, source_activations, **kwargs)`` takes ``[batch, d_model]`` or
+    ``update(decoded_activations, source_activations)`` takes ``[batch, d_model]`` or
     ``[batch, component, d_model]``. ``compute()`` returns ``[component]`` float64 (0-d for one component): NaN
     before any item (or for a constant source reconstructed exactly), inf for a constant source with an error.
     ``forward`` returns the FVU of the batch alone, differentiable with respect to the inputs.
 
-    State, and why it has this form: the denominator is kept as (count, per-dimension mean, M2) in float64 and
-    batches are merged with Chan's parallel formula, exact for data with a large offset. ``d_model`` is not a
-    constructor argument, so the per-dimension mean is sized by the first batch, and a process that saw no batch
-    does not know it. Tensor states must have the same size on every process for the packed sync
-    (:mod:`sparse_metrics._distributed`), so the statistics are kept instead as one flat float64 *packet*
-    ``[d_model, count, mean, M2, squared error]`` in a ``"cat"`` list state: its rows are scalars whatever
-    ``d_model`` is, a process with no data contributes zero rows, and after the gather every process parses the
-    packets (each carries its own ``d_model``) and merges them with Chan's formula in rank order, so every process
-    gets the bitwise identical result. It travels in the packed sync's second collective (one per collection).
+    The denominator is kept as (count, per-dimension mean, M2) in float64 and batches are merged with Chan's
+    parallel formula, exact for data with a large offset; processes are merged the same way, in rank order, so every
+    process gets the bitwise identical result. A collection reports ``explained_variance`` (``1 - fvu``) beside it.
 
     Args:
         num_components: Number of SAEs trained side by side (the ``component`` axis).
-        kwargs: Passed to :class:`torchmetrics.Metric`.
+        d_model: The width of the activations (the state's per-dimension mean has this size).
+        kwargs: Passed to :class:`torchmetrics.Metric` (and ``nan_strategy``).
 
     Example:
         >>> import torch
         >>> from sparse_metrics import FractionOfVarianceUnexplained
-        >>> metric = FractionOfVarianceUnexplained()
+        >>> metric = FractionOfVarianceUnexplained(d_model=1)
         >>> metric.update(torch.tensor([[1.0], [1.0]]), torch.tensor([[0.0], [2.0]]))
         >>> metric.update(torch.tensor([[5.0], [5.0]]), torch.tensor([[4.0], [6.0]]))
         >>> metric.compute()  # 4 / 20, pooled over both batches
@@ -72,159 +92,85 @@ class FractionOfVarianceUnexplained(PackedSyncMetric):
     plot_lower_bound: float | None = 0.0
     plot_upper_bound: float | None = None
 
-    _state_name: ClassVar[str] = "fvu_statistics"
+    _positional_inputs: ClassVar[tuple[str, ...]] = ("decoded_activations", "source_activations")
+    _state_prefix: ClassVar[str] = "fvu"
 
     @validate_arguments
-    def __init__(self, num_components: NumComponents = 1, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_components = num_components
-        self.add_state(self._state_name, [], dist_reduce_fx="cat", persistent=True)
-
-    def update(self, decoded_activations: Tensor, source_activations: Tensor, **kwargs: Any) -> None:
-        """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
-        source, squared_error = _fvu_update(decoded_activations, source_activations, self.num_components)
-        self._record_statistics(source, squared_error)
-
-    def forward(self, decoded_activations: Tensor, source_activations: Tensor, **kwargs: Any) -> Tensor:
-        """Accumulate a batch and return its own FVU (0-d or ``[component]``), differentiable."""
-        source, squared_error = _fvu_update(decoded_activations, source_activations, self.num_components)
-        self._record_batch(source, squared_error)
-        return self._batch_value(source, squared_error)
-
-    def _record_batch(self, source: Tensor, squared_error_per_item: Tensor) -> None:
-        """Record a validated batch as ``update`` would (used by forward and the collection)."""
-        self._record_statistics(source, squared_error_per_item)
-        self._count_update()
-
-    def _batch_value(self, source: Tensor, squared_error: Tensor) -> Tensor:
-        """This class's value on one batch (the collection reports it from forward)."""
-        return self._squeeze(_batch_fvu(source, squared_error))
-
-    def _record_statistics(self, source: Tensor, squared_error_per_item: Tensor) -> None:
-        """Merge a validated batch (source ``[batch, component, d_model]``, per-item summed squared errors)."""
-        if source.shape[0] == 0:
-            return
-        local = self._local_statistics(source.shape[-1])
-        batch = _batch_statistics(source, squared_error_per_item, self._statistics_dtype)
-        merged = batch if local is None else _merge_statistics(local, batch)
-        setattr(self, self._state_name, [self._pack(merged)])
-
-    def _local_statistics(self, d_model: int) -> VarianceStatistics | None:
-        """This process's statistics, to merge a batch of width ``d_model`` into, with no host synchronisation.
-
-        Outside ``compute()`` the state is this process's single packet, whose length gives its width; the width in
-        its header would have to be read from the device.
-        """
-        packets: list[Tensor] = getattr(self, self._state_name)
-        if not packets:
-            return None
-        if len(packets) > 1:  # several packets, e.g. a checkpoint saved from a synced state: read their headers
-            statistics = self._statistics()
-            held = -1 if statistics is None else statistics.mean.shape[-1]
-        else:
-            statistics, held = None, self._d_model_of(packets[0])
-        if held != d_model:
-            raise ValueError(
-                f"`source_activations` has d_model {d_model}, but this metric holds items of d_model {held}; "
-                "reset() it before feeding activations of another width."
-            )
-        return statistics if statistics is not None else self._parse(packets[0], d_model)
-
-    def _pack(self, statistics: VarianceStatistics) -> Tensor:
-        mean = statistics.mean
-        d_model = torch.tensor([mean.shape[-1]], dtype=mean.dtype, device=mean.device)
-        return torch.cat(
-            [
-                d_model,
-                statistics.item_count.reshape(1),
-                statistics.mean.reshape(-1),
-                statistics.m2,
-                statistics.squared_error,
-            ]
+    def __init__(self, num_components: NumComponents = 1, *, d_model: PositiveInt, **kwargs: Any) -> None:
+        super().__init__(num_components, **kwargs)
+        self.d_model = d_model
+        self._state_name = f"{self._state_prefix}_statistics"
+        self.add_state(
+            self._state_name,
+            torch.zeros(num_components, d_model + 3, dtype=ACCUMULATOR_DTYPE),
+            dist_reduce_fx=_merge_processes,
+            persistent=True,
         )
+        self._add_configuration_marker()
 
-    def _statistics(self) -> VarianceStatistics | None:
-        """Parse the packet(s) of the state and merge them; None if empty.
-
-        After a sync the state holds every process's packet, concatenated in rank order, each of its own width (read
-        from its header): this runs in ``compute()``, which reads the result anyway.
-        """
-        packets: list[Tensor] = getattr(self, self._state_name)
-        if not packets:
-            return None
-        flat = torch.cat(packets)
-        merged: VarianceStatistics | None = None
-        offset = 0
-        while offset < flat.numel():
-            d_model = int(flat[offset].item())
-            end = offset + self._packet_length(d_model)
-            statistics = self._parse(flat[offset:end], d_model)
-            merged = statistics if merged is None else _merge_statistics(merged, statistics)
-            offset = end
-        return merged
-
-    def _packet_length(self, d_model: int) -> int:
-        """Header, then mean ``[component, d_model]``, M2 ``[component]`` and squared error ``[component]``."""
-        return _HEADER + self.num_components * (d_model + 2)
-
-    def _d_model_of(self, packet: Tensor) -> int:
-        return (packet.numel() - _HEADER) // self.num_components - 2
-
-    def _parse(self, packet: Tensor, d_model: int) -> VarianceStatistics:
-        components = self.num_components
-        mean_end = _HEADER + components * d_model
-        return VarianceStatistics(
-            item_count=packet[1],
-            mean=packet[_HEADER:mean_end].reshape(components, d_model),
-            m2=packet[mean_end : mean_end + components],
-            squared_error=packet[mean_end + components : mean_end + 2 * components],
-        )
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        """Refuse packets written by a metric with another ``num_components`` (their lengths do not fit this one)."""
-        for packet in state_dict.get(prefix + self._state_name) or []:
-            d_model = self._d_model_of(packet)
-            if d_model < 1 or packet.numel() != self._packet_length(d_model) or int(packet[0].item()) != d_model:
-                raise ValueError(
-                    f"Cannot load state `{prefix + self._state_name}` into {type(self).__name__}"
-                    f"(num_components={self.num_components}): a packet of {packet.numel()} values does not fit; the "
-                    "checkpoint comes from a metric configured differently."
-                )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    def _empty_list_state(self, name: str) -> Tensor:
-        """No packet: a process that saw no item sends zero scalar rows."""
-        return torch.zeros(0, dtype=self._statistics_dtype, device=self.device)
+    def _configuration(self) -> dict[str, Any]:
+        return {**super()._configuration(), "d_model": self.d_model}
 
     @property
-    def _statistics_dtype(self) -> torch.dtype:
-        """float64, or float32 on a device without float64 (MPS), like the sums of the other metrics."""
-        return ACCUMULATOR_DTYPE if _base._supports_float64(self.device) else torch.float32
+    def _statistics(self) -> Tensor:
+        value: Tensor = getattr(self, self._state_name)
+        return value
 
-    def _squeeze(self, value: Tensor) -> Tensor:
-        return value.squeeze(-1) if self.num_components == 1 else value
+    def _contribution(self, batch: SaeBatch) -> _VarianceContribution:
+        owner = type(self).__name__
+        source = batch.require("source_activations", owner)
+        if source.shape[-1] != self.d_model:
+            raise ValueError(
+                f"`source_activations` must have d_model={self.d_model} in its last axis, got shape "
+                f"{batch.shape('source_activations')}."
+            )
+        self._check_device(batch)
+        squared_error = batch.squared_error(owner)
+        statistics = batch.memo(
+            ("variance_statistics", self._statistics.dtype),
+            lambda: _pack(_batch_statistics(source, squared_error, self._statistics.dtype)),
+        )
+        return _VarianceContribution(statistics, source, squared_error)
+
+    def _finite_items(self, batch: SaeBatch, contribution: _VarianceContribution) -> Tensor | None:
+        source_finite = contribution.source.detach().isfinite().flatten(1).all(dim=1)
+        return source_finite & contribution.squared_error.detach().isfinite().all(dim=1)
+
+    def _record(self, contribution: _VarianceContribution) -> None:
+        if contribution.source.shape[0] == 0:
+            return
+        merged = _merge_statistics(_unpack(self._statistics), _unpack(contribution.statistics))
+        setattr(self, self._state_name, _pack(merged))
+
+    def _value(self, contribution: _VarianceContribution) -> Tensor:
+        return self._squeeze(self._batch_fvu(contribution))
+
+    @staticmethod
+    def _batch_fvu(contribution: _VarianceContribution) -> Tensor:
+        return _batch_fvu(contribution.source, contribution.squared_error)
 
     def _fvu(self) -> Tensor:
         """Pooled FVU ``[component]`` of every item in the (possibly synced) state."""
-        statistics = self._statistics()
-        if statistics is None:
-            return torch.full((self.num_components,), float("nan"), dtype=self._statistics_dtype, device=self.device)
+        statistics = _unpack(self._statistics)
         return _fvu_compute(statistics.squared_error, statistics.m2)
 
     def compute(self) -> Tensor:
         """Pooled FVU over every item seen on every process, float64 ``[component]`` (0-d for one component)."""
         return self._squeeze(self._fvu())
+
+    def _derived_outputs(self) -> dict[str, bool | None]:
+        """``explained_variance``: ``1 - fvu``."""
+        return {"explained_variance": True}
+
+    def _derived_value(self, name: str, contribution: _VarianceContribution) -> Tensor:
+        if name != "explained_variance":
+            raise KeyError(name)
+        return self._squeeze(1 - self._batch_fvu(contribution))
+
+    def _derived_compute(self, name: str) -> Tensor:
+        if name != "explained_variance":
+            raise KeyError(name)
+        return 1 - self.compute()
 
 
 class ExplainedVariance(FractionOfVarianceUnexplained):
@@ -237,12 +183,13 @@ class ExplainedVariance(FractionOfVarianceUnexplained):
 
     Args:
         num_components: Number of SAEs trained side by side (the ``component`` axis).
-        kwargs: Passed to :class:`torchmetrics.Metric`.
+        d_model: The width of the activations.
+        kwargs: Passed to :class:`torchmetrics.Metric` (and ``nan_strategy``).
 
     Example:
         >>> import torch
         >>> from sparse_metrics import ExplainedVariance
-        >>> metric = ExplainedVariance()
+        >>> metric = ExplainedVariance(d_model=1)
         >>> metric.update(torch.tensor([[1.0], [1.0], [5.0], [5.0]]), torch.tensor([[0.0], [2.0], [4.0], [6.0]]))
         >>> metric.compute()
         tensor(0.8000, dtype=torch.float64)
@@ -252,10 +199,13 @@ class ExplainedVariance(FractionOfVarianceUnexplained):
     plot_lower_bound = None
     plot_upper_bound = 1.0
 
-    _state_name: ClassVar[str] = "explained_variance_statistics"
+    _state_prefix: ClassVar[str] = "explained_variance"
 
-    def _batch_value(self, source: Tensor, squared_error: Tensor) -> Tensor:
-        return 1 - super()._batch_value(source, squared_error)
+    def _value(self, contribution: _VarianceContribution) -> Tensor:
+        return self._squeeze(1 - self._batch_fvu(contribution))
+
+    def _derived_outputs(self) -> dict[str, bool | None]:
+        return {}
 
     def compute(self) -> Tensor:
         """Pooled explained variance, float64 ``[component]`` (0-d for one component)."""

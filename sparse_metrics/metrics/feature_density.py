@@ -28,16 +28,17 @@ class FeatureDensity(ActivityMetric):
        \overline{\log_{10} \rho}_c = \frac{1}{d_{sae}} \sum_{i} \log_{10}(\rho_{ci} + \epsilon),
        \quad \epsilon = 10^{-10}
 
-    ``update(learned_activations, **kwargs)`` takes ``[batch, num_features]`` or
+    ``update(learned_activations)`` takes ``[batch, num_features]`` or
     ``[batch, component, num_features]``. ``compute()`` returns the densities, float64
     ``[*component, num_features]`` (NaN before any item); :meth:`mean_log10_density` the per-component mean log10
-    density for logging; :meth:`plot` the usual histogram of log10 densities. Counts are int64 and summed across
-    processes, so the density is exact; they are saved in ``state_dict``.
+    density for logging (a collection reports it as ``mean_log10_feature_density``); :meth:`plot` the usual
+    histogram of log10 densities. Counts are int64 and summed across processes, so the density is exact; they are
+    saved in ``state_dict``.
 
     Args:
         num_features: The dictionary size ``d_sae``.
         num_components: Number of SAEs trained side by side (the ``component`` axis).
-        kwargs: Passed to :class:`torchmetrics.Metric`.
+        kwargs: Passed to :class:`torchmetrics.Metric` (and ``nan_strategy``).
 
     Example:
         >>> import torch
@@ -55,6 +56,7 @@ class FeatureDensity(ActivityMetric):
     higher_is_better = None
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
+    per_feature = True
 
     _fire_count_state: ClassVar[str] = "density_fire_count"
     _item_count_state: ClassVar[str] = "density_item_count"
@@ -74,14 +76,32 @@ class FeatureDensity(ActivityMetric):
         self.add_state(
             self._item_count_state, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum", persistent=True
         )
+        self._add_configuration_marker()
 
-    def _record_activity(self, activity: FeatureActivity) -> None:
-        self.density_fire_count = self.density_fire_count + activity.fire_count
-        self.density_item_count = self.density_item_count + activity.batch_size
+    def _record(self, contribution: FeatureActivity) -> None:
+        self.density_fire_count = self.density_fire_count + contribution.fire_count
+        self.density_item_count = self.density_item_count + contribution.batch_size
 
-    def _batch_value(self, activity: FeatureActivity) -> Tensor:
-        density = _density_compute(activity.fire_count, torch.tensor(activity.batch_size), self._density_dtype)
-        return self._squeeze(density)
+    def _value(self, contribution: FeatureActivity) -> Tensor:
+        return self._squeeze(self._batch_density(contribution))
+
+    def _batch_density(self, activity: FeatureActivity) -> Tensor:
+        count = torch.tensor(activity.batch_size, device=activity.fire_count.device)
+        return _density_compute(activity.fire_count, count, self._density_dtype)
+
+    def _derived_outputs(self) -> dict[str, bool | None]:
+        """``mean_log10_feature_density``: the per-component mean of ``log10(density + 1e-10)``."""
+        return {"mean_log10_feature_density": None}
+
+    def _derived_value(self, name: str, contribution: FeatureActivity) -> Tensor:
+        if name != "mean_log10_feature_density":
+            raise KeyError(name)
+        return self._squeeze(_mean_log10(self._batch_density(contribution), DENSITY_EPSILON))
+
+    def _derived_compute(self, name: str) -> Tensor:
+        if name != "mean_log10_feature_density":
+            raise KeyError(name)
+        return self.mean_log10_density()
 
     def _density(self) -> Tensor:
         return _density_compute(self.density_fire_count, self.density_item_count, self._density_dtype)
@@ -89,14 +109,11 @@ class FeatureDensity(ActivityMetric):
     @property
     def _density_dtype(self) -> torch.dtype:
         """float64, or float32 on a device without float64 (MPS)."""
-        return ACCUMULATOR_DTYPE if _base._supports_float64(self.device) else torch.float32
+        return ACCUMULATOR_DTYPE if _base.supports_float64(self.device) else torch.float32
 
     def compute(self) -> Tensor:
         """Density of every feature, float64 ``[*component, num_features]``, synced across processes."""
         return self._squeeze(self._density())
-
-    def _mean_log10_density(self, epsilon: float = DENSITY_EPSILON) -> Tensor:
-        return self._squeeze(_mean_log10(self._density(), epsilon))
 
     def mean_log10_density(self, epsilon: float = DENSITY_EPSILON) -> Tensor:
         """Mean over features of ``log10(density + epsilon)``, ``[*component]`` (0-d for one component), synced.
@@ -109,7 +126,7 @@ class FeatureDensity(ActivityMetric):
         with self.sync_context(
             dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
         ):
-            return self._mean_log10_density(epsilon)
+            return self._squeeze(_mean_log10(self._density(), epsilon))
 
     def plot(self, val: Any = None, ax: Any = None) -> Any:
         """Histogram of ``log10(density + 1e-10)`` over features (one per component); needs matplotlib.

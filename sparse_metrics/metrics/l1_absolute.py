@@ -4,8 +4,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from sparse_metrics._batch import SaeBatch
 from sparse_metrics._config import NumComponents, validate_arguments
-from sparse_metrics.functional.l1_absolute import _l1_absolute_update
 from sparse_metrics.metrics._base import ItemMeanMetric
 
 __all__ = ["L1AbsoluteLoss"]
@@ -16,7 +16,7 @@ class L1AbsoluteLoss(ItemMeanMetric):
 
     .. math:: \mathrm{L1} = \frac{1}{N} \sum_{b=1}^{N} \sum_{i=1}^{d_{sae}} |f_{bi}|
 
-    ``update(learned_activations, **kwargs)`` takes ``[batch, d_sae]`` or ``[batch, component, d_sae]``.
+    ``update(learned_activations)`` takes ``[batch, d_sae]`` or ``[batch, component, d_sae]``.
     ``compute()`` returns ``[component]`` (0-d for one component), or per-item values with ``keep_batch_dim=True``.
 
     Args:
@@ -35,14 +35,12 @@ class L1AbsoluteLoss(ItemMeanMetric):
     """
 
     _state_prefix: ClassVar[str] = "l1"
+    _positional_inputs: ClassVar[tuple[str, ...]] = ("learned_activations",)
 
     @validate_arguments
     def __init__(self, num_components: NumComponents = 1, *, keep_batch_dim: bool = False, **kwargs: Any) -> None:
         super().__init__(num_components, keep_batch_dim=keep_batch_dim, **kwargs)
+        self._add_configuration_marker()
 
-    def update(self, learned_activations: Tensor, **kwargs: Any) -> None:
-        """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
-        self._accumulate(self._per_item(learned_activations))
-
-    def _per_item(self, learned_activations: Tensor, **kwargs: Any) -> Tensor:
-        return _l1_absolute_update(learned_activations, self.num_components)
+    def _per_item(self, batch: SaeBatch) -> Tensor:
+        return batch.l1(type(self).__name__)

@@ -4,8 +4,9 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from sparse_metrics._batch import SaeBatch
 from sparse_metrics._config import FeatureReduction, NumComponents, validate_arguments
-from sparse_metrics.functional.l2_reconstruction import _l2_reconstruction_update, l2_reconstruction_loss
+from sparse_metrics.functional.l2_reconstruction import _reduce_over_model, l2_reconstruction_loss
 from sparse_metrics.metrics._base import ItemMeanMetric
 
 __all__ = ["L2ReconstructionLoss"]
@@ -19,7 +20,7 @@ class L2ReconstructionLoss(ItemMeanMetric):
     where ``reduce`` is the mean (default; the prior-art package and saev) or the sum (SAELens) over ``d_model``,
     and the mean runs over every item of every update on every process.
 
-    ``update(decoded_activations, source_activations, **kwargs)`` takes ``[batch, d_model]`` or
+    ``update(decoded_activations, source_activations)`` takes ``[batch, d_model]`` or
     ``[batch, component, d_model]`` tensors. ``compute()`` returns ``[component]`` (0-d for one component), or the
     per-item values ``[item, *component]`` with ``keep_batch_dim=True``.
 
@@ -40,6 +41,7 @@ class L2ReconstructionLoss(ItemMeanMetric):
     """
 
     _state_prefix: ClassVar[str] = "l2"
+    _positional_inputs: ClassVar[tuple[str, ...]] = ("decoded_activations", "source_activations")
 
     @validate_arguments
     def __init__(
@@ -52,15 +54,15 @@ class L2ReconstructionLoss(ItemMeanMetric):
     ) -> None:
         super().__init__(num_components, keep_batch_dim=keep_batch_dim, **kwargs)
         self.feature_reduction = feature_reduction
+        self._add_configuration_marker()
 
-    def update(self, decoded_activations: Tensor, source_activations: Tensor, **kwargs: Any) -> None:
-        """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
-        self._accumulate(self._per_item(decoded_activations, source_activations))
+    def _configuration(self) -> dict[str, Any]:
+        return {**super()._configuration(), "feature_reduction": self.feature_reduction}
 
-    def _per_item(self, decoded_activations: Tensor, source_activations: Tensor, **kwargs: Any) -> Tensor:
-        return _l2_reconstruction_update(
-            decoded_activations, source_activations, self.num_components, self.feature_reduction
-        )
+    def _per_item(self, batch: SaeBatch) -> Tensor:
+        owner = type(self).__name__
+        d_model = batch.require("source_activations", owner).shape[-1]
+        return _reduce_over_model(batch.squared_error(owner), d_model, self.feature_reduction)
 
     @staticmethod
     def calculate_mse(decoded_activations: Tensor, source_activations: Tensor) -> Tensor:

@@ -6,9 +6,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from sparse_metrics._batch import SaeBatch
 from sparse_metrics._config import FeatureReduction, NumComponents, validate_arguments
 from sparse_metrics._validation import check_prefix_sizes, check_prefix_weights
-from sparse_metrics.functional.matryoshka import _combine_prefixes, _matryoshka_update
+from sparse_metrics.functional.matryoshka import _combine_prefixes, _prefix_errors
 from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, ItemMeanMetric
 
 __all__ = ["MatryoshkaReconstructionLoss"]
@@ -26,7 +27,12 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
     ``feature_reduction="sum"`` with ``prefix_weights=[1] * P`` reproduces SAELens. The prefixes are decoded
     incrementally: all of them together cost one full decode.
 
-    ``update(source_activations, learned_activations, decoder_weight, decoder_bias=None, **kwargs)``: the decoder is
+    Every prefix is decoded from ``decoder_weight`` by default. With ``reuse_decoded_activations=True`` and the
+    largest prefix the whole dictionary (``d_sae``), the error of ``decoded_activations`` is taken as that prefix's,
+    which saves one block of the decode; this is right only when ``decoded_activations`` is exactly ``f W + b``
+    (not with a skip connection, an output normalisation, or a decode run in another precision).
+
+    ``update(source_activations, learned_activations, decoder_weight, decoder_bias=None)``: the decoder is
     feature-major, ``[*component, d_sae, d_model]`` (as SAELens and saev store ``W_dec``), the bias
     ``[*component, d_model]``. ``compute()`` returns the weighted loss, ``[component]`` (0-d for one component);
     :meth:`compute_prefix_losses` returns each prefix's epoch error, ``[*component, prefix]``.
@@ -37,6 +43,8 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
         keep_batch_dim: Keep per-item values of the weighted loss.
         feature_reduction: ``"mean"`` or ``"sum"`` over the model dimension.
         prefix_weights: One non-negative weight per prefix; ``None`` gives ``1/P`` each.
+        reuse_decoded_activations: Take the error of ``decoded_activations`` as the whole-dictionary prefix's (then
+            ``decoded_activations`` is a required input).
         kwargs: Passed to :class:`torchmetrics.Metric`.
 
     Example:
@@ -52,6 +60,12 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
     """
 
     _state_prefix: ClassVar[str] = "matryoshka"
+    _positional_inputs: ClassVar[tuple[str, ...]] = (
+        "source_activations",
+        "learned_activations",
+        "decoder_weight",
+        "decoder_bias",
+    )
 
     _prefix_weights: Tensor
     matryoshka_prefix_sum: Tensor
@@ -66,6 +80,7 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
         keep_batch_dim: bool = False,
         feature_reduction: FeatureReduction = "mean",
         prefix_weights: Sequence[float] | None = None,
+        reuse_decoded_activations: bool = False,
         **kwargs: Any,
     ) -> None:
         sizes = check_prefix_sizes(prefix_sizes)
@@ -74,6 +89,7 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
         self.prefix_sizes = sizes
         self.prefix_weights = weights
         self.feature_reduction = feature_reduction
+        self.reuse_decoded_activations = reuse_decoded_activations
         # float64, cast to the errors' dtype when combined: float32 weights would cost float64 inputs their precision.
         self.register_buffer("_prefix_weights", torch.tensor(weights, dtype=torch.float64), persistent=False)
         self.add_state(
@@ -81,57 +97,62 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
             torch.zeros(num_components, len(sizes), dtype=ACCUMULATOR_DTYPE),
             dist_reduce_fx="sum",
         )
+        self._add_configuration_marker()
 
-    def update(
-        self,
-        source_activations: Tensor,
-        learned_activations: Tensor,
-        decoder_weight: Tensor,
-        decoder_bias: Tensor | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection."""
-        self._accumulate(self._per_item(source_activations, learned_activations, decoder_weight, decoder_bias))
+    def _configuration(self) -> dict[str, Any]:
+        return {
+            **super()._configuration(),
+            "prefix_sizes": list(self.prefix_sizes),
+            "prefix_weights": list(self.prefix_weights),
+            "feature_reduction": self.feature_reduction,
+            "reuse_decoded_activations": self.reuse_decoded_activations,
+        }
 
-    def _per_item(
-        self,
-        source_activations: Tensor,
-        learned_activations: Tensor,
-        decoder_weight: Tensor,
-        decoder_bias: Tensor | None = None,
-        full_dictionary_error: Tensor | None = None,
-        **kwargs: Any,
-    ) -> Tensor:
-        """Per-item error of every prefix, ``[batch, component, prefix]``.
-
-        ``full_dictionary_error``: the per-item error of the whole dictionary's reconstruction where the caller has
-        it (the collection's L2 error); it then serves as the last prefix's error when that prefix is ``d_sae``.
-        """
-        return _matryoshka_update(
-            source_activations,
-            learned_activations,
-            decoder_weight,
-            decoder_bias,
-            self.prefix_sizes,
-            self.num_components,
-            self.feature_reduction,
-            full_dictionary_error,
+    def _per_item(self, batch: SaeBatch) -> Tensor:
+        """Per-item error of every prefix, ``[batch, component, prefix]``."""
+        owner = type(self).__name__
+        source = batch.require("source_activations", owner)
+        learned = batch.require("learned_activations", owner)
+        weight = batch.require("decoder_weight", owner, "It decodes the prefixes: the feature-major decoder.")
+        sizes = check_prefix_sizes(self.prefix_sizes, d_sae=learned.shape[-1])
+        full_error = batch.squared_error(owner) if self.reuse_decoded_activations else None
+        key = ("prefix_errors", sizes, self.feature_reduction, self.reuse_decoded_activations)
+        return batch.memo(
+            key,
+            lambda: _prefix_errors(
+                source, learned, weight, batch.get("decoder_bias"), sizes, self.feature_reduction, full_error
+            ),
         )
 
     def _item_values(self, per_item: Tensor) -> Tensor:
         """The weighted loss ``[batch, component]`` from the per-prefix errors."""
         return _combine_prefixes(per_item, self._prefix_weights)
 
-    def _add(self, per_item: Tensor) -> None:
-        super()._add(per_item)
-        if per_item.shape[0]:
+    def _record(self, contribution: Tensor) -> None:
+        super()._record(contribution)
+        if contribution.shape[0]:
             total = self.matryoshka_prefix_sum
-            self.matryoshka_prefix_sum = total + per_item.detach().sum(dim=0, dtype=total.dtype)
+            self.matryoshka_prefix_sum = total + contribution.detach().sum(dim=0, dtype=total.dtype)
 
-    def _prefix_output(self, prefix_errors: Tensor) -> Tensor:
-        """Batch mean of each prefix's error, ``[*component, prefix]``, from per-item prefix errors."""
-        values = prefix_errors.mean(dim=0)
-        return values.squeeze(0) if self.num_components == 1 else values
+    def _prefix_key(self, index: int) -> str:
+        return f"matryoshka_prefix_{self.prefix_sizes[index]}"
+
+    def _derived_outputs(self) -> dict[str, bool | None]:
+        """``matryoshka_prefix_<m>``: the error of each prefix of width ``m``."""
+        return {self._prefix_key(index): False for index in range(len(self.prefix_sizes))}
+
+    def _derived_value(self, name: str, contribution: Tensor) -> Tensor:
+        index = self._prefix_index(name)
+        return self._squeeze(contribution[..., index].mean(dim=0))
+
+    def _derived_compute(self, name: str) -> Tensor:
+        return self.compute_prefix_losses()[..., self._prefix_index(name)]
+
+    def _prefix_index(self, name: str) -> int:
+        keys = [self._prefix_key(index) for index in range(len(self.prefix_sizes))]
+        if name not in keys:
+            raise KeyError(name)
+        return keys.index(name)
 
     def compute_prefix_losses(self) -> Tensor:
         """Epoch mean of each prefix's reconstruction error, ``[*component, prefix]`` (synced across processes)."""

@@ -5,10 +5,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from sparse_metrics._batch import SaeBatch
 from sparse_metrics._config import NumComponents, validate_arguments
 from sparse_metrics._validation import check_sparsity_coefficient
-from sparse_metrics.functional.l1_absolute import _l1_absolute_update
-from sparse_metrics.functional.sparsity import _decoder_weighted_l1_update, _sparsity_from_l1
+from sparse_metrics.functional.sparsity import _sparsity_from_l1, _weighted_l1
 from sparse_metrics.metrics._base import ItemMeanMetric
 
 __all__ = ["SparsityLoss"]
@@ -24,7 +24,7 @@ class SparsityLoss(ItemMeanMetric):
     allowed, negative values are rejected. A ``[component]`` tensor gives each component its own coefficient.
     A tensor coefficient is checked (one read of its values) when set, never during updates.
 
-    ``update(learned_activations, decoder_weight=None, **kwargs)`` takes ``[batch, d_sae]`` or
+    ``update(learned_activations, decoder_weight=None)`` takes ``[batch, d_sae]`` or
     ``[batch, component, d_sae]``. With ``decoder_norm_weighting=True`` each ``|f_i|`` is weighted by the L2 norm
     of decoder row ``i`` (SAELens / Anthropic style) and ``decoder_weight``, feature-major
     ``[*component, d_sae, d_model]``, is required; ``forward`` is then differentiable with respect to it too:
@@ -57,6 +57,7 @@ class SparsityLoss(ItemMeanMetric):
     """
 
     _state_prefix: ClassVar[str] = "sparsity"
+    _positional_inputs: ClassVar[tuple[str, ...]] = ("learned_activations", "decoder_weight")
 
     _coefficient_tensor: Tensor | None
 
@@ -76,6 +77,15 @@ class SparsityLoss(ItemMeanMetric):
         self.register_buffer("_coefficient_tensor", None, persistent=False)
         self._coefficient_number = 0.0
         self.sparsity_coefficient = sparsity_coefficient
+        self._add_configuration_marker()
+
+    def _configuration(self) -> dict[str, Any]:
+        return {**super()._configuration(), "decoder_norm_weighting": self.decoder_norm_weighting}
+
+    def _merge_guard(self) -> Any:
+        """The initial coefficient: a schedule may change it, so checkpoints do not compare it, compute groups do."""
+        coefficient = self.sparsity_coefficient
+        return coefficient.tolist() if isinstance(coefficient, Tensor) else coefficient
 
     @property
     def sparsity_coefficient(self) -> float | Tensor:
@@ -93,22 +103,16 @@ class SparsityLoss(ItemMeanMetric):
             self._coefficient_tensor = None
             self._coefficient_number = value
 
-    def update(self, learned_activations: Tensor, decoder_weight: Tensor | None = None, **kwargs: Any) -> None:
-        """Accumulate a batch. Extra keyword arguments are ignored, so one call can feed a whole collection.
-
-        ``decoder_weight`` is required with ``decoder_norm_weighting`` and ignored without it.
-        """
-        self._accumulate(self._per_item(learned_activations, decoder_weight))
-
-    def _per_item(self, learned_activations: Tensor, decoder_weight: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def _per_item(self, batch: SaeBatch) -> Tensor:
+        owner = type(self).__name__
         if not self.decoder_norm_weighting:
-            return self._from_l1(_l1_absolute_update(learned_activations, self.num_components))
-        if decoder_weight is None:
-            raise ValueError(
-                "`decoder_weight` is required when `decoder_norm_weighting=True`: pass the feature-major decoder "
-                "[*component, d_sae, d_model]."
-            )
-        return self._from_l1(_decoder_weighted_l1_update(learned_activations, decoder_weight, self.num_components))
+            return self._from_l1(batch.l1(owner))
+        why = (
+            "It is required with `decoder_norm_weighting=True`: the feature-major decoder [*component, d_sae, d_model]."
+        )
+        row_norms = batch.decoder_row_norms(owner, why)
+        learned = batch.require("learned_activations", owner)
+        return self._from_l1(batch.memo("weighted_l1", lambda: _weighted_l1(learned, row_norms)))
 
     def _from_l1(self, l1_per_item: Tensor) -> Tensor:
         """The per-item penalty from per-item (weighted) L1 values (the collection reuses its L1 this way)."""

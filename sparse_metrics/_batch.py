@@ -1,0 +1,259 @@
+"""One step's inputs, validated once, and every statistic the metrics share, computed at most once.
+
+Every metric, alone or in a collection, reads its inputs through a :class:`SaeBatch`: the batch checks the keyword
+names, the shapes and the devices of whatever it is given, holds ``[batch, component, ...]`` views of the inputs and
+memoises each shared statistic (the per-item squared error, the L1, the activity mask, the decoder row norms, each
+member's contribution) the first time a metric asks for it. A collection builds one batch per step, so a statistic
+that several members need is computed once; a metric used alone builds its own.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from sparse_metrics._compile import CompiledWithFallback
+from sparse_metrics._validation import (
+    check_batch_size,
+    check_decoder,
+    check_floating,
+    check_same_shape,
+    computation_dtype,
+    infer_d_model,
+    to_components,
+)
+from sparse_metrics.functional._statistics import _sae_loss_statistics
+from sparse_metrics.functional.feature_density import FeatureActivity, _feature_activity
+from sparse_metrics.functional.l0_norm import _count_active
+from sparse_metrics.functional.l1_absolute import _absolute_sum
+from sparse_metrics.functional.l2_reconstruction import _squared_error_sum
+from sparse_metrics.functional.sparsity import _decoder_row_norms
+
+if TYPE_CHECKING:
+    from sparse_metrics.metrics._base import SaeMetric
+
+__all__ = ["SAE_INPUTS", "SaeBatch"]
+
+#: The keyword names of every input a metric of this package reads; any metric accepts all of them, so that one call
+#: (or one ``**inputs`` dict) feeds any metric or collection.
+SAE_INPUTS = ("source_activations", "learned_activations", "decoded_activations", "decoder_weight", "decoder_bias")
+
+# Shared by every batch of a collection built with compiled=True; compiled at its first call.
+_compiled_sae_loss_statistics = CompiledWithFallback(_sae_loss_statistics)
+
+_Value = TypeVar("_Value")
+
+
+def check_input_names(names: Iterable[str], owner: str) -> None:
+    """Raise ``TypeError`` for a keyword that is not an SAE input, suggesting the closest name."""
+    for name in names:
+        if name not in SAE_INPUTS:
+            close = difflib.get_close_matches(name, SAE_INPUTS, n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise TypeError(
+                f"{owner} got an unexpected keyword argument `{name}`.{hint} The inputs are "
+                f"{', '.join(f'`{n}`' for n in SAE_INPUTS)}."
+            )
+
+
+class SaeBatch:
+    """The validated inputs of one step and the statistics shared by the metrics that read them.
+
+    Args:
+        inputs: The inputs by keyword (names from :data:`SAE_INPUTS`; ``None`` values count as absent).
+        num_components: The component count the inputs must have; ``None`` accepts any.
+        owner: The name to put in error messages (the metric or collection being fed).
+        uses: Statistics that members will ask for, so that the cheapest shared route is taken: with
+            ``"activity"`` the per-item L0 is counted from the activity mask that the activity metrics need anyway.
+        compiled: Compute the per-item squared error, L0 and L1 together in one compiled function.
+    """
+
+    def __init__(
+        self,
+        inputs: Mapping[str, object],
+        *,
+        num_components: int | None,
+        owner: str,
+        uses: frozenset[str] = frozenset(),
+        compiled: bool = False,
+    ) -> None:
+        check_input_names(inputs, owner)
+        self.owner = owner
+        self.uses = uses
+        self.compiled = compiled
+        self._given = {name: check_floating(name, value) for name, value in inputs.items() if value is not None}
+        self._views: dict[str, Tensor] = {}
+        self._memo: dict[Hashable, Any] = {}
+        self._validate(num_components)
+
+    def _validate(self, num_components: int | None) -> None:
+        given, views = self._given, self._views
+        reference_name: str | None = None
+        for name in ("source_activations", "decoded_activations", "learned_activations"):
+            if name not in given:
+                continue
+            if reference_name is not None and name == "decoded_activations" and "source_activations" in given:
+                check_same_shape(name, given[name], "source_activations", given["source_activations"])
+            view = to_components(name, given[name], num_components)
+            if reference_name is not None:
+                check_batch_size(name, view, reference_name, views[reference_name])
+            else:
+                reference_name = name
+            num_components = view.shape[1]
+            views[name] = view
+        self.num_components = num_components
+        self.has_component_axis = reference_name is not None and given[reference_name].ndim == 3
+        if "source_activations" in views and "decoded_activations" in views:
+            views["decoded_activations"] = views["decoded_activations"].view(views["source_activations"].shape)
+        if "decoder_weight" in given:
+            self._validate_decoder()
+        self._check_devices()
+
+    def _validate_decoder(self) -> None:
+        given, views = self._given, self._views
+        learned = views.get("learned_activations")
+        model_input = views.get("source_activations", views.get("decoded_activations"))
+        weight = given["decoder_weight"]
+        if learned is None:
+            raise ValueError(
+                f"{self.owner}: `decoder_weight` was given without `learned_activations`, whose last axis (d_sae) it "
+                "must match."
+            )
+        d_sae = learned.shape[-1]
+        d_model = model_input.shape[-1] if model_input is not None else infer_d_model(weight, d_sae)
+        decoder_weight, decoder_bias = check_decoder(
+            weight,
+            given.get("decoder_bias"),
+            num_components=learned.shape[1],
+            source_is_batched_by_component=self.has_component_axis,
+            d_sae=d_sae,
+            d_model=d_model,
+        )
+        views["decoder_weight"] = decoder_weight
+        if decoder_bias is not None:
+            views["decoder_bias"] = decoder_bias
+
+    def _check_devices(self) -> None:
+        devices = {name: tensor.device for name, tensor in self._given.items() if isinstance(tensor, Tensor)}
+        if len(set(devices.values())) > 1:
+            shown = ", ".join(f"`{name}` on {device}" for name, device in devices.items())
+            raise ValueError(f"{self.owner}: the inputs must be on one device, got {shown}.")
+
+    # The inputs.
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the inputs (None when none was given)."""
+        return next(iter(self._views.values())).device if self._views else None
+
+    @property
+    def batch_size(self) -> int:
+        """Number of items."""
+        for name in ("source_activations", "decoded_activations", "learned_activations"):
+            if name in self._views:
+                return int(self._views[name].shape[0])
+        return 0
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the inputs given, in the order they were passed."""
+        return list(self._given)
+
+    def has(self, name: str) -> bool:
+        """Whether input ``name`` was given."""
+        return name in self._views
+
+    def get(self, name: str) -> Tensor | None:
+        """The ``[batch, component, ...]`` view of input ``name`` (``[component, ...]`` for the decoder), or None."""
+        return self._views.get(name)
+
+    def shape(self, name: str) -> list[int]:
+        """The shape of input ``name`` as it was passed, for error messages."""
+        return list(self._given[name].shape)
+
+    def require(self, name: str, owner: str, why: str = "") -> Tensor:
+        """The view of input ``name``; a ``TypeError`` naming ``owner`` if it was not given."""
+        view = self._views.get(name)
+        if view is None:
+            reason = f" {why}" if why else ""
+            raise TypeError(f"{owner} needs the input `{name}`, which was not given.{reason}")
+        return view
+
+    def given(self, names: Iterable[str]) -> dict[str, Tensor]:
+        """The inputs among ``names`` as they were passed (not viewed), for metrics that take their own signature."""
+        return {name: self._given[name] for name in names if name in self._given}
+
+    def select(self, items: Tensor) -> SaeBatch:
+        """The batch of the items where the ``[batch]`` mask ``items`` is True (nan_strategy="ignore")."""
+        rows = {
+            name: value[items]
+            if name in ("source_activations", "learned_activations", "decoded_activations")
+            else value
+            for name, value in self._given.items()
+        }
+        return SaeBatch(
+            rows, num_components=self.num_components, owner=self.owner, uses=self.uses, compiled=self.compiled
+        )
+
+    # Shared statistics, each computed at most once.
+
+    def memo(self, key: Hashable, compute: Callable[[], _Value]) -> _Value:
+        """``compute()`` the first time ``key`` is asked for; the same object after."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        value: _Value = self._memo[key]
+        return value
+
+    def contribution(self, member: SaeMetric) -> Any:
+        """``member``'s contribution to this batch (what it records and reports), computed once."""
+        return self.memo(("contribution", id(member)), lambda: member._contribution(self))
+
+    def squared_error(self, owner: str) -> Tensor:
+        """Per-item squared error summed over ``d_model``, ``[batch, component]``, differentiable, float32/64."""
+        decoded = self.require("decoded_activations", owner)
+        source = self.require("source_activations", owner)
+        self._compiled_loss_statistics(owner)
+        return self.memo("squared_error", lambda: _squared_error_sum(decoded, source))
+
+    def l0(self, owner: str) -> Tensor:
+        """Per-item number of non-zero features, ``[batch, component]`` (float32/64, no graph)."""
+        learned = self.require("learned_activations", owner)
+        if "activity" in self.uses:  # the activity mask is formed anyway: count it instead of reading f again
+            return self.memo("l0", lambda: self.active(owner).sum(dim=-1, dtype=computation_dtype(learned)))
+        self._compiled_loss_statistics(owner)
+        return self.memo("l0", lambda: _count_active(learned))
+
+    def l1(self, owner: str) -> Tensor:
+        """Per-item sum of ``|f|``, ``[batch, component]``, differentiable, float32/64."""
+        learned = self.require("learned_activations", owner)
+        self._compiled_loss_statistics(owner)
+        return self.memo("l1", lambda: _absolute_sum(learned))
+
+    def _compiled_loss_statistics(self, owner: str) -> None:
+        """With ``compiled``, memoise the squared error, L0 and L1 from one compiled function (one fused pass)."""
+        if not self.compiled or "activity" in self.uses or "squared_error" in self._memo:
+            return
+        source, learned, decoded = (
+            self.require(name, owner) for name in ("source_activations", "learned_activations", "decoded_activations")
+        )
+        squared_error, l0, l1 = _compiled_sae_loss_statistics(source, learned, decoded)
+        self._memo.update({"squared_error": squared_error, "l0": l0, "l1": l1})
+
+    def active(self, owner: str) -> Tensor:
+        """Which features are non-zero on each item (NaN counts as non-zero), ``[batch, component, d_sae]`` bool."""
+        learned = self.require("learned_activations", owner)
+        return self.memo("active", lambda: learned.detach() != 0)
+
+    def activity(self, owner: str) -> FeatureActivity:
+        """Per-feature firing counts and items since the last firing, from the activity mask."""
+        return self.memo("activity", lambda: _feature_activity(self.active(owner)))
+
+    def decoder_row_norms(self, owner: str, why: str = "") -> Tensor:
+        """L2 norm of each feature-major decoder row, ``[component, d_sae]``, differentiable, float32/64."""
+        weight = self.require("decoder_weight", owner, why)
+        learned = self.require("learned_activations", owner)
+        return self.memo("decoder_row_norms", lambda: _decoder_row_norms(weight, computation_dtype(learned, weight)))
