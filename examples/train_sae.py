@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -179,11 +181,45 @@ def train(
 ) -> list[dict[str, float]]:
     """Train on this rank's shard; return every epoch's ``compute()`` values (the same on every rank).
 
-    ``init_method`` joins the process group (``tcp://...`` from ``--nproc``, ``env://`` under torchrun).
+    ``init_method`` joins the process group (``tcp://...`` from ``--nproc``, ``env://`` under torchrun). The group
+    outlives everything that uses it: the DDP model, the optimiser and the metrics live in ``_train``'s frame, and
+    the group is destroyed here, after that frame is gone.
     """
+    if world_size == 1:
+        return _train(rank, world_size, args)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        history = _train(rank, world_size, args)
+    except BaseException as error:
+        # The traceback keeps the frames it went through, _train's and its DDP model among them: clear them, so that
+        # the model lets go of the group before the group is destroyed. The peers may be anywhere: no barrier.
+        traceback.clear_frames(error.__traceback__)
+        _leave_group(together=False)
+        raise
+    _leave_group(together=True)
+    return history
+
+
+def _leave_group(*, together: bool) -> None:
+    """Destroy the process group once nothing but ``torch.distributed`` itself holds it.
+
+    Whatever drops the group's last reference runs its destructor, which joins gloo's worker threads. Dropped by the
+    DDP model's C++ Reducer, that happens with the GIL held, while a worker may still be freeing the last
+    collectives' tensors, which takes the GIL: both wait forever (a hang at exit, under load). So the model must be
+    gone first. It died with ``_train``'s frame but for the reference cycle DDP sits in, which ``gc.collect()`` frees
+    while the group still exists; the last reference is then ``destroy_process_group``'s, which releases the GIL.
+    """
+    gc.collect()
+    if together:
+        # Leave together: a rank that tears the group down while its peer is still busy (rank 0 plotting, say) can
+        # leave that peer hanging in its own teardown.
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def _train(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[str, float]]:
+    """The training loop of ``train``, in a process group already joined when ``world_size > 1``."""
     distributed = world_size > 1
-    if distributed:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     # Every rank draws the same data, initial SAE and shuffles from one seeded generator, so nothing needs to be sent
     # around and each rank can pick its own shard.
     generator = torch.Generator().manual_seed(args.seed)
@@ -245,11 +281,6 @@ def train(
         if args.plot is not None:
             plot_training(args.plot, history, recorder.step_losses, steps_per_epoch, recorder.densities)
             print(f"wrote {args.plot}")
-    if distributed:
-        # Leave together: a rank that tears the group down while its peer is still busy (rank 0 plotting, say) can
-        # leave that peer hanging in its own teardown.
-        dist.barrier()
-        dist.destroy_process_group()
     return history
 
 
