@@ -5,9 +5,12 @@ Constructors are wrapped in :func:`validate_arguments`, a strict pydantic ``vali
 (a ``ValueError``) naming the argument, the expected type or range, and the received value.
 """
 
-from typing import Annotated, Literal
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar, cast
 
-from pydantic import ConfigDict, Field, validate_call
+from pydantic import ConfigDict, Field, ValidationError, validate_call
 
 __all__ = [
     "ComponentReduction",
@@ -27,4 +30,30 @@ ComponentReduction = Literal["mean", "sum"]
 #: What a metric does with an item whose value is NaN or infinite (see ``ItemMeanMetric``).
 NanStrategy = Literal["propagate", "ignore", "error"]
 
-validate_arguments = validate_call(config=ConfigDict(strict=True, arbitrary_types_allowed=True))
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+_strict_call = validate_call(config=ConfigDict(strict=True, arbitrary_types_allowed=True))
+
+
+def validate_arguments(function: _Function) -> _Function:
+    """Validate a constructor's arguments strictly, naming positional arguments by name in the error.
+
+    pydantic locates an error in a positional argument by its index (``1``); the error raised here says
+    ``num_components`` instead, so that a call such as ``SparseAutoencoderLoss(0.1)`` points at the argument.
+    """
+    validated = _strict_call(function)
+    names = list(inspect.signature(function).parameters)
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return validated(*args, **kwargs)
+        except ValidationError as error:
+            errors = []
+            for line in error.errors():
+                location = line["loc"]
+                if location and isinstance(location[0], int) and location[0] < len(names):
+                    location = (names[location[0]], *location[1:])
+                errors.append({**line, "loc": location})
+            raise ValidationError.from_exception_data(error.title, errors) from None  # type: ignore[arg-type]
+
+    return cast(_Function, call)
