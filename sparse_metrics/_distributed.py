@@ -1,11 +1,14 @@
 """Packed synchronisation of metric states across processes.
 
 torchmetrics syncs each state of each metric with its own ``all_gather`` (plus a barrier and a shape exchange), about
-five collective calls per metric. Here every state of every metric given is exchanged in at most two calls:
+five collective calls per metric. Here every state of every metric given is exchanged in two calls:
 
-1. one ``all_gather`` of a fixed-size byte buffer holding every tensor state and the row count of every list state
-   (tensor states have the same shape on every rank, so the buffer has the same length everywhere);
-2. only if some rank holds per-item rows, one ``all_gather`` of the list states' bytes, padded to the longest rank.
+1. one ``all_gather`` of three integers: a fingerprint of the layout (every metric's class, configuration and state
+   shapes) and the sizes of the payload. Its size never depends on the configuration, so ranks configured differently
+   learn it here and all raise the same ``ValueError``, where a gather of buffers of different sizes would abort one
+   process and hand the others bytes they never fully received;
+2. one ``all_gather`` of every tensor state, the row count of every list state and the list states' rows, padded to
+   the longest rank's rows.
 
 Bytes are exchanged, not values, so integer counts and float64 sums cross the wire exactly, and every rank reduces
 the same per-rank values in the same order: the result is bitwise identical on all ranks.
@@ -13,6 +16,8 @@ the same per-rank values in the same order: the result is bitwise identical on a
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -78,23 +83,45 @@ def _collect(metrics: Sequence[Metric]) -> tuple[list[_State], list[_State]]:
     return tensor_states, list_states
 
 
-def _sync_tensor_states(
-    tensor_states: list[_State], row_counts: Tensor, group: Any, gather: Gather | None
-) -> list[list[int]]:
-    """Collective 1: reduce every tensor state in place; return each rank's list-state row counts."""
-    header = torch.cat([_as_bytes(value) for _, _, value in tensor_states] + [_as_bytes(row_counts)])
+def _layout(tensor_states: list[_State], list_states: list[_State]) -> str:
+    """What every rank must agree on: each state's owner, configuration, name, dtype and (row) shape, in order."""
+    parts = []
+    for kind, states in (("tensor", tensor_states), ("rows", list_states)):
+        for metric, name, value in states:
+            configuration: Any = getattr(metric, "_configuration", dict)()
+            shape = list(value.shape) if kind == "tensor" else ["*", *value.shape[1:]]
+            parts.append([kind, type(metric).__name__, configuration, name, str(value.dtype), shape])
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def _fingerprint(layout: str) -> int:
+    return int.from_bytes(hashlib.sha1(layout.encode(), usedforsecurity=False).digest()[:8], "little", signed=True)
+
+
+def _check_layouts(meta_by_rank: list[list[int]], metrics: Sequence[Metric]) -> None:
+    """Raise the same error on every rank when the ranks' metrics are laid out (configured) differently."""
+    fingerprints = [meta[0] for meta in meta_by_rank]
+    if len(set(fingerprints)) > 1:
+        names = ", ".join(sorted({type(metric).__name__ for metric in metrics}))
+        different = [rank for rank, fingerprint in enumerate(fingerprints) if fingerprint != fingerprints[0]]
+        raise ValueError(
+            f"Cannot sync {names}: the processes hold metrics configured differently (ranks {different} differ from "
+            "rank 0 in the classes, arguments or state shapes). Construct the metrics with the same arguments on "
+            "every process."
+        )
+
+
+def _reduce_tensor_states(tensor_states: list[_State], buffers: list[Tensor]) -> None:
+    """Reduce every tensor state over the ranks' buffers, in rank order (bitwise identical on every rank)."""
     values_by_state: list[list[Tensor]] = [[] for _ in tensor_states]
-    rows_by_rank: list[list[int]] = []
-    for rank_buffer in _all_gather(header, group, gather):
+    for rank_buffer in buffers:
         offset = 0
         for values, (_, _, value) in zip(values_by_state, tensor_states, strict=True):
             end = offset + value.numel() * value.element_size()
             values.append(_from_bytes(rank_buffer[offset:end], value, value.shape))
             offset = end
-        rows_by_rank.append(_from_bytes(rank_buffer[offset:], row_counts, row_counts.shape).tolist())
     for (metric, name, value), values in zip(tensor_states, values_by_state, strict=True):
-        # Reduced in rank order on every rank, so all ranks hold bitwise identical results. A custom reduction gets
-        # the per-rank values stacked on a new first axis, as torchmetrics gives them.
+        # A custom reduction gets the per-rank values stacked on a new first axis, as torchmetrics gives them.
         reduction = cast(Callable[[Tensor], Tensor], metric._reductions[name])  # checked by _collect
         stacked = torch.stack(values)
         if reduction in _TENSOR_REDUCTIONS:
@@ -102,26 +129,14 @@ def _sync_tensor_states(
         else:
             reduced = reduction(stacked)
         setattr(metric, name, reduced.to(value.dtype))
-    return rows_by_rank
 
 
-def _sync_list_states(
-    list_states: list[_State], rows_by_rank: list[list[int]], group: Any, gather: Gather | None
-) -> None:
-    """Collective 2 (only if some rank has rows): concatenate every list state over the ranks, in rank order."""
+def _concatenate_list_states(list_states: list[_State], buffers: list[Tensor], rows_by_rank: list[list[int]]) -> None:
+    """Concatenate every list state over the ranks' row bytes, in rank order."""
     row_nbytes = [rows.shape[1:].numel() * rows.element_size() for _, _, rows in list_states]
-    rank_nbytes = [sum(n * b for n, b in zip(rows, row_nbytes, strict=True)) for rows in rows_by_rank]
-    if max(rank_nbytes) == 0:
-        for metric, name, rows in list_states:
-            setattr(metric, name, [rows])
-        return
-    payload = torch.zeros(max(rank_nbytes), dtype=torch.uint8, device=list_states[0][2].device)
-    local = torch.cat([_as_bytes(rows) for _, _, rows in list_states])
-    payload[: local.numel()] = local
-    gathered = _all_gather(payload, group, gather)
     for index, (metric, name, rows) in enumerate(list_states):
         pieces = []
-        for rank_buffer, rows_of_rank in zip(gathered, rows_by_rank, strict=True):
+        for rank_buffer, rows_of_rank in zip(buffers, rows_by_rank, strict=True):
             offset = sum(n * b for n, b in zip(rows_of_rank[:index], row_nbytes[:index], strict=True))
             chunk = rank_buffer[offset : offset + rows_of_rank[index] * row_nbytes[index]]
             pieces.append(_from_bytes(chunk, rows, (rows_of_rank[index], *rows.shape[1:])))
@@ -134,17 +149,36 @@ def sync_states(metrics: Sequence[Metric], process_group: Any = None, gather: Ga
     Tensor states need a reduction: ``"sum"``, ``"max"``, ``"min"`` or a callable taking the per-rank values stacked on
     a new first axis (torchmetrics' convention); list states must be reduced by ``"cat"``, and a metric with
     list states provides ``_empty_list_state(name)``: an empty tensor with the dtype, device and trailing shape of
-    that state's rows (a rank may have none). Every rank must call this with the same metrics, configured alike.
-    ``gather`` is torchmetrics' ``dist_sync_fn`` (default: ``torch.distributed.all_gather``), called on byte buffers.
+    that state's rows (a rank may have none). Every rank must call this with the same metrics, configured alike; a
+    difference raises ``ValueError`` on every rank. ``gather`` is torchmetrics' ``dist_sync_fn`` (default:
+    ``torch.distributed.all_gather``), called on byte buffers. No state changes unless both collectives succeed.
     """
     tensor_states, list_states = _collect(metrics)
     if not tensor_states and not list_states:
         return
     device = (tensor_states or list_states)[0][2].device
     row_counts = torch.tensor([rows.shape[0] for _, _, rows in list_states], dtype=torch.int64, device=device)
-    rows_by_rank = _sync_tensor_states(tensor_states, row_counts, process_group, gather)
+    fixed = torch.cat([_as_bytes(value) for _, _, value in tensor_states] + [_as_bytes(row_counts)])
+    rows = [_as_bytes(rows) for _, _, rows in list_states]
+    local_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.uint8, device=device)
+    # Collective 1, a fixed size whatever the configuration: the layout's fingerprint and the payload's sizes.
+    meta = torch.tensor(
+        [_fingerprint(_layout(tensor_states, list_states)), fixed.numel(), local_rows.numel()], device=device
+    )
+    meta_by_rank = [rank_meta.tolist() for rank_meta in _all_gather(meta, process_group, gather)]
+    _check_layouts(meta_by_rank, metrics)
+    # Collective 2: every state's bytes, the rows padded to the longest rank's.
+    payload = torch.zeros(fixed.numel() + max(meta[2] for meta in meta_by_rank), dtype=torch.uint8, device=device)
+    payload[: fixed.numel()] = fixed
+    payload[fixed.numel() : fixed.numel() + local_rows.numel()] = local_rows
+    buffers = _all_gather(payload, process_group, gather)
+    counts_offset = fixed.numel() - row_counts.numel() * row_counts.element_size()
+    rows_by_rank = [
+        _from_bytes(buffer[counts_offset : fixed.numel()], row_counts, row_counts.shape).tolist() for buffer in buffers
+    ]
+    _reduce_tensor_states(tensor_states, buffers)
     if list_states:
-        _sync_list_states(list_states, rows_by_rank, process_group, gather)
+        _concatenate_list_states(list_states, [buffer[fixed.numel() :] for buffer in buffers], rows_by_rank)
 
 
 @contextmanager

@@ -295,6 +295,24 @@ class SparseAutoencoderLoss(MetricCollection):
             raise ValueError(f"SparseAutoencoderLoss has members {taken} already; choose other keys.")
         super().add_metrics(metrics, *additional_metrics)
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Check every member's part of the checkpoint before any member loads (they load after, one by one)."""
+        for key, member in self._modules.items():
+            if isinstance(member, SaeMetric):
+                member.check_state_dict(state_dict, f"{prefix}{key}.", strict)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     # One step.
 
     def _members(self) -> tuple[list[tuple[str, SaeMetric]], list[tuple[str, Metric]]]:
@@ -365,6 +383,8 @@ class SparseAutoencoderLoss(MetricCollection):
         own, _ = self._members()
         stateful = [member for _, member in own if member._defaults]
         with synced_states(stateful, stateful[0].process_group if stateful else None):
+            for _, member in own:  # computed from the synced states: a cached result may predate another rank's batch
+                member._computed = None
             values = {key: member.compute() for key, member in self.items(keep_base=True, copy_state=False)}
         return {self._set_name(key): value for key, value in values.items()}
 

@@ -166,13 +166,12 @@ def _count_collectives(rank: int, world_size: int) -> dict[str, int]:
 
 def test_compute_makes_at_most_two_collective_calls():
     for calls in run_on_ranks(_count_collectives):
-        assert calls == {
-            "collection keep_batch_dim=False": 1,  # every sum state of every member in one buffer
-            "metric keep_batch_dim=False": 1,
-            "collection keep_batch_dim=True": 2,  # plus one gather of every per-item state
+        assert calls == {  # the layout check, then every state of every member in one buffer
+            "collection keep_batch_dim=False": 2,
+            "metric keep_batch_dim=False": 2,
+            "collection keep_batch_dim=True": 2,  # the per-item rows travel in the same buffer
             "metric keep_batch_dim=True": 2,
-            # The FVU's fixed-shape statistics travel with the sums.
-            "training collection keep_batch_dim=False": 1,
+            "training collection keep_batch_dim=False": 2,
             "training collection keep_batch_dim=True": 2,
         }
 

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any, ClassVar, cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.nn import Module
 from torchmetrics import Metric
@@ -286,11 +287,19 @@ class SaeMetric(Metric):
         return self.per_feature
 
     def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
-        """Keep the item or feature axis of a one-element value: torchmetrics squeezes every such result to 0-d."""
+        """The ``compute`` of torchmetrics, with two changes.
+
+        - Under ``torch.distributed`` the cached result is never returned: a process with no new batch would return
+          it without joining the collective that the others, with new batches, enter (they would wait for it until
+          the timeout), and its value would be stale. Every process joins every ``compute()``.
+        - The item or feature axis of a one-element value is kept: torchmetrics squeezes every such result to 0-d.
+        """
         wrapped = super()._wrap_compute(compute)
 
         @functools.wraps(compute)
         def compute_keeping_axis(*args: Any, **kwargs: Any) -> Any:
+            if self._to_sync and self.distributed_available_fn():
+                self._computed = None
             value = wrapped(*args, **kwargs)
             if self._value_has_axis and isinstance(value, Tensor) and value.ndim == 0:
                 return value.reshape(1)  # one item (or feature) of a one-component metric, as forward returns it
@@ -360,6 +369,90 @@ class SaeMetric(Metric):
         """An empty tensor with the dtype, device and trailing shape of the rows of list state ``name``."""
         raise NotImplementedError(f"{type(self).__name__} has list state `{name}`: implement `_empty_list_state`.")
 
+    # Checkpoints: the configuration travels in the extra state, and everything is checked before anything loads.
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """What a checkpoint must match to load: the class, its configuration, and whose items the states hold."""
+        distributed = dist.is_available() and dist.is_initialized()
+        return {
+            "class": type(self).__name__,
+            "configuration": self._configuration(),
+            "world_size": dist.get_world_size(self.process_group) if distributed else 1,
+            "rank": dist.get_rank(self.process_group) if distributed else 0,
+            "synced": self._is_synced,
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Nothing to restore: :meth:`check_state_dict` compared the saved extra state before loading."""
+
+    def check_state_dict(self, state_dict: Mapping[str, Any], prefix: str = "", strict: bool = True) -> None:
+        """Raise ``ValueError`` if ``state_dict`` cannot load into this metric exactly; load nothing.
+
+        Refused: a checkpoint of another class or configuration (``num_components``, prefix sizes and weights,
+        ``feature_reduction``, ``keep_batch_dim``, ...), states of another shape, a floating state for an integer
+        counter, with ``strict`` a state that is missing, and one process's share of a run on other processes (rank
+        1's items would be lost when resuming on one process; save the synced states for that, see the robustness
+        guide).
+        """
+        owner = type(self).__name__
+        where = prefix.rstrip(".") or owner
+        present = [name for name in self._defaults if prefix + name in state_dict]
+        for name in present:
+            self._check_saved_state(name, state_dict[prefix + name], prefix + name)
+        if strict:
+            missing = [prefix + name for name in self._defaults if self._persistent[name] and name not in present]
+            if missing:
+                raise ValueError(f"Cannot load `{where}` into {owner}: the checkpoint has no state {missing} (strict).")
+        saved_extra = state_dict.get(prefix + "_extra_state")
+        if saved_extra is None:
+            return
+        wanted = {"class": owner, "configuration": self._configuration()}
+        saved = {key: saved_extra.get(key) for key in wanted}
+        if saved != json.loads(json.dumps(wanted)):
+            raise ValueError(
+                f"Cannot load `{where}` into {owner}: the checkpoint comes from {saved['class']} configured "
+                f"{saved['configuration']}, this metric is configured {wanted['configuration']}."
+            )
+        if present:
+            self._check_processes(saved_extra, where)
+
+    def _check_processes(self, saved: Mapping[str, Any], where: str) -> None:
+        here = self.get_extra_state()
+        if saved.get("synced"):
+            if here["world_size"] > 1:
+                raise ValueError(
+                    f"Cannot load `{where}` on {here['world_size']} processes: the checkpoint holds the synced states "
+                    "of every process, which every process would count again. Load it into one process."
+                )
+            return
+        if (saved.get("world_size", 1), saved.get("rank", 0)) != (here["world_size"], here["rank"]):
+            raise ValueError(
+                f"Cannot load `{where}`: the checkpoint holds the states of process {saved.get('rank')} of "
+                f"{saved.get('world_size')}, this is process {here['rank']} of {here['world_size']}; the other "
+                "processes' items would be lost or counted twice. To resume on another number of processes, save "
+                "the synced states (`metric.sync()`, `state_dict()`, `metric.unsync()`) and load them into one process."
+            )
+
+    def _check_saved_state(self, name: str, saved: Any, key: str) -> None:
+        default = self._defaults[name]
+        like = default if isinstance(default, Tensor) else self._empty_list_state(name)
+        rows = saved if isinstance(saved, list) else [saved]
+        if isinstance(default, Tensor) != isinstance(saved, Tensor) or not all(isinstance(r, Tensor) for r in rows):
+            raise ValueError(f"Cannot load state `{key}` into {type(self).__name__}: got a {type(saved).__name__}.")
+        for row in rows:
+            shape = list(row.shape) if isinstance(default, Tensor) else ["*", *row.shape[1:]]
+            expected = list(like.shape) if isinstance(default, Tensor) else ["*", *like.shape[1:]]
+            if shape != expected:
+                raise ValueError(
+                    f"Cannot load state `{key}` into {type(self).__name__}: expected shape {expected}, got {shape}. "
+                    "The checkpoint comes from a metric configured differently (num_components, prefix_sizes, ...)."
+                )
+            if row.is_floating_point() and not like.is_floating_point():
+                raise ValueError(
+                    f"Cannot load state `{key}` into {type(self).__name__}: an exact {like.dtype} count was saved as "
+                    f"{row.dtype}."
+                )
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -370,28 +463,19 @@ class SaeMetric(Metric):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """Refuse states shaped for another configuration before loading any of them.
+        """Check the whole checkpoint first; then load the states in this metric's dtypes and on its device.
 
-        torchmetrics assigns saved states as they are: a checkpoint of a metric with another ``num_components`` or
-        other prefix sizes would load silently and give wrong results, or fail much later.
+        torchmetrics assigns saved states as they are: a half-precision copy would stay half-precision, a checkpoint of
+        another configuration with the same shapes would load silently, and a missing state would go unnoticed.
         """
+        self.check_state_dict(state_dict, prefix, strict)
         for name, default in self._defaults.items():
-            saved = state_dict.get(prefix + name)
+            saved = state_dict.pop(prefix + name, None)
             if saved is None:
                 continue
-            expected: list[int | str]
-            got: list[int | str] | None
-            if isinstance(default, Tensor):
-                expected, got = list(default.shape), list(saved.shape) if isinstance(saved, Tensor) else None
-            else:  # a list state: rows [n, *trailing]; compare the trailing shape
-                expected = ["*", *self._empty_list_state(name).shape[1:]]
-                got = next((["*", *row.shape[1:]] for row in saved if ["*", *row.shape[1:]] != expected), expected)
-            if got != expected:
-                raise ValueError(
-                    f"Cannot load state `{prefix + name}` into {type(self).__name__}: expected shape {expected}, "
-                    f"got {got}. The checkpoint comes from a metric configured differently (num_components, "
-                    "prefix_sizes, ...)."
-                )
+            like = default if isinstance(default, Tensor) else self._empty_list_state(name)
+            convert = functools.partial(Tensor.to, device=self.device, dtype=like.dtype)
+            setattr(self, name, convert(saved) if isinstance(saved, Tensor) else [convert(row) for row in saved])
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
