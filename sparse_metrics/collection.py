@@ -295,6 +295,17 @@ class SparseAutoencoderLoss(MetricCollection):
             raise ValueError(f"SparseAutoencoderLoss has members {taken} already; choose other keys.")
         super().add_metrics(metrics, *additional_metrics)
 
+    def check_state_dict(self, state_dict: Mapping[str, Any], prefix: str = "", strict: bool = True) -> None:
+        """Raise ``ValueError`` if any member's part of ``state_dict`` cannot load (``SaeMetric.check_state_dict``)."""
+        for key, member in self._modules.items():
+            if isinstance(member, SaeMetric):
+                member.check_state_dict(state_dict, f"{prefix}{key}.", strict)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load a checkpoint after every member's part of it has been checked (with ``strict``)."""
+        self.check_state_dict(state_dict, "", strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -306,9 +317,7 @@ class SparseAutoencoderLoss(MetricCollection):
         error_msgs: list[str],
     ) -> None:
         """Check every member's part of the checkpoint before any member loads (they load after, one by one)."""
-        for key, member in self._modules.items():
-            if isinstance(member, SaeMetric):
-                member.check_state_dict(state_dict, f"{prefix}{key}.", strict)
+        self.check_state_dict(state_dict, prefix, strict=False)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -181,7 +181,14 @@ class SaeMetric(Metric):
         """
         settings = json.dumps([type(self).__name__, self._configuration(), self._merge_guard()], sort_keys=True)
         digest = hashlib.sha1(settings.encode(), usedforsecurity=False).hexdigest()[:12]
-        self.add_state(f"configuration_{digest}", torch.zeros(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self._marker_state = f"configuration_{digest}"
+        self.add_state(self._marker_state, torch.zeros(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def persistent(self, mode: bool = False) -> None:
+        """Change whether the states are saved in ``state_dict`` (the configuration marker never is)."""
+        super().persistent(mode)
+        if hasattr(self, "_marker_state"):
+            self._persistent[self._marker_state] = False
 
     def _merge_guard(self) -> Any:
         """Settings that are not part of the checkpointed configuration but still forbid a compute-group merge."""
@@ -359,7 +366,7 @@ class SaeMetric(Metric):
     def _check_device(self, batch: SaeBatch) -> None:
         """Refuse inputs on another device than the states (torchmetrics would move the states silently or fail)."""
         device = batch.device
-        if device is not None and device != self.device and device.type != "meta" and self.device.type != "meta":
+        if device is not None and device != self.device:
             raise ValueError(
                 f"{type(self).__name__}: the inputs are on {device} but the metric's states are on {self.device}; "
                 f"move the metric there first (`metric.to({str(device)!r})`)."
@@ -453,6 +460,11 @@ class SaeMetric(Metric):
                     f"{row.dtype}."
                 )
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load a checkpoint after :meth:`check_state_dict` has accepted all of it (with ``strict``)."""
+        self.check_state_dict(state_dict, "", strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -468,10 +480,14 @@ class SaeMetric(Metric):
         torchmetrics assigns saved states as they are: a half-precision copy would stay half-precision, a checkpoint of
         another configuration with the same shapes would load silently, and a missing state would go unnoticed.
         """
-        self.check_state_dict(state_dict, prefix, strict)
+        # torch passes strict=True to every module here and applies the caller's `strict` only at the end:
+        # load_state_dict (below) checks strictly first; missing states are reported as torch reports keys.
+        self.check_state_dict(state_dict, prefix, strict=False)
         for name, default in self._defaults.items():
             saved = state_dict.pop(prefix + name, None)
             if saved is None:
+                if self._persistent[name]:
+                    missing_keys.append(prefix + name)
                 continue
             like = default if isinstance(default, Tensor) else self._empty_list_state(name)
             convert = functools.partial(Tensor.to, device=self.device, dtype=like.dtype)
