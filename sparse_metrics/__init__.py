@@ -2,9 +2,10 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from sparse_metrics.collection import SparseAutoencoderLoss
+from sparse_metrics.collection import SparseAutoencoderLoss, TotalLoss
 from sparse_metrics.metrics import (
     DeadFeatures,
+    DerivedOutput,
     ExplainedVariance,
     FeatureDensity,
     FractionOfVarianceUnexplained,
@@ -22,6 +23,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "DeadFeatures",
+    "DerivedOutput",
     "ExplainedVariance",
     "FeatureDensity",
     "FractionOfVarianceUnexplained",
@@ -31,5 +33,6 @@ __all__ = [
     "MatryoshkaReconstructionLoss",
     "SparseAutoencoderLoss",
     "SparsityLoss",
+    "TotalLoss",
     "__version__",
 ]

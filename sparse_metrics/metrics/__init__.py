@@ -1,5 +1,6 @@
 """The metric classes (state and validation); the math they accumulate lives in :mod:`sparse_metrics.functional`."""
 
+from sparse_metrics.metrics._base import DerivedOutput
 from sparse_metrics.metrics.dead_features import DeadFeatures
 from sparse_metrics.metrics.explained_variance import ExplainedVariance, FractionOfVarianceUnexplained
 from sparse_metrics.metrics.feature_density import FeatureDensity
@@ -11,6 +12,7 @@ from sparse_metrics.metrics.sparsity import SparsityLoss
 
 __all__ = [
     "DeadFeatures",
+    "DerivedOutput",
     "ExplainedVariance",
     "FeatureDensity",
     "FractionOfVarianceUnexplained",
