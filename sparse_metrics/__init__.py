@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from sparse_metrics.collection import SparseAutoencoderLoss, TotalLoss
+from sparse_metrics.collection import SparseAutoencoderLoss
 from sparse_metrics.metrics import (
     DeadFeatures,
     DerivedOutput,
@@ -14,6 +14,7 @@ from sparse_metrics.metrics import (
     L2ReconstructionLoss,
     MatryoshkaReconstructionLoss,
     SparsityLoss,
+    TotalLoss,
 )
 
 try:

@@ -10,7 +10,7 @@ that several members need is computed once; a metric used alone builds its own.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -36,7 +36,7 @@ from sparse_metrics.functional.sparsity import _decoder_row_norms
 if TYPE_CHECKING:
     from sparse_metrics.metrics._base import SaeMetric
 
-__all__ = ["SAE_INPUTS", "SaeBatch"]
+__all__ = ["SAE_INPUTS", "SaeBatch", "check_input_names", "inputs_of"]
 
 #: The keyword names of every input a metric of this package reads; any metric accepts all of them, so that one call
 #: (or one ``**inputs`` dict) feeds any metric or collection.
@@ -58,6 +58,22 @@ def check_input_names(names: Iterable[str], owner: str) -> None:
                 f"{owner} got an unexpected keyword argument `{name}`.{hint} The inputs are "
                 f"{', '.join(f'`{n}`' for n in SAE_INPUTS)}."
             )
+
+
+def inputs_of(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], positional: Sequence[str], owner: str
+) -> dict[str, Any]:
+    """The inputs of a call by name: ``args`` named by ``positional`` in order, then ``kwargs``."""
+    if len(args) > len(positional):
+        raise TypeError(
+            f"{owner} takes at most {len(positional)} positional inputs ({', '.join(positional) or 'none'}), got "
+            f"{len(args)}; pass the others by keyword."
+        )
+    inputs = dict(zip(positional, args, strict=False))
+    for name in kwargs:
+        if name in inputs:
+            raise TypeError(f"{owner} got multiple values for input `{name}`.")
+    return {**inputs, **kwargs}
 
 
 class SaeBatch:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
-from sparse_metrics._batch import SAE_INPUTS, SaeBatch
+from sparse_metrics._batch import SAE_INPUTS, SaeBatch, inputs_of
 from sparse_metrics._config import (
     ComponentReduction,
     FeatureReduction,
@@ -29,70 +29,9 @@ from sparse_metrics.metrics.l1_absolute import L1AbsoluteLoss
 from sparse_metrics.metrics.l2_reconstruction import L2ReconstructionLoss
 from sparse_metrics.metrics.matryoshka import MatryoshkaReconstructionLoss
 from sparse_metrics.metrics.sparsity import SparsityLoss
+from sparse_metrics.metrics.total_loss import TotalLoss
 
-__all__ = ["SparseAutoencoderLoss", "TotalLoss"]
-
-#: The collection's inputs, in the order ``forward``/``update`` take them positionally.
-_POSITIONAL_INPUTS = SAE_INPUTS
-
-
-class TotalLoss(SaeMetric):
-    r"""The differentiable total of loss terms, reduced over components: a :class:`SparseAutoencoderLoss` member.
-
-    .. math:: \mathrm{loss} = \operatorname{reduce}_c \sum_t \overline{\mathrm{term}}_{t,c}
-
-    where :math:`\overline{\mathrm{term}}_{t,c}` is term :math:`t`'s mean over the batch (``forward``) or over every
-    item seen on every process (``compute``). The terms are the collection's members; this metric keeps no state of
-    its own.
-    """
-
-    is_differentiable = True
-    higher_is_better = False
-
-    _positional_inputs = _POSITIONAL_INPUTS
-
-    def __init__(
-        self, terms: Sequence[ItemMeanMetric], component_reduction: ComponentReduction = "mean", **kwargs: Any
-    ) -> None:
-        super().__init__(terms[0].num_components, **kwargs)
-        self.__dict__["_terms"] = tuple(terms)  # plain attribute: the terms are the collection's children
-        self.component_reduction = component_reduction
-
-    @property
-    def terms(self) -> tuple[ItemMeanMetric, ...]:
-        """The members summed into the loss."""
-        terms: tuple[ItemMeanMetric, ...] = self.__dict__["_terms"]
-        return terms
-
-    def _batch_uses(self) -> frozenset[str]:
-        return frozenset().union(*(term._batch_uses() for term in self.terms))
-
-    def _contribution(self, batch: SaeBatch) -> tuple[Tensor, ...]:
-        return tuple(batch.contribution(term) for term in self.terms)
-
-    def _finite_items(self, batch: SaeBatch, contribution: tuple[Tensor, ...]) -> Tensor | None:
-        masks = [term._finite_items(batch, part) for term, part in zip(self.terms, contribution, strict=True)]
-        return torch.stack([mask for mask in masks if mask is not None]).all(dim=0)
-
-    def _record(self, contribution: tuple[Tensor, ...]) -> None:
-        """Nothing: the terms record the batch."""
-
-    def _value(self, contribution: tuple[Tensor, ...]) -> Tensor:
-        parts = [term._batch_mean(part) for term, part in zip(self.terms, contribution, strict=True)]
-        return self._reduce(parts)
-
-    def compute(self) -> Tensor:
-        """The loss of every item seen on every process (a collective under ``torch.distributed``)."""
-        with synced_states(self.terms, self.terms[0].process_group):
-            return self._reduce([term._epoch_mean() for term in self.terms])
-
-    def _reduce(self, parts: Sequence[Tensor]) -> Tensor:
-        per_component = torch.stack(list(parts)).sum(dim=0)
-        return per_component.mean() if self.component_reduction == "mean" else per_component.sum()
-
-    def extra_repr(self) -> str:
-        """Show the terms in ``repr``."""
-        return f"terms=[{', '.join(type(term).__name__ for term in self.terms)}], {self.component_reduction!r}"
+__all__ = ["SparseAutoencoderLoss"]
 
 
 class SparseAutoencoderLoss(MetricCollection):
@@ -335,21 +274,9 @@ class SparseAutoencoderLoss(MetricCollection):
                 foreign.append((key, member))
         return own, foreign
 
-    def _inputs(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        if len(args) > len(_POSITIONAL_INPUTS):
-            raise TypeError(
-                f"SparseAutoencoderLoss takes at most {len(_POSITIONAL_INPUTS)} positional inputs "
-                f"({', '.join(_POSITIONAL_INPUTS)}), got {len(args)}."
-            )
-        inputs = dict(zip(_POSITIONAL_INPUTS, args, strict=False))
-        for name in kwargs:
-            if name in inputs:
-                raise TypeError(f"SparseAutoencoderLoss got multiple values for input `{name}`.")
-        return {**inputs, **kwargs}
-
     def _step(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], *, forward: bool) -> dict[str, Tensor]:
         """Validate the batch, screen it once, record it into every member as one transaction; the batch values."""
-        inputs = self._inputs(args, kwargs)
+        inputs = inputs_of(args, kwargs, SAE_INPUTS, type(self).__name__)
         own, foreign = self._members()
         uses = frozenset().union(*(member._batch_uses() for _, member in own))
         batch = SaeBatch(

@@ -9,6 +9,7 @@ from sparse_metrics.metrics.l1_absolute import L1AbsoluteLoss
 from sparse_metrics.metrics.l2_reconstruction import L2ReconstructionLoss
 from sparse_metrics.metrics.matryoshka import MatryoshkaReconstructionLoss
 from sparse_metrics.metrics.sparsity import SparsityLoss
+from sparse_metrics.metrics.total_loss import TotalLoss
 
 __all__ = [
     "DeadFeatures",
@@ -21,4 +22,5 @@ __all__ = [
     "L2ReconstructionLoss",
     "MatryoshkaReconstructionLoss",
     "SparsityLoss",
+    "TotalLoss",
 ]

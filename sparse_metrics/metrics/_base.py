@@ -33,7 +33,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
-from sparse_metrics._batch import SAE_INPUTS, SaeBatch
+from sparse_metrics._batch import SAE_INPUTS, SaeBatch, inputs_of
 from sparse_metrics._config import NanStrategy
 from sparse_metrics._distributed import sync_states
 from sparse_metrics._validation import check_nan_strategy
@@ -199,16 +199,7 @@ class SaeMetric(Metric):
     def _make_batch(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> SaeBatch:
         """The validated batch of one ``update``/``forward`` call."""
         owner = type(self).__name__
-        if len(args) > len(self._positional_inputs):
-            raise TypeError(
-                f"{owner}.update takes at most {len(self._positional_inputs)} positional inputs "
-                f"({', '.join(self._positional_inputs) or 'none'}), got {len(args)}; pass the others by keyword."
-            )
-        inputs = dict(zip(self._positional_inputs, args, strict=False))
-        for name in kwargs:
-            if name in inputs:
-                raise TypeError(f"{owner}.update got multiple values for input `{name}`.")
-        inputs.update(kwargs)
+        inputs = inputs_of(args, kwargs, self._positional_inputs, owner)
         return SaeBatch(inputs, num_components=self.num_components, owner=owner, uses=self._batch_uses())
 
     def _batch_uses(self) -> frozenset[str]:
