@@ -40,10 +40,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import math
 import os
-import socket
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Iterator
@@ -77,6 +78,7 @@ TABLE_COLUMNS = {
     "dead_feature_fraction": "dead_frac",
 }
 TABLE_KEYS = tuple(TABLE_COLUMNS)
+HISTORY_FILE = "history.json"  # where rank 0 of a --nproc run leaves the epochs' values for the parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -205,7 +207,7 @@ def train(
 ) -> list[dict[str, float]]:
     """Train on this rank's shard; return every epoch's ``compute()`` values (the same on every rank).
 
-    ``init_method`` joins the process group (``tcp://...`` from ``--nproc``, ``env://`` under torchrun). The group
+    ``init_method`` joins the process group (``file://...`` from ``--nproc``, ``env://`` under torchrun). The group
     outlives everything that uses it: the DDP model, the optimiser and the metrics live in ``_train``'s frame, and
     the group is destroyed here, after that frame is gone.
     """
@@ -435,11 +437,14 @@ def _format_cell(key: str, value: float) -> str:
     return f"{value:>{width}.4g}"
 
 
-def _spawned_rank(rank: int, world_size: int, args: argparse.Namespace, port: int, results: Any) -> None:
+def _spawned_rank(rank: int, world_size: int, args: argparse.Namespace, run_dir: str) -> None:
     torch.set_num_threads(1)  # see _one_thread: the ranks already fill the cores
-    history = train(rank, world_size, args, f"tcp://127.0.0.1:{port}")
+    # The ranks meet through a file store in the run's own directory rather than on a TCP port: a free port found by
+    # the parent and released for the ranks to bind could be taken by another program in between.
+    history = train(rank, world_size, args, (Path(run_dir) / "store").as_uri())
     if rank == 0:
-        results.put(history)
+        # A file, not a pipe: however many epochs, nothing blocks while the parent waits for the ranks to exit.
+        (Path(run_dir) / HISTORY_FILE).write_text(json.dumps(history), encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -452,14 +457,6 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _free_port() -> int:
-    # Port 0 asks the OS for any free port. It is released again before the ranks bind it, which leaves a small
-    # window for another program to take it; acceptable for an example.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -481,12 +478,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         with _one_thread():
             history = train(0, 1, args)
     else:
-        # "spawn" starts clean interpreters (fork and threads do not mix); they import this file by its module name.
-        context = mp.get_context("spawn")
-        results = context.SimpleQueue()
-        # Joining before reading is safe: the one message (rank 0's history, a few hundred bytes) fits in the pipe.
-        mp.spawn(_spawned_rank, args=(args.nproc, args, _free_port(), results), nprocs=args.nproc, join=True)
-        history = results.get()
+        # mp.spawn starts clean interpreters (fork and threads do not mix); they import this file by its module name.
+        with tempfile.TemporaryDirectory(prefix="train_sae_") as run_dir:
+            mp.spawn(_spawned_rank, args=(args.nproc, args, run_dir), nprocs=args.nproc, join=True)
+            history = json.loads((Path(run_dir) / HISTORY_FILE).read_text(encoding="utf-8"))
     return {**history[-1], "first_epoch_loss": history[0]["loss"]}
 
 
