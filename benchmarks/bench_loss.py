@@ -335,17 +335,18 @@ def bench_matryoshka(args: argparse.Namespace, x, f, generator: torch.Generator)
         bias.grad = None
         decoded.grad = None
 
+    def every_prefix_decoded() -> torch.Tensor:
+        return metric(source_activations=x, learned_activations=f, decoder_weight=weight, decoder_bias=bias)
+
+    def reusing_x_hat() -> torch.Tensor:
+        inputs = {"decoder_weight": weight, "decoder_bias": bias, "decoded_activations": decoded}
+        return reusing(source_activations=x, learned_activations=f, **inputs)
+
     def ours():
-        metric(source_activations=x, learned_activations=f, decoder_weight=weight, decoder_bias=bias).backward()
+        every_prefix_decoded().backward()
 
     def ours_reusing():
-        reusing(
-            source_activations=x,
-            learned_activations=f,
-            decoded_activations=decoded,
-            decoder_weight=weight,
-            decoder_bias=bias,
-        ).backward()
+        reusing_x_hat().backward()
 
     def full_decode():
         ((f @ weight + bias - x) ** 2).mean().backward()
@@ -357,15 +358,8 @@ def bench_matryoshka(args: argparse.Namespace, x, f, generator: torch.Generator)
         (loss / len(sizes)).backward()
 
     # Sanity: reusing x_hat changes the cost, not the value.
-    value = metric(source_activations=x, learned_activations=f, decoder_weight=weight, decoder_bias=bias).item()
-    reused = reusing(
-        source_activations=x,
-        learned_activations=f,
-        decoded_activations=decoded,
-        decoder_weight=weight,
-        decoder_bias=bias,
-    ).item()
-    print(f"check: |matryoshka every prefix decoded - reusing x_hat| = {abs(value - reused):.3g}")
+    difference = abs(every_prefix_decoded().item() - reusing_x_hat().item())
+    print(f"check: |matryoshka every prefix decoded - reusing x_hat| = {difference:.3g}")
     metric.reset()
     reusing.reset()
 

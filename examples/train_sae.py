@@ -302,7 +302,7 @@ def _train(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[st
                 recorder.step(out["loss"])
         # compute() syncs the states across ranks: every rank must call it, even those that print nothing.
         computed = loss_fn.compute()
-        # The scalars (the per-feature densities are an array: they go to the plot); dead counts become floats too.
+        # The scalars (the per-feature densities, an array, go to the plot); the dead-feature count is an int.
         epoch_values = {name: value.item() for name, value in loss_fn.loggable(computed).items()}
         loss_fn.reset()  # a new epoch for every member but the dead-feature counters, which span the run
         history.append(epoch_values)
