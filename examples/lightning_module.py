@@ -12,8 +12,10 @@ values are logged:
   values are already global, so ``log_dict`` is told not to sync them again (``sync_dist=False``). Lightning's own
   ``sync_dist=True`` would instead average per-rank means, which is wrong for uneven ranks.
 
-Passing the collection object itself to ``log_dict`` also works, but then Lightning calls each member's
-``compute()`` separately (a collective each) and the total ``"loss"``, not a member, is not logged.
+Both go through ``loss_fn.loggable``, which keeps the scalars (one key per component for several SAEs, none for
+per-feature values such as ``feature_density``). Passing the collection object itself to ``log_dict`` also works
+(every key, ``"loss"`` included, is a member), but then Lightning calls each member's ``compute()`` separately, a
+collective each, where ``loss_fn.compute()`` syncs them all at once.
 
 Examples:
     python examples/lightning_module.py
@@ -49,7 +51,8 @@ class SparseAutoencoderModule(L.LightningModule):
         (x,) = batch
         f, x_hat = self.sae(x)
         out = self.loss_fn(source_activations=x, learned_activations=f, decoded_activations=x_hat)
-        self.log_dict({f"train/{name}": value.detach() for name, value in out.items()}, on_step=True, on_epoch=False)
+        logged = self.loss_fn.loggable(out)
+        self.log_dict({f"train/{name}": value.detach() for name, value in logged.items()}, on_step=True, on_epoch=False)
         loss: Tensor = out["loss"]
         return loss
 
@@ -57,7 +60,7 @@ class SparseAutoencoderModule(L.LightningModule):
         self.sae.normalize_decoder()
 
     def on_train_epoch_end(self) -> None:
-        epoch = self.loss_fn.compute()  # a collective: runs on every rank
+        epoch = self.loss_fn.loggable(self.loss_fn.compute())  # compute() is a collective: runs on every rank
         self.log_dict({f"epoch/{name}": value.float() for name, value in epoch.items()}, sync_dist=False)
         self.loss_fn.reset()
 

@@ -23,7 +23,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-from train_sae import D_MODEL, SparseAutoencoder, _one_thread, _table_row, make_data, matryoshka_prefix_sizes
+from train_sae import (
+    D_MODEL,
+    SparseAutoencoder,
+    _one_thread,
+    _table_header,
+    _table_row,
+    make_data,
+    matryoshka_prefix_sizes,
+    table_columns,
+)
 
 import sparse_metrics as sm
 from sparse_metrics.objectives import Matryoshka, get_objective
@@ -63,6 +72,9 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
     sae = SparseAutoencoder(D_MODEL, args.d_sae, generator)
     optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr)
     sizes = matryoshka_prefix_sizes(args.d_sae)
+    # Every prefix, the whole dictionary's too, is decoded from W_dec. This SAE's x_hat is exactly f W_dec + b_dec, so
+    # `matryoshka_reuse_decoded_activations=True` would also be right here (it saves one block of the decode); with
+    # a skip connection or an output normalisation it would not.
     loss_fn = sm.SparseAutoencoderLoss(sparsity_coefficient=args.sparsity_coefficient, matryoshka_prefix_sizes=sizes)
     objective = None
     if args.sampled_prefixes is not None:
@@ -96,9 +108,10 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
         loss_fn.reset()
         if objective is not None:
             objective.reset()  # its collection accumulated too; only the fixed widths are logged here
+        columns = table_columns(values)
         if epoch == 1:
-            print(_table_row({"epoch": "epoch", **{name: name for name in values}}))
-        print(_table_row({"epoch": epoch, **values}), flush=True)
+            print(_table_header(columns))
+        print(_table_row(epoch, values, columns), flush=True)
     return values
 
 

@@ -5,6 +5,13 @@ The data have a known sparse ground truth: a few hundred unit-norm "true feature
 SAE learns decoder rows that point along those directions, so besides the loss terms the script reports how many
 true directions the trained dictionary recovered.
 
+The per-epoch table shows the values practitioners look at first, all from the one collection
+(``explained_variance=True``, ``feature_density=True``, ``dead_feature_window``), synced with the loss terms:
+
+- ``expl_var``: the explained variance ``1 - FVU`` of the epoch, pooled over every item on every process;
+- ``dead`` and ``dead_frac``: the features that fired on none of the last ``--dead-window`` items (default: one
+  epoch's items), and their share of the dictionary. These counters run over the whole training, not one epoch.
+
 The loop uses the metric collection as a training loss should be used under DDP:
 
 - ``forward`` on every batch returns the differentiable ``"loss"`` of that batch (and accumulates the batch);
@@ -19,7 +26,7 @@ script itself (``--nproc 2``) or by ``torchrun``, whose environment variables th
 
 With ``tqdm`` installed (``pip install -e ".[examples]"``) rank 0 shows a progress bar when writing to a terminal
 (never in CI logs or pipes); ``--plot PATH`` (needs matplotlib) writes the loss curves and the histogram of the
-last epoch's feature densities (``FeatureDensity``) to a PNG.
+last epoch's feature densities (the collection's ``"feature_density"``) to a PNG.
 
 Examples:
     python examples/train_sae.py
@@ -33,10 +40,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import math
 import os
-import socket
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Iterator
@@ -58,8 +66,19 @@ ACTIVE_PER_ITEM = 4.0  # expected number of true features active on one item
 NOISE_STD = 0.05  # relative to an item's signal, which is scaled to unit variance per dimension
 RECOVERY_COSINE = 0.9  # a true direction counts as recovered if some decoder row is at least this close
 
-# Columns of the per-epoch table, in order; Matryoshka runs append one column per prefix.
-TABLE_KEYS = ("loss", "l2", "l0", "l1", "sparsity")
+# Columns of the per-epoch table, in order, with their headers; Matryoshka runs append one column per prefix.
+TABLE_COLUMNS = {
+    "loss": "loss",
+    "l2": "l2",
+    "l0": "l0",
+    "l1": "l1",
+    "sparsity": "sparsity",
+    "explained_variance": "expl_var",
+    "dead_features": "dead",
+    "dead_feature_fraction": "dead_frac",
+}
+TABLE_KEYS = tuple(TABLE_COLUMNS)
+HISTORY_FILE = "history.json"  # where rank 0 of a --nproc run leaves the epochs' values for the parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,6 +103,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="reconstruct from nested prefixes of the dictionary (d_sae/8, d_sae/4, d_sae/2, d_sae)",
     )
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 1e-2)")
+    parser.add_argument(
+        "--dead-window",
+        type=_positive_int,
+        default=None,
+        metavar="ITEMS",
+        help="a feature is dead once silent for this many items, counted over all processes (default: one epoch's)",
+    )
     parser.add_argument(
         "--nproc", type=_positive_int, default=1, help="processes (DDP on the gloo backend when > 1; default: 1)"
     )
@@ -181,7 +207,7 @@ def train(
 ) -> list[dict[str, float]]:
     """Train on this rank's shard; return every epoch's ``compute()`` values (the same on every rank).
 
-    ``init_method`` joins the process group (``tcp://...`` from ``--nproc``, ``env://`` under torchrun). The group
+    ``init_method`` joins the process group (``file://...`` from ``--nproc``, ``env://`` under torchrun). The group
     outlives everything that uses it: the DDP model, the optimiser and the metrics live in ``_train``'s frame, and
     the group is destroyed here, after that frame is gone.
     """
@@ -228,23 +254,34 @@ def _train(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[st
     model: nn.Module = DistributedDataParallel(sae) if distributed else sae
     optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr)
 
+    local_batch = args.batch_size // world_size
+    steps_per_epoch = args.num_samples // args.batch_size  # the last partial batch is dropped
+    # Items are counted over all processes: with the default window a dead feature fired on no item of the last
+    # epoch, whatever the process count.
+    dead_window = args.dead_window or steps_per_epoch * args.batch_size
     prefix_sizes = matryoshka_prefix_sizes(args.d_sae) if args.matryoshka else None
     loss_fn = sm.SparseAutoencoderLoss(
-        sparsity_coefficient=args.sparsity_coefficient, num_components=1, matryoshka_prefix_sizes=prefix_sizes
+        1,  # one SAE (num_components)
+        args.sparsity_coefficient,
+        matryoshka_prefix_sizes=prefix_sizes,
+        # The values to watch besides the loss terms, from the same batches and the same (single) sync.
+        explained_variance=True,
+        d_model=D_MODEL,
+        feature_density=True,
+        dead_feature_window=dead_window,
+        num_features=args.d_sae,
     )
     # The Matryoshka loss decodes the dictionary's prefixes itself, so it needs the decoder; the plain loss does not.
     decoder = {"decoder_weight": sae.W_dec, "decoder_bias": sae.b_dec} if args.matryoshka else {}
-    recorder = _Recorder(args.d_sae, plotting=args.plot is not None)
-
-    local_batch = args.batch_size // world_size
-    steps_per_epoch = args.num_samples // args.batch_size  # the last partial batch is dropped
+    recorder = _Recorder(plotting=args.plot is not None)
     is_printer = rank == 0
     if is_printer:
         processes = f"{world_size} processes (DDP, gloo)" if distributed else "1 process"
         print(
             f"SAE d_model={D_MODEL} d_sae={args.d_sae} on {args.num_samples} synthetic items "
             f"({NUM_TRUE_FEATURES} true features, {ACTIVE_PER_ITEM:g} active per item on average); "
-            f"{processes}, {steps_per_epoch} steps of {args.batch_size} items per epoch"
+            f"{processes}, {steps_per_epoch} steps of {args.batch_size} items per epoch; "
+            f"dead: silent for {dead_window} items"
         )
     history: list[dict[str, float]] = []
     start = time.perf_counter()
@@ -262,16 +299,19 @@ def _train(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[st
                 out["loss"].backward()  # DDP averages the gradients over the ranks here
                 optimizer.step()
                 sae.normalize_decoder()
-                recorder.step(f, out["loss"])
+                recorder.step(out["loss"])
         # compute() syncs the states across ranks: every rank must call it, even those that print nothing.
-        epoch_values = {name: value.item() for name, value in loss_fn.compute().items()}
-        loss_fn.reset()
+        computed = loss_fn.compute()
+        # The scalars (the per-feature densities, an array, go to the plot); the dead-feature count is an int.
+        epoch_values = {name: value.item() for name, value in loss_fn.loggable(computed).items()}
+        loss_fn.reset()  # a new epoch for every member but the dead-feature counters, which span the run
         history.append(epoch_values)
-        recorder.end_epoch()
+        recorder.end_epoch(computed["feature_density"])
         if is_printer:
+            columns = table_columns(epoch_values)
             if epoch == 1:
-                print(_table_row({"epoch": "epoch", **{name: name for name in epoch_values}}))
-            print(_table_row({"epoch": epoch, **epoch_values}), flush=True)
+                print(_table_header(columns))
+            print(_table_row(epoch, epoch_values, columns), flush=True)
     if is_printer:
         fraction = recovered_fraction(sae.W_dec.detach(), directions)
         print(
@@ -285,29 +325,25 @@ def _train(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[st
 
 
 class _Recorder:
-    """What the loop keeps besides the loss: the progress bar, and for the plot the batch losses and densities."""
+    """What the loop keeps besides the epoch values: the progress bar, and for the plot batch losses and densities."""
 
-    def __init__(self, d_sae: int, *, plotting: bool) -> None:
+    def __init__(self, *, plotting: bool) -> None:
         self.plotting = plotting
-        # Feature density feeds the plot's histogram.
-        self.density = sm.FeatureDensity(d_sae) if plotting else None
         self.densities: Tensor | None = None
         self.step_losses: list[float] = []
         self.bar: Any = None
 
-    def step(self, learned_activations: Tensor, loss: Tensor) -> None:
-        if self.density is not None:
-            self.density.update(learned_activations.detach())
+    def step(self, loss: Tensor) -> None:
         if self.plotting:
             self.step_losses.append(loss.item())
         if self.bar is not None:
             self.bar.update()
             self.bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
 
-    def end_epoch(self) -> None:
-        if self.density is not None:
-            self.densities = self.density.compute()  # a collective, like the loss's compute()
-            self.density.reset()
+    def end_epoch(self, densities: Tensor) -> None:
+        # The epoch's per-feature densities, from the collection's compute(): they feed the plot's histogram.
+        if self.plotting:
+            self.densities = densities
 
 
 def _progress_enabled() -> bool:
@@ -351,7 +387,7 @@ def plot_training(
     steps = torch.arange(1, len(step_losses) + 1) / steps_per_epoch
     curves.plot(steps.tolist(), step_losses, color="lightgray", linewidth=0.8, label="batch loss (rank 0)")
     epochs = list(range(1, len(history) + 1))
-    for name in (*TABLE_KEYS[:2], "sparsity", *(key for key in history[0] if key.startswith("matryoshka"))):
+    for name in ("loss", "l2", "sparsity", *(key for key in history[0] if key.startswith("matryoshka"))):
         if name in history[0]:
             curves.plot(epochs, [values[name] for values in history], marker="o", label=f"epoch {name}")
     curves.set(xlabel="epoch", ylabel="value", yscale="log", title="compute() per epoch")
@@ -367,24 +403,48 @@ def plot_training(
     plt.close(figure)
 
 
-def _table_row(cells: dict[str, Any]) -> str:
-    # Column order: epoch, the TABLE_KEYS, then whatever else compute() returned (the Matryoshka terms).
-    names = ["epoch", *TABLE_KEYS, *(name for name in cells if name not in ("epoch", *TABLE_KEYS))]
-    return "  ".join(_format_cell(name, cells[name]) for name in names)
+def table_columns(values: dict[str, float]) -> list[str]:
+    """The keys of ``values`` that the table shows: the ``TABLE_COLUMNS`` it has, then the Matryoshka terms."""
+    return [*(key for key in TABLE_KEYS if key in values), *(key for key in values if key.startswith("matryoshka"))]
 
 
-def _format_cell(name: str, value: Any) -> str:
-    width = max(9, len(name))
-    if isinstance(value, float):
-        return f"{value:>{width}.4g}"
-    return f"{value:>{width}}"
+def _table_header(columns: list[str]) -> str:
+    return "  ".join(f"{label:>{_cell_width(label)}}" for label in ["epoch", *map(_label, columns)])
 
 
-def _spawned_rank(rank: int, world_size: int, args: argparse.Namespace, port: int, results: Any) -> None:
+def _table_row(epoch: int, values: dict[str, float], columns: list[str]) -> str:
+    cells = [f"{epoch:>{_cell_width('epoch')}}"]
+    cells += [_format_cell(key, values[key]) for key in columns]
+    return "  ".join(cells)
+
+
+def _label(key: str) -> str:
+    return TABLE_COLUMNS.get(key, key)
+
+
+def _cell_width(label: str) -> int:
+    return max(9, len(label))
+
+
+def _format_cell(key: str, value: float) -> str:
+    width = _cell_width(_label(key))
+    if key == "explained_variance":
+        return f"{value:>{width}.4f}"
+    if key == "dead_features":
+        return f"{round(value):>{width}d}"
+    if key == "dead_feature_fraction":
+        return f"{value:>{width}.1%}"
+    return f"{value:>{width}.4g}"
+
+
+def _spawned_rank(rank: int, world_size: int, args: argparse.Namespace, run_dir: str) -> None:
     torch.set_num_threads(1)  # see _one_thread: the ranks already fill the cores
-    history = train(rank, world_size, args, f"tcp://127.0.0.1:{port}")
+    # The ranks meet through a file store in the run's own directory rather than on a TCP port: a free port found by
+    # the parent and released for the ranks to bind could be taken by another program in between.
+    history = train(rank, world_size, args, (Path(run_dir) / "store").as_uri())
     if rank == 0:
-        results.put(history)
+        # A file, not a pipe: however many epochs, nothing blocks while the parent waits for the ranks to exit.
+        (Path(run_dir) / HISTORY_FILE).write_text(json.dumps(history), encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -399,20 +459,13 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _free_port() -> int:
-    # Port 0 asks the OS for any free port. It is released again before the ranks bind it, which leaves a small
-    # window for another program to take it; acceptable for an example.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train and print the per-epoch table.
 
     Returns:
-        The last epoch's ``compute()`` values (``loss``, ``l2``, ``l0``, ``l1``, ``sparsity`` and, with
-        ``--matryoshka``, ``matryoshka`` and ``matryoshka_prefix_<m>``), plus ``first_epoch_loss``, the first
+        The scalars of the last epoch's ``compute()`` (``loss``, ``l2``, ``l0``, ``l1``, ``sparsity``, ``fvu``,
+        ``explained_variance``, ``mean_log10_feature_density``, ``dead_features``, ``dead_feature_fraction`` and,
+        with ``--matryoshka``, ``matryoshka`` and ``matryoshka_prefix_<m>``), plus ``first_epoch_loss``, the first
         epoch's loss, to compare against.
     """
     args = parse_args(argv)
@@ -425,12 +478,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         with _one_thread():
             history = train(0, 1, args)
     else:
-        # "spawn" starts clean interpreters (fork and threads do not mix); they import this file by its module name.
-        context = mp.get_context("spawn")
-        results = context.SimpleQueue()
-        # Joining before reading is safe: the one message (rank 0's history, a few hundred bytes) fits in the pipe.
-        mp.spawn(_spawned_rank, args=(args.nproc, args, _free_port(), results), nprocs=args.nproc, join=True)
-        history = results.get()
+        # mp.spawn starts clean interpreters (fork and threads do not mix); they import this file by its module name.
+        with tempfile.TemporaryDirectory(prefix="train_sae_") as run_dir:
+            mp.spawn(_spawned_rank, args=(args.nproc, args, run_dir), nprocs=args.nproc, join=True)
+            history = json.loads((Path(run_dir) / HISTORY_FILE).read_text(encoding="utf-8"))
     return {**history[-1], "first_epoch_loss": history[0]["loss"]}
 
 

@@ -20,7 +20,11 @@ EXAMPLES = ROOT / "examples"
 
 # Small enough to run in about a second per process: 3 epochs of 16 steps.
 SMALL = ["--epochs", "3", "--num-samples", "2048", "--batch-size", "128", "--d-sae", "128"]
-EPOCH_KEYS = {"loss", "l2", "l0", "l1", "sparsity"}
+# The scalars of the collection's compute(): the loss terms, then the values watched besides them.
+LOSS_KEYS = {"loss", "l2", "l0", "l1", "sparsity"}
+WATCHED_KEYS = {"fvu", "explained_variance", "mean_log10_feature_density", "dead_features", "dead_feature_fraction"}
+EPOCH_KEYS = LOSS_KEYS | WATCHED_KEYS
+TABLE_HEADER = ["epoch", "loss", "l2", "l0", "l1", "sparsity", "expl_var", "dead", "dead_frac"]
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +38,76 @@ def train_sae() -> ModuleType:
         yield train_sae
 
 
-def check_trained(result: dict[str, float], expected_keys: set[str]) -> None:
+def check_trained(result: dict[str, float], expected_keys: set[str], d_sae: int = 128) -> None:
     assert set(result) == expected_keys | {"first_epoch_loss"}
     assert all(math.isfinite(value) for value in result.values()), result
     assert result["loss"] < result["first_epoch_loss"]
+    # The trained SAE explains some of the variance (check_table: more every epoch); FVU is its complement.
+    assert 0.0 < result["explained_variance"] <= 1.0
+    assert result["fvu"] == pytest.approx(1.0 - result["explained_variance"], abs=1e-9)
+    # A count of features and its share of the dictionary.
+    assert result["dead_features"] == int(result["dead_features"])
+    assert 0 <= result["dead_features"] <= d_sae
+    assert result["dead_feature_fraction"] == pytest.approx(result["dead_features"] / d_sae)
+    assert math.log10(1e-10) <= result["mean_log10_feature_density"] <= 0.0
+
+
+def table_rows(lines: list[str]) -> list[dict[str, str]]:
+    """The per-epoch rows of a printed table, as ``{header: cell}``."""
+    start = next(index for index, line in enumerate(lines) if line.split()[:1] == ["epoch"])
+    header = lines[start].split()
+    rows = []
+    for line in lines[start + 1 :]:
+        cells = line.split()
+        if not cells or not cells[0].isdigit():
+            break
+        assert len(cells) == len(header), line
+        rows.append(dict(zip(header, cells, strict=True)))
+    return rows
+
+
+def check_table(lines: list[str], epochs: int, d_sae: int = 128) -> None:
+    """The table's columns, and the values practitioners look at first within their ranges."""
+    assert lines[1].split() == TABLE_HEADER
+    rows = table_rows(lines)
+    assert [row["epoch"] for row in rows] == [str(epoch) for epoch in range(1, epochs + 1)]
+    # Fixed width: every line of the table as long as its header.
+    assert {len(line) for line in lines[1 : 2 + epochs]} == {len(lines[1])}
+    explained = [float(row["expl_var"]) for row in rows]
+    assert all(0.0 <= value <= 1.0 for value in explained), explained
+    assert explained[-1] > explained[0]  # the SAE learns to reconstruct
+    for row in rows:
+        dead = int(row["dead"])
+        assert 0 <= dead <= d_sae
+        assert row["dead_frac"].endswith("%")
+        assert float(row["dead_frac"].rstrip("%")) == pytest.approx(100 * dead / d_sae, abs=0.05)
 
 
 def test_single_process(train_sae: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     result = train_sae.main(SMALL)
     check_trained(result, EPOCH_KEYS)
-    table = capsys.readouterr().out.splitlines()
-    assert table[1].split() == ["epoch", "loss", "l2", "l0", "l1", "sparsity"]
-    assert [line.split()[0] for line in table[2:5]] == ["1", "2", "3"]
+    check_table(capsys.readouterr().out.splitlines(), epochs=3)
 
 
-def test_matryoshka(train_sae: ModuleType) -> None:
+def test_dead_features_over_a_window(train_sae: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    # The dead counters span the run (reset() at each epoch end keeps them); --dead-window sets their window in items.
+    # With a window of 4 items, a feature is dead unless it fired on one of the last 4 items: a good part of them.
+    narrow = train_sae.main([*SMALL, "--dead-window", "4"])
+    assert "dead: silent for 4 items" in capsys.readouterr().out
+    default = train_sae.main(SMALL)  # one epoch's items, 2048
+    assert "dead: silent for 2048 items" in capsys.readouterr().out
+    assert narrow["dead_features"] > default["dead_features"]
+    # Everything else is the same run.
+    assert {key: narrow[key] for key in LOSS_KEYS} == {key: default[key] for key in LOSS_KEYS}
+
+
+def test_matryoshka(train_sae: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     result = train_sae.main([*SMALL, "--matryoshka"])
-    prefixes = {f"matryoshka_prefix_{size}" for size in (16, 32, 64, 128)}
-    check_trained(result, EPOCH_KEYS | {"matryoshka"} | prefixes)
+    prefixes = [f"matryoshka_prefix_{size}" for size in (16, 32, 64, 128)]
+    check_trained(result, EPOCH_KEYS | {"matryoshka", *prefixes})
+    # The Matryoshka terms follow the usual columns.
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == [*TABLE_HEADER, "matryoshka", *prefixes]
     # The largest prefix is the whole dictionary, whose error is the L2 reconstruction loss.
     assert result["matryoshka_prefix_128"] == pytest.approx(result["l2"], rel=1e-5)
 
@@ -207,7 +263,7 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert "2 processes (DDP, gloo)" in lines[0]
     # Only rank 0 prints: one header and one row per epoch.
     assert sum(line.split()[:1] == ["epoch"] for line in lines) == 1
-    assert [line.split()[0] for line in lines[2:5]] == ["1", "2", "3"]
+    check_table(lines, epochs=3)
     assert plot.stat().st_size > 0
     assert "\r" not in run.stderr  # no progress bar outside a terminal
 
