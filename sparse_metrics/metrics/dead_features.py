@@ -127,7 +127,7 @@ class DeadFeatures(ActivityMetric):
     def _derived_compute(self, name: str) -> Tensor:
         if name != "dead_feature_fraction":
             raise KeyError(name)
-        return self.compute() / self.num_features
+        return self.compute().to(torch.float64) / self.num_features
 
     def _mask(self) -> Tensor:
         return _dead_compute(self.dead_counters[:, :-1], self.window)
