@@ -210,7 +210,7 @@ def _on(device, inputs):
 
 @pytest.mark.parametrize("method", ["update", "forward"])
 def test_inputs_on_another_device_than_the_states_change_nothing(generator, method):
-    """Shapes are valid, so the failure comes while recording: every member must still be as it was."""
+    """Shapes are valid, but the states are elsewhere: refused before recording, every member as it was."""
     good = _good(generator=generator)
     collection = sm.SparseAutoencoderLoss(2, 0.1, matryoshka_prefix_sizes=[4, 8], keep_batch_dim=True)
     metric = sm.L2ReconstructionLoss(2, keep_batch_dim=True)
@@ -218,7 +218,7 @@ def test_inputs_on_another_device_than_the_states_change_nothing(generator, meth
         target.update(**good)
         members = list(target.values(copy_state=False)) if target is collection else [target]
         before = _snapshot(members)
-        with pytest.raises(RuntimeError, match="device"):
+        with pytest.raises(ValueError, match="inputs are on meta but the metric's states are on cpu"):
             getattr(target, method)(**_on("meta", good))
         _assert_same(before, _snapshot(members))
         assert {member.update_count for member in members} == {1}
