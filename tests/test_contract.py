@@ -18,7 +18,7 @@ from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 import sparse_metrics as sm
 from tests.distributed import run_on_ranks
-from tests.test_examples import run_process_tree
+from tests.processes import run_process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 C, D_MODEL, D_SAE = 2, 5, 8
