@@ -85,7 +85,8 @@ class SaeBatch:
         owner: The name to put in error messages (the metric or collection being fed).
         uses: Statistics that members will ask for, so that the cheapest shared route is taken: with
             ``"activity"`` the per-item L0 is counted from the activity mask that the activity metrics need anyway.
-        compiled: Compute the per-item squared error, L0 and L1 together in one compiled function.
+        compiled: Compute the per-item squared error, L0 and L1 together in one compiled function (not with
+            ``"activity"`` in ``uses``: the L0 then comes from the eager activity mask).
     """
 
     def __init__(
@@ -179,10 +180,6 @@ class SaeBatch:
         """The names of the inputs given, in the order they were passed."""
         return list(self._given)
 
-    def has(self, name: str) -> bool:
-        """Whether input ``name`` was given."""
-        return name in self._views
-
     def get(self, name: str) -> Tensor | None:
         """The ``[batch, component, ...]`` view of input ``name`` (``[component, ...]`` for the decoder), or None."""
         return self._views.get(name)
@@ -198,10 +195,6 @@ class SaeBatch:
             reason = f" {why}" if why else ""
             raise TypeError(f"{owner} needs the input `{name}`, which was not given.{reason}")
         return view
-
-    def given(self, names: Iterable[str]) -> dict[str, Tensor]:
-        """The inputs among ``names`` as they were passed (not viewed), for metrics that take their own signature."""
-        return {name: self._given[name] for name in names if name in self._given}
 
     def select(self, items: Tensor) -> SaeBatch:
         """The batch of the items where the ``[batch]`` mask ``items`` is True (nan_strategy="ignore")."""
@@ -227,6 +220,11 @@ class SaeBatch:
     def contribution(self, member: SaeMetric) -> Any:
         """``member``'s contribution to this batch (what it records and reports), computed once."""
         return self.memo(("contribution", id(member)), lambda: member._contribution(self))
+
+    def finite_items(self, name: str, owner: str) -> Tensor:
+        """``[batch]`` booleans: the items whose values of input ``name`` are all finite (computed once)."""
+        values = self.require(name, owner)
+        return self.memo(("finite", name), lambda: values.detach().isfinite().flatten(1).all(dim=1))
 
     def squared_error(self, owner: str) -> Tensor:
         """Per-item squared error summed over ``d_model``, ``[batch, component]``, differentiable, float32/64."""

@@ -98,7 +98,8 @@ class SparseAutoencoderLoss(MetricCollection):
             fuses the passes over the ``[batch, d_sae]`` activations. The first batch of each new shape pays the
             compilation; where compiling fails (say, no C++ compiler for the CPU backend), a ``RuntimeWarning``
             says why and the collection runs eagerly from then on, with the same results. With
-            ``feature_density`` or ``dead_feature_window``, the activity mask those share with L0 is computed eagerly.
+            ``feature_density`` or ``dead_feature_window`` nothing is compiled: the activity mask they share with L0
+            is formed eagerly, and the squared error and L1 with it.
         nan_strategy: ``"propagate"`` (default), ``"ignore"`` or ``"error"`` for items with a NaN or infinite value
             in any member (see :class:`~sparse_metrics.metrics._base.ItemMeanMetric`); "ignore" drops such an item
             from every member and from ``"loss"``.
@@ -217,14 +218,21 @@ class SparseAutoencoderLoss(MetricCollection):
     def add_metrics(self, metrics: Any, *additional_metrics: Metric) -> None:
         """Add members (as ``torchmetrics.MetricCollection.add_metrics`` does).
 
-        This package's metrics read the shared batch; any other metric is fed through its own ``update`` signature
-        (torchmetrics' ``_filter_kwargs``) and reports its own ``forward``/``compute`` values.
+        This package's metrics read the shared batch and are screened with the collection's ``nan_strategy`` (which
+        they must share); any other metric is fed the inputs as given, through its own ``update`` signature
+        (torchmetrics' ``_filter_kwargs``), and reports its own ``forward``/``compute`` values.
 
         Raises:
             ValueError: A key is taken already, or a metric syncs on step (its values could not be recorded in the
                 collection's transaction and then returned).
         """
         for metric in _metrics_of(metrics, additional_metrics):
+            strategy = getattr(metric, "nan_strategy", None)
+            if isinstance(metric, SaeMetric) and hasattr(self, "nan_strategy") and strategy != self.nan_strategy:
+                raise ValueError(
+                    f"{type(metric).__name__} has nan_strategy={strategy!r}, the collection {self.nan_strategy!r}: the "
+                    "collection screens every member's items once, with its own strategy."
+                )
             if metric.dist_sync_on_step:
                 raise ValueError(
                     f"{type(metric).__name__} has `dist_sync_on_step=True`, which a SparseAutoencoderLoss member "

@@ -43,4 +43,4 @@ class ActivityMetric(SaeMetric):
         return batch.activity(owner)
 
     def _finite_items(self, batch: SaeBatch, contribution: Any) -> Tensor | None:
-        return batch.require("learned_activations", type(self).__name__).detach().isfinite().flatten(1).all(dim=1)
+        return batch.finite_items("learned_activations", type(self).__name__)

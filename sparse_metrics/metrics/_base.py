@@ -19,6 +19,7 @@ import functools
 import hashlib
 import inspect
 import json
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
-from sparse_metrics._batch import SAE_INPUTS, SaeBatch, inputs_of
+from sparse_metrics._batch import SAE_INPUTS, SaeBatch, check_input_names, inputs_of
 from sparse_metrics._config import NanStrategy
 from sparse_metrics._distributed import sync_states
 from sparse_metrics._validation import check_nan_strategy
@@ -162,7 +163,15 @@ class SaeMetric(Metric):
         self.num_components = num_components
         self.nan_strategy = cast(NanStrategy, nan_strategy)
         # The inputs this metric reads, as the signature torchmetrics inspects (``update`` takes ``*args, **kwargs``).
-        self._update_signature = inspect.Signature(
+        self._update_signature = self._inputs_signature()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle (``clone``, ``deepcopy``), keeping the signature of the inputs this metric reads."""
+        super().__setstate__(state)
+        self._update_signature = self._inputs_signature()
+
+    def _inputs_signature(self) -> inspect.Signature:
+        return inspect.Signature(
             [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in self._positional_inputs]
         )
 
@@ -423,7 +432,17 @@ class SaeMetric(Metric):
                     "of every process, which every process would count again. Load it into one process."
                 )
             return
-        if (saved.get("world_size", 1), saved.get("rank", 0)) != (here["world_size"], here["rank"]):
+        if saved.get("world_size", 1) == here["world_size"] and saved.get("rank", 0) != here["rank"]:
+            # Lightning saves rank 0's checkpoint and loads it on every rank: each rank resumes with rank 0's items.
+            warnings.warn(
+                f"`{where}`: this process ({here['rank']} of {here['world_size']}) loads the states of process "
+                f"{saved.get('rank')}; its epoch values count that process's items again and none of its own. Save "
+                "each rank's state, or reset() the metrics after loading.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
+        if saved.get("world_size", 1) != here["world_size"]:
             raise ValueError(
                 f"Cannot load `{where}`: the checkpoint holds the states of process {saved.get('rank')} of "
                 f"{saved.get('world_size')}, this is process {here['rank']} of {here['world_size']}; the other "
@@ -483,8 +502,19 @@ class SaeMetric(Metric):
             like = default if isinstance(default, Tensor) else self._empty_list_state(name)
             convert = functools.partial(Tensor.to, device=self.device, dtype=like.dtype)
             setattr(self, name, convert(saved) if isinstance(saved, Tensor) else [convert(row) for row in saved])
+        self._computed = None  # computed from the states before they were replaced
+        self._forward_cache = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        # A checkpoint written before metrics saved their configuration has no extra state: not a missing key.
+        if prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")
+
+    def _synced(self) -> Any:
+        """A block in which the states are synced across processes (as in ``compute``), unless they are already."""
+        return self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
         )
 
     def _squeeze(self, value: Tensor) -> Tensor:
@@ -625,7 +655,7 @@ class ItemMeanMetric(SaeMetric):
             values = values.mean(dim=0)
         return values.squeeze(-1) if self.num_components == 1 else values
 
-    # What the collection's loss reads of a loss term: per-component means, whatever ``keep_batch_dim``.
+    # What TotalLoss reads of a loss term: per-component means, whatever ``keep_batch_dim``.
 
     def _batch_mean(self, contribution: Tensor) -> Tensor:
         """Batch mean ``[component]`` of the per-item values (differentiable)."""
@@ -658,6 +688,8 @@ class ItemMeanMetric(SaeMetric):
 
 class DerivedOutput(SaeMetric):
     """A value derived from another member's state, as a metric of its own (``explained_variance`` from ``fvu``, say).
+
+    A member of a collection that also holds (and updates) its source: alone, it records nothing.
 
     A collection adds one for each output its members derive, so that every key it reports is a metric: Lightning's
     ``log_dict``, nesting in a ``MetricCollection`` and ``MetricTracker`` see every key. It keeps no state: its batch
@@ -700,8 +732,10 @@ class DerivedOutput(SaeMetric):
     def _contribution(self, batch: SaeBatch) -> Any:
         return batch.contribution(self.source)
 
-    def _finite_items(self, batch: SaeBatch, contribution: Any) -> Tensor | None:
-        return self.source._finite_items(batch, contribution)
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to accumulate: the source records the batch (only the keywords are checked)."""
+        owner = type(self).__name__
+        check_input_names(inputs_of(args, kwargs, self.source._positional_inputs, owner), owner)
 
     def _record(self, contribution: Any) -> None:
         """Nothing: the source records the batch."""

@@ -136,11 +136,6 @@ class DeadFeatures(ActivityMetric):
         """Number of dead features, int64 ``[*component]`` (0-d for one component), synced across processes."""
         return self._squeeze(self._mask().sum(dim=-1))
 
-    def _synced(self) -> Any:
-        return self.sync_context(
-            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
-        )
-
     def dead_mask(self) -> Tensor:
         """Boolean mask of dead features, ``[*component, num_features]``, synced (identical on every process)."""
         with self._synced():

@@ -123,9 +123,7 @@ class FeatureDensity(ActivityMetric):
         """
         if not (0.0 < epsilon < float("inf")):
             raise ValueError(f"`epsilon` must be a finite positive number, got {epsilon}.")
-        with self.sync_context(
-            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
-        ):
+        with self._synced():
             return self._squeeze(_mean_log10(self._density(), epsilon))
 
     def plot(self, val: Any = None, ax: Any = None) -> Any:

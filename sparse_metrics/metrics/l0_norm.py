@@ -49,4 +49,4 @@ class L0NormMetric(ItemMeanMetric):
 
     def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:
         """A count of non-zeros is finite even for NaN inputs: the items with a non-finite activation are screened."""
-        return batch.require("learned_activations", type(self).__name__).detach().isfinite().flatten(1).all(dim=1)
+        return batch.finite_items("learned_activations", type(self).__name__)

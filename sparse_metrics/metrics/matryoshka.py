@@ -156,8 +156,6 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
 
     def compute_prefix_losses(self) -> Tensor:
         """Epoch mean of each prefix's reconstruction error, ``[*component, prefix]`` (synced across processes)."""
-        with self.sync_context(
-            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
-        ):
+        with self._synced():
             values = self.matryoshka_prefix_sum / self.matryoshka_count
         return values.squeeze(0) if self.num_components == 1 else values

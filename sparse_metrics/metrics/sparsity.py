@@ -115,7 +115,7 @@ class SparsityLoss(ItemMeanMetric):
         return self._from_l1(batch.memo("weighted_l1", lambda: _weighted_l1(learned, row_norms)))
 
     def _from_l1(self, l1_per_item: Tensor) -> Tensor:
-        """The per-item penalty from per-item (weighted) L1 values (the collection reuses its L1 this way)."""
+        """The per-item penalty from per-item (weighted) L1 values."""
         return _sparsity_from_l1(l1_per_item, self.sparsity_coefficient)
 
     def extra_repr(self) -> str:

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from sparse_metrics._batch import SAE_INPUTS, SaeBatch
+from sparse_metrics._batch import SAE_INPUTS, SaeBatch, check_input_names, inputs_of
 from sparse_metrics._config import ComponentReduction
 from sparse_metrics._distributed import synced_states
 from sparse_metrics.metrics._base import ItemMeanMetric, SaeMetric
@@ -22,8 +22,8 @@ class TotalLoss(SaeMetric):
     .. math:: \mathrm{loss} = \operatorname{reduce}_c \sum_t \overline{\mathrm{term}}_{t,c}
 
     where :math:`\overline{\mathrm{term}}_{t,c}` is term :math:`t`'s mean over the batch (``forward``) or over every
-    item seen on every process (``compute``). The terms are the collection's members; this metric keeps no state of
-    its own.
+    item seen on every process (``compute``). The terms are the collection's members, which record the batch: this
+    metric keeps no state of its own, and alone it records nothing.
     """
 
     is_differentiable = True
@@ -34,9 +34,21 @@ class TotalLoss(SaeMetric):
     def __init__(
         self, terms: Sequence[ItemMeanMetric], component_reduction: ComponentReduction = "mean", **kwargs: Any
     ) -> None:
+        if not terms or len({term.num_components for term in terms}) != 1:
+            counts = [term.num_components for term in terms]
+            raise ValueError(f"`terms` must be one or more loss terms of one component count, got counts {counts}.")
+        if component_reduction not in ("mean", "sum"):
+            raise ValueError(f"`component_reduction` must be 'mean' or 'sum', got {component_reduction!r}.")
         super().__init__(terms[0].num_components, **kwargs)
         self.__dict__["_terms"] = tuple(terms)  # plain attribute: the terms are the collection's children
         self.component_reduction = component_reduction
+
+    def _configuration(self) -> dict[str, Any]:
+        return {**super()._configuration(), "component_reduction": self.component_reduction}
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to accumulate: the terms record the batch (only the keywords are checked)."""
+        check_input_names(inputs_of(args, kwargs, self._positional_inputs, type(self).__name__), type(self).__name__)
 
     @property
     def terms(self) -> tuple[ItemMeanMetric, ...]:
@@ -49,10 +61,6 @@ class TotalLoss(SaeMetric):
 
     def _contribution(self, batch: SaeBatch) -> tuple[Tensor, ...]:
         return tuple(batch.contribution(term) for term in self.terms)
-
-    def _finite_items(self, batch: SaeBatch, contribution: tuple[Tensor, ...]) -> Tensor | None:
-        masks = [term._finite_items(batch, part) for term, part in zip(self.terms, contribution, strict=True)]
-        return torch.stack([mask for mask in masks if mask is not None]).all(dim=0)
 
     def _record(self, contribution: tuple[Tensor, ...]) -> None:
         """Nothing: the terms record the batch."""
