@@ -177,9 +177,12 @@ def sae_batches(sizes: Sequence[int], seed: int, **kwargs: Any) -> list[dict[str
     return batches
 
 
-def without_component_axis(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+def without_component_axis(inputs: dict[str, Tensor], component: int = 0) -> dict[str, Tensor]:
     """One component's inputs in the layout without a component axis (``[batch, feature]``, ``[d_sae, d_model]``)."""
-    return {name: value[:, 0] if name.endswith("_activations") else value[0] for name, value in inputs.items()}
+    return {
+        name: value[:, component] if name.endswith("_activations") else value[component]
+        for name, value in inputs.items()
+    }
 
 
 def as_dict(value: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:

@@ -160,12 +160,13 @@ def test_keep_batch_dim_rows(case, layout):
 # --- autograd -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", tester.params())
-def test_gradients_equal_the_reference_and_states_keep_no_graph(case):
+@pytest.mark.parametrize(("case", "keep_batch_dim"), _with_keep_batch_dim())
+def test_gradients_equal_the_reference_and_states_keep_no_graph(case, keep_batch_dim):
+    """forward is differentiable where the metric says so, with the reference's gradients; no state keeps a graph."""
     step = tester.batches([6], 2, dtype=torch.float64)[0]
     ours = {name: value.clone().requires_grad_() for name, value in step.items()}
     theirs = {name: value.clone().requires_grad_() for name, value in step.items()}
-    metric = case(2)
+    metric = _make(case, 2, keep_batch_dim)
     value = tester.forward_outputs(metric(**ours))
     keyed = dict(metric.items(keep_base=True, copy_state=False)) if case.is_collection else {"value": metric}
     differentiable = [key for key in value if keyed[key].is_differentiable]
@@ -173,13 +174,13 @@ def test_gradients_equal_the_reference_and_states_keep_no_graph(case):
         assert not value[key].requires_grad, key
     if differentiable:
         sum(value[key].sum() for key in differentiable).backward()
-        expected = case.expected([theirs])
+        expected = case.expected([theirs], keep_batch_dim=keep_batch_dim)
         sum(expected[key].sum() for key in differentiable).backward()
         for name in step:
             got, want = ours[name].grad, theirs[name].grad
             got = torch.zeros_like(step[name]) if got is None else got
             want = torch.zeros_like(step[name]) if want is None else want
-            torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10, msg=name)
+            torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10, msg=lambda text, name=name: f"{name}: {text}")
         assert any(ours[name].grad is not None and ours[name].grad.abs().sum() > 0 for name in step)
     metric.update(**ours)  # builds no graph
     for member in tester.members(metric):
