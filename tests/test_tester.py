@@ -311,7 +311,11 @@ BAD_INPUTS = {
     "source_other_d_model": (
         _replace("source_activations", torch.rand(4, 2, D_MODEL + 2)),
         ValueError,
-        ["`decoded_activations` must have the shape of `source_activations`", f"[4, 2, {D_MODEL + 2}]"],
+        [
+            "`decoded_activations` must have the shape of `source_activations`",
+            f"[4, 2, {D_MODEL + 2}]",
+            f"got [4, 2, {D_MODEL}]",
+        ],
     ),
     "source_other_component_count": (
         _replace("source_activations", torch.rand(4, 3, D_MODEL)),
@@ -321,7 +325,7 @@ BAD_INPUTS = {
     "decoded_other_batch": (
         _replace("decoded_activations", torch.rand(5, 2, D_MODEL)),
         ValueError,
-        ["`decoded_activations`", f"got [5, 2, {D_MODEL}]"],
+        ["`decoded_activations`", f"[4, 2, {D_MODEL}], got [5, 2, {D_MODEL}]"],
     ),
     "decoded_int32": (
         _replace("decoded_activations", torch.ones(4, 2, D_MODEL, dtype=torch.int32)),
@@ -364,23 +368,12 @@ BAD_INPUTS = {
 }
 
 
-def _rejects(metric: Any, inputs: tester.Batch, error: type, fragments: list[str]) -> None:
-    """Both update and forward raise ``error`` with ``fragments``, and change no state, count or cached value."""
-    for method in (metric.update, metric.forward):
-        before = tester.state(metric)
-        with pytest.raises(error) as raised:
-            method(**inputs)
-        for fragment in fragments:
-            assert fragment in str(raised.value), (method.__name__, str(raised.value))
-        tester.assert_same_state(before, tester.state(metric))
-
-
 def _good_then_bad_then_good(case: Case, make_bad, error: type, fragments: list[str]) -> None:
     steps = tester.batches([4, 3], 2, seed=6)
     metric = _make(case, 2, case.keep_batch_dim)
     metric.update(**steps[0])
     computed = tester.outputs(case, metric)
-    _rejects(metric, make_bad(steps[0]), error, fragments)
+    tester.assert_rejected(metric, make_bad(steps[0]), error, fragments)
     tester.assert_identical(tester.outputs(case, metric), computed)
     metric(**steps[1])  # still usable, as if the bad batch had never come
     tester.assert_close(tester.outputs(case, metric), case.expected(steps, keep_batch_dim=case.keep_batch_dim))
@@ -475,7 +468,7 @@ def test_nan_strategy_error_raises_and_changes_nothing(case, poisoned):
     metric.update(**steps[0])
     computed = tester.outputs(case, metric)
     fragments = ["2 of 6 items have a NaN or infinite value", f"`{poisoned}`", "nan_strategy='error'"]
-    _rejects(metric, _poisoned(steps[1], poisoned), ValueError, fragments)
+    tester.assert_rejected(metric, _poisoned(steps[1], poisoned), ValueError, fragments)
     tester.assert_identical(tester.outputs(case, metric), computed)
     metric(**steps[1])
     tester.assert_close(tester.outputs(case, metric), case.expected(steps, keep_batch_dim=case.keep_batch_dim))

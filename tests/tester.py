@@ -507,3 +507,14 @@ def assert_same_state(before: list[tuple[str, Any]], after: list[tuple[str, Any]
             assert torch.equal(old, new), name
         else:
             assert old == new, name
+
+
+def assert_rejected(metric: Any, inputs: Batch, error: type[Exception], fragments: Sequence[str]) -> None:
+    """Both ``update`` and ``forward`` raise ``error`` whose message has ``fragments``, and change no state or count."""
+    for method in (metric.update, metric.forward):
+        before = state(metric)
+        with pytest.raises(error) as raised:
+            method(**inputs)
+        for fragment in fragments:
+            assert fragment in str(raised.value), (method.__name__, str(raised.value))
+        assert_same_state(before, state(metric))
