@@ -201,7 +201,7 @@ def _dead(ranks: Ranks, keep_batch_dim: bool) -> dict[str, Tensor]:
     }
 
 
-def _collection(
+def collection_reference(
     coefficient: float | Callable[[int], Tensor],
     *,
     prefix_sizes: Sequence[int] | None = None,
@@ -211,7 +211,8 @@ def _collection(
     decoder_norm_weighting: bool = False,
     training: bool = False,
 ) -> Callable[[Ranks, bool], dict[str, Tensor]]:
-    """The reference of a collection: every key, from the same per-item formulas as the metrics'."""
+    """The reference ``(ranks, keep_batch_dim) -> outputs`` of a collection configured so: every key, from the same
+    per-item formulas as the metrics'."""
 
     def expected(ranks: Ranks, keep_batch_dim: bool) -> dict[str, Tensor]:
         terms: dict[str, PerItem] = {
@@ -280,7 +281,7 @@ class Case:
     lifetime: frozenset[str] = frozenset()
 
     @property
-    def is_collection(self) -> bool:
+    def iscollection_reference(self) -> bool:
         return self.name.startswith("collection")
 
     def __call__(self, num_components: int = 2, **kwargs: Any) -> Any:
@@ -389,7 +390,7 @@ _CASES = [
     Case(
         "collection",
         lambda c, **kw: sm.SparseAutoencoderLoss(c, 0.2, **kw),
-        _collection(0.2),
+        collection_reference(0.2),
         _COLLECTION_INPUTS,
         keep_batch_dim=True,
     ),
@@ -404,7 +405,7 @@ _CASES = [
             component_reduction="sum",
             **kw,
         ),
-        _collection(
+        collection_reference(
             0.2,
             prefix_sizes=COLLECTION_PREFIXES[0],
             prefix_weights=COLLECTION_PREFIXES[1],
@@ -419,7 +420,7 @@ _CASES = [
         lambda c, **kw: sm.SparseAutoencoderLoss(
             c, _coefficients(c), sparsity_decoder_norm_weighting=True, **_TRAINING, **kw
         ),
-        _collection(_coefficients, decoder_norm_weighting=True, training=True),
+        collection_reference(_coefficients, decoder_norm_weighting=True, training=True),
         (*_COLLECTION_INPUTS, "decoder_weight"),
         keep_batch_dim=True,
         lifetime=frozenset({"dead_features", "dead_feature_fraction"}),
