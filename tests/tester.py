@@ -281,7 +281,7 @@ class Case:
     lifetime: frozenset[str] = frozenset()
 
     @property
-    def iscollection_reference(self) -> bool:
+    def is_collection(self) -> bool:
         return self.name.startswith("collection")
 
     def __call__(self, num_components: int = 2, **kwargs: Any) -> Any:
