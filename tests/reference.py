@@ -4,6 +4,7 @@ Every input is ``[batch, component, feature]``; every per-item result ``[batch, 
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,15 +30,22 @@ def per_item_matryoshka_prefixes(
     decoder_bias: Tensor | None,
     prefix_sizes: Sequence[int],
     feature_reduction: str = "mean",
+    decoded: Tensor | None = None,
 ) -> Tensor:
-    """``[batch, component, prefix]``: one separate, full decode per prefix (the SAELens way)."""
+    """``[batch, component, prefix]``: one separate, full decode per prefix (the SAELens way).
+
+    With ``decoded`` (``reuse_decoded_activations=True``), the whole-dictionary prefix's error is that of ``decoded``.
+    """
     source, learned, weight = source.double(), learned.double(), decoder_weight.double()
     errors = []
     for size in prefix_sizes:
-        decoded = torch.einsum("bcf,cfd->bcd", learned[..., :size], weight[:, :size])
+        if decoded is not None and size == learned.shape[-1]:
+            errors.append(per_item_l2(decoded, source, feature_reduction))
+            continue
+        prefix_decoded = torch.einsum("bcf,cfd->bcd", learned[..., :size], weight[:, :size])
         if decoder_bias is not None:
-            decoded = decoded + decoder_bias.double()
-        errors.append(per_item_l2(decoded, source, feature_reduction))
+            prefix_decoded = prefix_decoded + decoder_bias.double()
+        errors.append(per_item_l2(prefix_decoded, source, feature_reduction))
     return torch.stack(errors, dim=-1)
 
 
@@ -49,12 +57,20 @@ def per_item_matryoshka(
     prefix_sizes: Sequence[int],
     prefix_weights: Sequence[float] | None = None,
     feature_reduction: str = "mean",
+    decoded: Tensor | None = None,
 ) -> Tensor:
     errors = per_item_matryoshka_prefixes(
-        source, learned, decoder_weight, decoder_bias, prefix_sizes, feature_reduction
+        source, learned, decoder_weight, decoder_bias, prefix_sizes, feature_reduction, decoded
     )
     weights = prefix_weights if prefix_weights is not None else [1.0 / len(prefix_sizes)] * len(prefix_sizes)
     return (errors * torch.tensor(weights, dtype=torch.float64)).sum(-1)
+
+
+def per_item_sparsity(learned: Tensor, coefficient: float | Tensor, decoder_weight: Tensor | None = None) -> Tensor:
+    """``coefficient * sum_i |f_i|`` per item, each ``|f_i|`` weighted by ``||W_dec[i]||_2`` when a decoder is given."""
+    weights = decoder_weight.double().norm(dim=-1) if decoder_weight is not None else 1.0
+    scale = coefficient.double() if isinstance(coefficient, Tensor) else coefficient
+    return scale * (learned.double().abs() * weights).sum(-1)
 
 
 def sparse_activations(*shape: int, density: float = 0.3, generator: torch.Generator | None = None) -> Tensor:
@@ -73,8 +89,18 @@ def fvu(decoded: Tensor, source: Tensor) -> Tensor:
 
 
 def feature_density(learned: Tensor) -> Tensor:
-    """``[component, feature]`` fraction of items in which each feature is non-zero."""
+    """``[component, feature]`` fraction of items in which each feature is non-zero (NaN counts: NaN != 0)."""
     return (learned != 0).double().mean(dim=0)
+
+
+def mean_log10_density(density: Tensor, epsilon: float = 1e-10) -> Tensor:
+    """``[component]`` mean over features of ``log10(density + epsilon)``."""
+    return torch.log10(density + epsilon).mean(dim=-1)
+
+
+def dead_features(streams: Sequence[Tensor], window: int) -> Tensor:
+    """``[component]`` number of features not fired within the last ``window`` items (lockstep across streams)."""
+    return (lockstep_items_since_fired(streams) >= window).sum(dim=-1)
 
 
 def items_since_fired(stream: Tensor) -> Tensor:
@@ -102,24 +128,61 @@ def lockstep_items_since_fired(streams: Sequence[Tensor]) -> Tensor:
     return result
 
 
-def sae_batches(
-    sizes: Sequence[int], seed: int, *, components: int, d_model: int, d_sae: int
-) -> list[dict[str, Tensor]]:
-    """Seeded SAE steps of the given batch sizes sharing one decoder: inputs of the collection, by keyword."""
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(components, d_sae, d_model, generator=generator)
-    batches = []
-    for size in sizes:
-        source = torch.randn(size, components, d_model, generator=generator)
-        batches.append(
-            {
-                "source_activations": source,
-                "decoded_activations": source + 0.3 * torch.randn(size, components, d_model, generator=generator),
-                "learned_activations": sparse_activations(size, components, d_sae, generator=generator),
-                "decoder_weight": weight,
-            }
+def sae_inputs(
+    batch_size: int,
+    *,
+    components: int,
+    d_model: int,
+    d_sae: int,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    decoder: tuple[Tensor, Tensor] | None = None,
+    density: float = 0.3,
+    signed: bool = False,
+) -> dict[str, Tensor]:
+    """One seeded SAE step, every input by keyword, ``[batch, component, ...]`` (the one input builder of the tests).
+
+    ``source_activations`` is independent of the SAE; ``learned_activations`` are sparse (exact zeros at rate
+    ``1 - density``; with ``signed`` a third of the non-zero ones negative, as a non-ReLU SAE gives);
+    ``decoded_activations`` is the SAE's decode ``f W + b``; ``decoder_weight`` is feature-major
+    ``[component, d_sae, d_model]`` with row norms far from 1, ``decoder_bias`` ``[component, d_model]``. Pass
+    ``decoder`` (a ``(weight, bias)`` pair) to share one decoder between steps.
+    """
+    if decoder is None:
+        decoder = (
+            torch.randn(components, d_sae, d_model, generator=generator, dtype=torch.float64),
+            torch.randn(components, d_model, generator=generator, dtype=torch.float64),
         )
+    weight, bias = (tensor.double() for tensor in decoder)
+    learned = sparse_activations(batch_size, components, d_sae, density=density, generator=generator).double()
+    if signed:
+        learned = learned * torch.where(torch.rand(learned.shape, generator=generator) < 1 / 3, -1.0, 1.0).double()
+    inputs = {
+        "source_activations": torch.randn(batch_size, components, d_model, generator=generator, dtype=torch.float64),
+        "learned_activations": learned,
+        "decoded_activations": torch.einsum("bcf,cfd->bcd", learned, weight) + bias,
+        "decoder_weight": weight,
+        "decoder_bias": bias,
+    }
+    return {name: value.to(dtype) for name, value in inputs.items()}
+
+
+def sae_batches(sizes: Sequence[int], seed: int, **kwargs: Any) -> list[dict[str, Tensor]]:
+    """Seeded SAE steps of the given batch sizes sharing one decoder (:func:`sae_inputs`'s keywords)."""
+    generator = torch.Generator().manual_seed(seed)
+    batches: list[dict[str, Tensor]] = []
+    for size in sizes:
+        shared = (batches[0]["decoder_weight"], batches[0]["decoder_bias"]) if batches else None
+        batches.append(sae_inputs(size, generator=generator, decoder=shared, **kwargs))
     return batches
+
+
+def without_component_axis(inputs: dict[str, Tensor], component: int = 0) -> dict[str, Tensor]:
+    """One component's inputs in the layout without a component axis (``[batch, feature]``, ``[d_sae, d_model]``)."""
+    return {
+        name: value[:, component] if name.endswith("_activations") else value[component]
+        for name, value in inputs.items()
+    }
 
 
 def as_dict(value: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,8 +1,10 @@
-"""Checkpoints: save mid-epoch, resume in a fresh process, get exactly the uninterrupted result; copies."""
+"""Checkpoints: save mid-epoch, resume in a fresh process, get exactly the uninterrupted result; wrong checkpoints.
 
-import copy
+Every registered case (``tests/tester.py``), with and without per-item rows. The in-process round trip, pickle,
+deepcopy and clone of every case are generic checks in ``test_tester.py``.
+"""
+
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -12,77 +14,61 @@ import pytest
 import torch
 
 import sparse_metrics as sm
-from tests import reference
+from tests import tester
 from tests.distributed import run_on_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
-C, D_MODEL, D_SAE = 2, 5, 12
-
-#: name -> factory(keep_batch_dim): each metric configured away from its defaults, so that config mix-ups show.
-FACTORIES = {
-    "l2": lambda k: sm.L2ReconstructionLoss(C, keep_batch_dim=k, feature_reduction="sum"),
-    "l1": lambda k: sm.L1AbsoluteLoss(C, keep_batch_dim=k),
-    "l0": lambda k: sm.L0NormMetric(C, keep_batch_dim=k),
-    "sparsity": lambda k: sm.SparsityLoss(torch.tensor([0.1, 0.3]), C, keep_batch_dim=k),
-    "matryoshka": lambda k: sm.MatryoshkaReconstructionLoss([4, 12], C, keep_batch_dim=k, prefix_weights=[2.0, 1.0]),
-    "collection": lambda k: sm.SparseAutoencoderLoss(C, 0.2, matryoshka_prefix_sizes=[6, 12], keep_batch_dim=k),
-}
-
-
-def _batches(seed: int, sizes: list[int]) -> list[dict[str, torch.Tensor]]:
-    return reference.sae_batches(sizes, seed, components=C, d_model=D_MODEL, d_sae=D_SAE)
-
-
-def _metric(name: str, keep_batch_dim: bool, **kwargs: Any) -> Any:
-    metric = FACTORIES[name](keep_batch_dim)
-    for key, value in kwargs.items():
-        for member in metric.values(copy_state=False) if isinstance(metric, sm.SparseAutoencoderLoss) else [metric]:
-            setattr(member, key, value)
-    metric.persistent(True)  # states are in the state_dict only when persistent (torchmetrics' default: not)
-    return metric
-
-
+C = 2
 BATCH_SIZES = [4, 3, 0, 5, 2]
 SAVE_AFTER = 2
 
 
+def _configurations() -> list[tuple[str, tester.Case, bool]]:
+    return [
+        (f"{case.name}_{keep_batch_dim}", case, keep_batch_dim)
+        for case in tester.CASES.values()
+        for keep_batch_dim in ((False, True) if case.keep_batch_dim else (False,))
+    ]
+
+
+def _metric(case: tester.Case, keep_batch_dim: bool) -> Any:
+    metric = case(C, **({"keep_batch_dim": True} if keep_batch_dim else {}))
+    metric.persistent(True)  # states are in the state_dict only when persistent (torchmetrics' default: not)
+    return metric
+
+
 def _save_mid_epoch(directory: str, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """Run every metric over the first batches, save it, go on uninterrupted; return the uninterrupted results."""
-    batches = _batches(seed, BATCH_SIZES)
+    batches = tester.batches(BATCH_SIZES, C, seed=seed)
     results = {}
-    for name in FACTORIES:
-        for keep_batch_dim in (False, True):
-            metric = _metric(name, keep_batch_dim)
-            for batch in batches[:SAVE_AFTER]:
-                metric(**batch)
-            torch.save(metric.state_dict(), os.path.join(directory, f"{name}_{keep_batch_dim}.pt"))
-            for batch in batches[SAVE_AFTER:]:
-                metric.update(**batch)
-            results[f"{name}_{keep_batch_dim}"] = reference.as_dict(metric.compute())
+    for name, case, keep_batch_dim in _configurations():
+        metric = _metric(case, keep_batch_dim)
+        for batch in batches[:SAVE_AFTER]:
+            metric(**batch)
+        torch.save(metric.state_dict(), os.path.join(directory, f"{name}.pt"))
+        for batch in batches[SAVE_AFTER:]:
+            metric.update(**batch)
+        results[name] = tester.outputs(case, metric)
     return results
 
 
 def _resume(directory: str, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """In a fresh process: load every saved state (weights only) into a fresh metric and finish the epoch."""
-    batches = _batches(seed, BATCH_SIZES)
+    batches = tester.batches(BATCH_SIZES, C, seed=seed)
     results = {}
-    for name in FACTORIES:
-        for keep_batch_dim in (False, True):
-            metric = _metric(name, keep_batch_dim)
-            state = torch.load(os.path.join(directory, f"{name}_{keep_batch_dim}.pt"), weights_only=True)
-            metric.load_state_dict(state)
-            for batch in batches[SAVE_AFTER:]:
-                metric.update(**batch)
-            results[f"{name}_{keep_batch_dim}"] = reference.as_dict(metric.compute())
+    for name, case, keep_batch_dim in _configurations():
+        metric = _metric(case, keep_batch_dim)
+        metric.load_state_dict(torch.load(os.path.join(directory, f"{name}.pt"), weights_only=True))
+        for batch in batches[SAVE_AFTER:]:
+            metric.update(**batch)
+        results[name] = tester.outputs(case, metric)
     return results
 
 
 def _assert_identical(resumed: dict[str, Any], uninterrupted: dict[str, Any]) -> None:
     assert resumed.keys() == uninterrupted.keys()
     for key, values in uninterrupted.items():
-        assert resumed[key].keys() == values.keys(), key
-        for name, value in values.items():
-            assert torch.equal(resumed[key][name], value), (key, name)
+        tester.assert_identical(resumed[key], values, msg=key)
 
 
 def test_resume_in_a_fresh_process_gives_the_uninterrupted_result(tmp_path):
@@ -131,6 +117,21 @@ def test_two_ranks_resume_in_fresh_processes_gives_the_uninterrupted_result(tmp_
             lambda: sm.SparseAutoencoderLoss(3, 0.1, matryoshka_prefix_sizes=[4, 8]),
             "_sum",
         ),
+        *(
+            (
+                lambda saved=saved: sm.FractionOfVarianceUnexplained(saved, d_model=3),
+                lambda loaded=loaded: sm.FractionOfVarianceUnexplained(loaded, d_model=3),
+                "fvu_statistics",
+            )
+            for saved, loaded in ((1, 2), (2, 1), (2, 3))
+        ),
+        (
+            lambda: sm.FractionOfVarianceUnexplained(2, d_model=3),
+            lambda: sm.FractionOfVarianceUnexplained(2, d_model=4),
+            "fvu_statistics",
+        ),
+        (lambda: sm.FeatureDensity(8, 2), lambda: sm.FeatureDensity(6, 2), "density_fire_count"),
+        (lambda: sm.DeadFeatures(8, 2, window=3), lambda: sm.DeadFeatures(8, 1, window=3), "dead_counters"),
     ],
 )
 def test_loading_a_state_of_another_configuration_is_an_error(saved, loaded, state):
@@ -157,25 +158,3 @@ def test_loading_per_item_rows_of_another_component_count_is_an_error(generator)
     ):
         target.load_state_dict(state)
     assert target.l1_per_item == []
-
-
-@pytest.mark.parametrize("name", list(FACTORIES))
-def test_pickle_deepcopy_and_clone_round_trips(name):
-    batches = _batches(1, [3, 4])
-    metric = FACTORIES[name](True)
-    metric(**batches[0])
-    renamed = metric.clone(prefix="val_") if name == "collection" else metric.clone()
-    copies = [pickle.loads(pickle.dumps(metric)), copy.deepcopy(metric), metric.clone(), renamed]
-    for copied in copies:
-        copied.update(**batches[1])
-    metric.update(**batches[1])
-    expected = reference.as_dict(metric.compute())
-    for copied in copies:
-        result = reference.as_dict(copied.compute())
-        if name == "collection" and copied is copies[-1]:
-            result = {key.removeprefix("val_"): value for key, value in result.items()}
-            assert all(key.startswith("val_") for key in reference.as_dict(copied.compute()))
-        _assert_identical({"": result}, {"": expected})
-    # Copies are independent: updating one leaves the original alone.
-    copies[0].update(**batches[0])
-    _assert_identical({"": reference.as_dict(metric.compute())}, {"": expected})

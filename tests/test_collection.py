@@ -1,4 +1,8 @@
-"""SparseAutoencoderLoss: members, the differentiable total loss, epoch values."""
+"""SparseAutoencoderLoss: its keys, the differentiable total loss through the decode, the coefficient schedule.
+
+Epoch values over uneven batches, per-item rows, one-component shapes and states without a graph are generic
+checks of the registered collections in ``test_tester.py``.
+"""
 
 import pytest
 import torch
@@ -7,22 +11,18 @@ import sparse_metrics as sm
 from tests import reference
 
 
-def _data(generator, batch=6, components=3, d_model=5, d_sae=12, requires_grad=False, decoder=None):
-    """One SAE step's inputs; ``decoded_activations`` is the decode ``f W + b`` of the whole dictionary."""
-    source = torch.randn(batch, components, d_model, generator=generator)
-    learned = reference.sparse_activations(batch, components, d_sae, generator=generator).requires_grad_(requires_grad)
-    if decoder is None:
-        weight = torch.randn(components, d_sae, d_model, generator=generator).requires_grad_(requires_grad)
-        bias = torch.randn(components, d_model, generator=generator).requires_grad_(requires_grad)
-    else:
-        weight, bias = decoder
-    return {
-        "source_activations": source,
-        "decoded_activations": torch.einsum("bcf,cfd->bcd", learned, weight) + bias,
-        "learned_activations": learned,
-        "decoder_weight": weight,
-        "decoder_bias": bias,
-    }
+def _data(generator, batch=6, components=3, d_model=5, d_sae=12, requires_grad=False):
+    """One SAE step (the shared builder's); with ``requires_grad`` the activations and the decoder are leaves and
+    ``decoded_activations`` is their decode ``f W + b``, so that gradients flow through it too."""
+    inputs = reference.sae_inputs(batch, components=components, d_model=d_model, d_sae=d_sae, generator=generator)
+    if requires_grad:
+        for name in ("learned_activations", "decoder_weight", "decoder_bias"):
+            inputs[name].requires_grad_()
+        inputs["decoded_activations"] = (
+            torch.einsum("bcf,cfd->bcd", inputs["learned_activations"], inputs["decoder_weight"])
+            + inputs["decoder_bias"]
+        )
+    return inputs
 
 
 def _reference_loss(
@@ -95,68 +95,6 @@ def test_loss_and_its_gradients_equal_the_reference(
         for gradient in ours[1:]:
             assert gradient is not None
             assert gradient.abs().sum() > 0
-
-
-def test_epoch_values_over_uneven_batches(generator):
-    first = _data(generator, batch=5)
-    decoder = first["decoder_weight"], first["decoder_bias"]  # one SAE: the same decoder every step
-    batches = [first, *(_data(generator, batch=n, decoder=decoder) for n in (1, 9))]
-    loss_fn = sm.SparseAutoencoderLoss(3, 0.1, matryoshka_prefix_sizes=[6, 12], component_reduction="sum")
-    for index, batch in enumerate(batches):
-        if index % 2:
-            loss_fn.update(**batch)
-        else:
-            loss_fn(**batch)
-    epoch = loss_fn.compute()
-    merged = {
-        k: torch.cat([b[k] for b in batches])
-        for k in ("source_activations", "decoded_activations", "learned_activations")
-    }
-    merged |= {"decoder_weight": batches[0]["decoder_weight"], "decoder_bias": batches[0]["decoder_bias"]}
-    torch.testing.assert_close(epoch["loss"], _reference_loss(merged, 0.1, "sum", [6, 12]), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(
-        epoch["l0"], reference.per_item_l0(merged["learned_activations"]).mean(0), rtol=1e-12, atol=0
-    )
-    prefixes = reference.per_item_matryoshka_prefixes(
-        merged["source_activations"],
-        merged["learned_activations"],
-        merged["decoder_weight"],
-        merged["decoder_bias"],
-        [6, 12],
-    ).mean(0)
-    torch.testing.assert_close(epoch["matryoshka_prefix_6"], prefixes[:, 0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(epoch["matryoshka_prefix_12"], prefixes[:, 1], rtol=1e-5, atol=1e-6)
-    for value in epoch.values():
-        assert not value.requires_grad
-
-
-def test_update_builds_no_graph_and_states_hold_none(generator):
-    inputs = _data(generator, requires_grad=True)
-    loss_fn = sm.SparseAutoencoderLoss(3, 0.1, matryoshka_prefix_sizes=[12], keep_batch_dim=True)
-    loss_fn.update(**inputs)
-    loss_fn(**inputs)["loss"].backward()
-    for member in loss_fn.values(copy_state=False):
-        for value in member.metric_state.values():
-            for tensor in value if isinstance(value, list) else [value]:
-                assert tensor.grad_fn is None
-                assert not tensor.requires_grad
-
-
-def test_keep_batch_dim_members_and_scalar_loss(generator):
-    inputs = _data(generator, batch=4)
-    loss_fn = sm.SparseAutoencoderLoss(3, 0.1, keep_batch_dim=True)
-    out = loss_fn(**inputs)
-    assert out["l2"].shape == (4, 3)
-    assert out["loss"].shape == ()
-    epoch = loss_fn.compute()
-    assert epoch["l2"].shape == (4, 3)
-    torch.testing.assert_close(epoch["loss"], _reference_loss(inputs, 0.1, "mean"), rtol=1e-6, atol=1e-6)
-
-
-def test_one_component_values_are_scalars(generator):
-    inputs = {k: v[:, 0] if k.endswith("activations") else v[0] for k, v in _data(generator).items()}
-    out = sm.SparseAutoencoderLoss(sparsity_coefficient=0.1, matryoshka_prefix_sizes=[4, 12])(**inputs)
-    assert all(value.shape == () for value in out.values())
 
 
 def test_sparsity_coefficient_schedule_through_the_collection(generator):

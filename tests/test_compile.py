@@ -22,18 +22,13 @@ needs_cpu_compiler = pytest.mark.skipif(not HAS_CPU_COMPILER, reason="no C++ com
 
 
 def _inputs(generator, batch=8, components=2, d_model=6, d_sae=24):
-    source = torch.randn(batch, components, d_model, generator=generator, dtype=torch.float64)
-    return {
-        "source_activations": source,
-        "decoded_activations": (source + torch.randn_like(source)).requires_grad_(),
-        "learned_activations": reference.sparse_activations(batch, components, d_sae, generator=generator)
-        .double()
-        .requires_grad_(),
-        "decoder_weight": torch.randn(
-            components, d_sae, d_model, generator=generator, dtype=torch.float64
-        ).requires_grad_(),
-        "decoder_bias": torch.randn(components, d_model, generator=generator, dtype=torch.float64),
-    }
+    """One float64 step of the shared builder, differentiable in everything but the source and the bias."""
+    inputs = reference.sae_inputs(
+        batch, components=components, d_model=d_model, d_sae=d_sae, generator=generator, dtype=torch.float64
+    )
+    for name in ("decoded_activations", "learned_activations", "decoder_weight"):
+        inputs[name].requires_grad_()
+    return inputs
 
 
 @pytest.fixture(autouse=True)

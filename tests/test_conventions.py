@@ -4,6 +4,9 @@ equals the sparse_metrics metric with the options the page lists.
 Peer formulas are written from their published definitions (see the page), one line each, in float64; no peer code.
 Batch-mean metrics are checked twice: ``forward`` on one batch against the peer's formula on that batch, and
 ``compute`` over two batches of different sizes against the peer's formula on all their items (their epoch value).
+The data (the shared builder's) has negative activations and decoder rows whose norms are not 1, so that
+``sum |f|`` and ``sum f``, ``f != 0`` and ``f > 0``, and a weighted and a plain L1 differ: where a peer's definition
+differs from ours the test shows that it does, and that the two agree where the page says (``f >= 0``).
 """
 
 import re
@@ -20,24 +23,51 @@ from sparse_metrics.functional import (
     l2_reconstruction_loss,
     matryoshka_reconstruction_loss,
 )
+from tests import reference
 
 D_MODEL, D_SAE = 6, 10
 BATCH_SIZES = (5, 3)
 
 
 def _batches(generator: torch.Generator) -> list[dict[str, Tensor]]:
-    """Batches of (x, x_hat, non-negative sparse f, feature-major W_dec, b_dec), as a ReLU SAE produces them."""
-    decoder_weight = torch.randn(D_SAE, D_MODEL, generator=generator, dtype=torch.float64)
-    decoder_bias = torch.randn(D_MODEL, generator=generator, dtype=torch.float64)
-    batches = []
+    """Batches of one SAE (the shared builder's, one component, float64): x, x_hat = f W_dec + b_dec, sparse f with
+    negative activations, the feature-major W_dec (row norms not 1) and b_dec."""
+    batches: list[dict[str, Tensor]] = []
     for size in BATCH_SIZES:
-        pre = torch.randn(size, D_SAE, generator=generator, dtype=torch.float64)
-        f = torch.relu(pre - 0.5)
-        x = torch.randn(size, D_MODEL, generator=generator, dtype=torch.float64) * 3
+        decoder = (batches[0]["w"][None], batches[0]["b"][None]) if batches else None
+        step = reference.sae_inputs(
+            size,
+            components=1,
+            d_model=D_MODEL,
+            d_sae=D_SAE,
+            generator=generator,
+            dtype=torch.float64,
+            decoder=decoder,
+            signed=True,
+        )
+        step = reference.without_component_axis(step)
         batches.append(
-            {"x": x, "x_hat": f @ decoder_weight + decoder_bias, "f": f, "w": decoder_weight, "b": decoder_bias}
+            {
+                "x": step["source_activations"],
+                "x_hat": step["decoded_activations"],
+                "f": step["learned_activations"],
+                "w": step["decoder_weight"],
+                "b": step["decoder_bias"],
+            }
         )
     return batches
+
+
+def _non_negative(batches: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """The same batches with ``f`` through a ReLU, as a ReLU, JumpReLU or TopK SAE gives."""
+    return [{**batch, "f": batch["f"].clamp(min=0)} for batch in batches]
+
+
+def _assert_signed(batches: list[dict[str, Tensor]]) -> None:
+    """The data tells ``sum |f|`` from ``sum f`` and ``f != 0`` from ``f > 0``, on each batch and on all of them."""
+    for f in [batch["f"] for batch in batches] + [_epoch(batches)["f"]]:
+        assert not torch.allclose(f.abs().sum(1).mean(), f.sum(1).mean())
+        assert (f != 0).sum() > (f > 0).sum()
 
 
 def _epoch(batches: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -52,13 +82,27 @@ def _check(
     metric: Metric,
     inputs: Callable[[dict[str, Tensor]], dict[str, Tensor]],
     peer: Callable[[dict[str, Tensor]], Tensor],
-    generator: torch.Generator,
+    batches: list[dict[str, Tensor]],
 ) -> None:
-    batches = _batches(generator)
+    """``forward`` on the first batch and ``compute`` after both equal the peer's formula on the same items."""
     first = metric(**inputs(batches[0]))
     torch.testing.assert_close(first.double(), peer(batches[0]), rtol=1e-12, atol=1e-12)
     metric.update(**inputs(batches[1]))
     torch.testing.assert_close(metric.compute(), peer(_epoch(batches)), rtol=1e-12, atol=1e-12)
+
+
+def _differs(
+    make: Callable[[], Metric],
+    inputs: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    peer: Callable[[dict[str, Tensor]], Tensor],
+    batches: list[dict[str, Tensor]],
+) -> None:
+    """Neither ``forward`` nor ``compute`` of the metric equals the peer's formula on these items."""
+    metric = make()
+    first = metric(**inputs(batches[0]))
+    assert not torch.allclose(first.double(), peer(batches[0]))
+    metric.update(**inputs(batches[1]))
+    assert not torch.allclose(metric.compute(), peer(_epoch(batches)))
 
 
 def _reconstruction(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -74,12 +118,12 @@ def _error(batch: dict[str, Tensor]) -> Tensor:
 
 def test_prior_art_l2(generator):
     # per item: mean over d_model of e^2; mean over items
-    _check(sm.L2ReconstructionLoss(), _reconstruction, lambda b: (_error(b) ** 2).mean(1).mean(0), generator)
+    _check(sm.L2ReconstructionLoss(), _reconstruction, lambda b: (_error(b) ** 2).mean(1).mean(0), _batches(generator))
 
 
 def test_saev_mse(generator):
     # element-wise squared error, mean over every element of [batch, d_model]
-    _check(sm.L2ReconstructionLoss(), _reconstruction, lambda b: (_error(b) ** 2).mean(), generator)
+    _check(sm.L2ReconstructionLoss(), _reconstruction, lambda b: (_error(b) ** 2).mean(), _batches(generator))
 
 
 def test_saev_mse_normalised(generator):
@@ -101,7 +145,7 @@ def test_saelens_mse(generator):
         sm.L2ReconstructionLoss(feature_reduction="sum"),
         _reconstruction,
         lambda b: (_error(b) ** 2).sum(1).mean(),
-        generator,
+        _batches(generator),
     )
 
 
@@ -111,7 +155,7 @@ def test_dictionary_learning_mse(generator):
         sm.L2ReconstructionLoss(feature_reduction="sum"),
         _reconstruction,
         lambda b: _error(b).pow(2).sum(dim=-1).mean(),
-        generator,
+        _batches(generator),
     )
 
 
@@ -154,53 +198,103 @@ def _learned(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {"learned_activations": batch["f"]}
 
 
+def _l1(b: dict[str, Tensor]) -> Tensor:
+    return b["f"].abs().sum(1).mean()
+
+
 def test_prior_art_l1(generator):
-    _check(sm.L1AbsoluteLoss(), _learned, lambda b: b["f"].abs().sum(1).mean(), generator)
+    batches = _batches(generator)
+    _assert_signed(batches)
+    _check(sm.L1AbsoluteLoss(), _learned, _l1, batches)
 
 
 def test_saev_l1(generator):
-    # mean over items of sum_F f (no absolute value: ReLU activations are non-negative)
-    _check(sm.L1AbsoluteLoss(), _learned, lambda b: b["f"].sum(1).mean(), generator)
+    # mean over items of sum_F f (no absolute value: saev's SAEs are ReLU, their activations non-negative)
+    def saev(b: dict[str, Tensor]) -> Tensor:
+        return b["f"].sum(1).mean()
+
+    batches = _batches(generator)
+    _assert_signed(batches)
+    _differs(sm.L1AbsoluteLoss, _learned, saev, batches)  # with negative activations ours is sum |f| ...
+    _check(sm.L1AbsoluteLoss(), _learned, _l1, batches)
+    _check(sm.L1AbsoluteLoss(), _learned, saev, _non_negative(batches))  # ... which is saev's for f >= 0
 
 
 def test_dictionary_learning_l1(generator):
-    _check(sm.L1AbsoluteLoss(), _learned, lambda b: torch.linalg.vector_norm(b["f"], ord=1, dim=-1).mean(), generator)
+    batches = _batches(generator)
+    _assert_signed(batches)
+    _check(sm.L1AbsoluteLoss(), _learned, lambda b: torch.linalg.vector_norm(b["f"], ord=1, dim=-1).mean(), batches)
+
+
+def _decoder_weighted(b: dict[str, Tensor]) -> Tensor:
+    """SAELens' penalty: sum_i |f_i| * ||W_dec[i]||_2, mean over the batch."""
+    return (b["f"].abs() * b["w"].norm(dim=1)).sum(1).mean()
+
+
+def _learned_and_decoder(b: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {"learned_activations": b["f"], "decoder_weight": b["w"]}
 
 
 def test_saelens_l1_weighted_by_decoder_norm(generator):
-    # sum_i |f_i| * ||W_dec[i]||_2, mean over the batch
-    def scaled(b: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"learned_activations": b["f"] * b["w"].norm(dim=1)}
-
-    _check(sm.L1AbsoluteLoss(), scaled, lambda b: (b["f"].abs() * b["w"].norm(dim=1)).sum(1).mean(), generator)
+    batches = _batches(generator)
+    norms = batches[0]["w"].norm(dim=1)
+    assert not torch.allclose(norms, torch.ones_like(norms), atol=0.1)  # row norms not 1: the weighting shows
+    _check(sm.SparsityLoss(1.0, decoder_norm_weighting=True), _learned_and_decoder, _decoder_weighted, batches)
+    _differs(lambda: sm.SparsityLoss(1.0), _learned_and_decoder, _decoder_weighted, batches)  # the plain L1 is not
 
 
 def test_openai_normalized_l1(generator):
-    # mean over items of sum_i |f_bi| / ||x_b||_2
-    def scaled(b: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"learned_activations": b["f"] / b["x"].norm(dim=1, keepdim=True)}
+    # mean over items of sum_i |f_bi| / ||x_b||_2: each item's L1 (keep_batch_dim) over its input's norm
+    def openai(b: dict[str, Tensor]) -> Tensor:
+        return (b["f"].abs().sum(1) / b["x"].norm(dim=1)).mean()
 
-    _check(sm.L1AbsoluteLoss(), scaled, lambda b: (b["f"].abs().sum(1) / b["x"].norm(dim=1)).mean(), generator)
+    batches = _batches(generator)
+    _assert_signed(batches)
+    metric = sm.L1AbsoluteLoss(keep_batch_dim=True)
+    first = metric(**_learned(batches[0]))
+    torch.testing.assert_close((first / batches[0]["x"].norm(dim=1)).mean(), openai(batches[0]), rtol=1e-12, atol=0)
+    metric.update(**_learned(batches[1]))
+    epoch = _epoch(batches)
+    torch.testing.assert_close((metric.compute() / epoch["x"].norm(dim=1)).mean(), openai(epoch), rtol=1e-12, atol=0)
 
 
 # --- L0 ---------------------------------------------------------------------------------------------------------------
 
 
+def _nonzero_count(b: dict[str, Tensor]) -> Tensor:
+    return (b["f"] != 0).double().sum(1).mean()
+
+
 def test_prior_art_l0(generator):
-    _check(sm.L0NormMetric(), _learned, lambda b: (b["f"] != 0).double().sum(1).mean(), generator)
+    batches = _batches(generator)
+    _assert_signed(batches)
+    _check(sm.L0NormMetric(), _learned, _nonzero_count, batches)
 
 
 @pytest.mark.parametrize("peer", ["saev", "saelens"])
 def test_active_count_l0(generator, peer):
-    # saev and SAELens count f > 0; the same as f != 0 for non-negative (ReLU, JumpReLU, TopK) activations
-    _check(sm.L0NormMetric(), _learned, lambda b: (b["f"] > 0).double().sum(1).mean(), generator)
+    """saev counts ``f > 0``; SAELens' training log (``metrics/l0``, ``feature_acts.bool()``) counts ``f != 0``.
+
+    With negative activations the two differ: ours is SAELens' count; saev's is the same for non-negative (ReLU,
+    JumpReLU, TopK) activations only.
+    """
+    batches = _batches(generator)
+    _assert_signed(batches)
+    if peer == "saelens":
+        _check(sm.L0NormMetric(), _learned, _nonzero_count, batches)
+    else:
+
+        def saev(b: dict[str, Tensor]) -> Tensor:
+            return (b["f"] > 0).double().sum(1).mean()
+
+        _differs(sm.L0NormMetric, _learned, saev, batches)
+        _check(sm.L0NormMetric(), _learned, saev, _non_negative(batches))
 
 
 # --- Sparsity penalty and total loss ----------------------------------------------------------------------------------
 
 
-def _collection_check(loss_fn: sm.SparseAutoencoderLoss, inputs, peer_loss, generator) -> None:
-    batches = _batches(generator)
+def _collection_check(loss_fn: sm.SparseAutoencoderLoss, inputs, peer_loss, batches) -> None:
     out = loss_fn(**inputs(batches[0]))
     torch.testing.assert_close(out["loss"].double(), peer_loss(batches[0]), rtol=1e-12, atol=1e-12)
     loss_fn.update(**inputs(batches[1]))
@@ -214,37 +308,45 @@ def _loss_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 def test_prior_art_loss(generator):
     # per item: mean_d e^2 + coefficient * sum_i |f_i|; mean over items
     coefficient = 0.01
+    batches = _batches(generator)
+    _assert_signed(batches)
     _collection_check(
         sm.SparseAutoencoderLoss(sparsity_coefficient=coefficient),
         _loss_inputs,
         lambda b: ((_error(b) ** 2).mean(1) + coefficient * b["f"].abs().sum(1)).mean(),
-        generator,
+        batches,
     )
 
 
 def test_saev_vanilla_loss(generator):
-    # mse (element mean) + sparsity_coeff * l1 (mean_b sum_F f), sparsity_coeff = 4e-4 by default
+    # mse (element mean) + sparsity_coeff * l1 (mean_b sum_F f, no absolute value), sparsity_coeff = 4e-4 by default
     def peer(b: dict[str, Tensor]) -> Tensor:
         return (_error(b) ** 2).mean() + 4e-4 * b["f"].sum(1).mean()
 
-    _collection_check(sm.SparseAutoencoderLoss(sparsity_coefficient=4e-4), _loss_inputs, peer, generator)
-    sparsity = sm.SparsityLoss(4e-4)
-    _check(sparsity, _learned, lambda b: 4e-4 * b["f"].sum(1).mean(), generator)
+    def saev_sparsity(b: dict[str, Tensor]) -> Tensor:
+        return 4e-4 * b["f"].sum(1).mean()
+
+    relu = _non_negative(_batches(generator))
+    _collection_check(sm.SparseAutoencoderLoss(sparsity_coefficient=4e-4), _loss_inputs, peer, relu)
+    _check(sm.SparsityLoss(4e-4), _learned, saev_sparsity, relu)
+    # With negative activations saev's l1 is not ours (sum |f|).
+    _differs(lambda: sm.SparsityLoss(4e-4), _learned, saev_sparsity, _batches(generator))
 
 
 def test_saelens_standard_loss(generator):
     # sum_d e^2 + l1_coefficient * sum_i |f_i| ||W_dec[i]||, each a mean over the batch
     coefficient = 5.0
 
-    def scaled(b: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {**_loss_inputs(b), "learned_activations": b["f"] * b["w"].norm(dim=1)}
+    def inputs(b: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {**_loss_inputs(b), "decoder_weight": b["w"]}
 
     def peer(b: dict[str, Tensor]) -> Tensor:
-        return (_error(b) ** 2).sum(1).mean() + coefficient * (b["f"].abs() * b["w"].norm(dim=1)).sum(1).mean()
+        return (_error(b) ** 2).sum(1).mean() + coefficient * _decoder_weighted(b)
 
-    _collection_check(
-        sm.SparseAutoencoderLoss(sparsity_coefficient=coefficient, feature_reduction="sum"), scaled, peer, generator
+    loss_fn = sm.SparseAutoencoderLoss(
+        sparsity_coefficient=coefficient, feature_reduction="sum", sparsity_decoder_norm_weighting=True
     )
+    _collection_check(loss_fn, inputs, peer, _batches(generator))
 
 
 # --- Matryoshka -------------------------------------------------------------------------------------------------------
@@ -272,7 +374,7 @@ def test_saev_matryoshka(generator):
         stacked = torch.stack([b["x"] - _prefix_reconstruction(b, m) for m in widths], dim=1)
         return (stacked**2).mean()
 
-    _check(sm.MatryoshkaReconstructionLoss(widths), _matryoshka_inputs, peer, generator)
+    _check(sm.MatryoshkaReconstructionLoss(widths), _matryoshka_inputs, peer, _batches(generator))
     # saev draws new prefix widths every step: the functional form takes them per call.
     batch = _batches(generator)[0]
     for drawn in ([3, D_SAE], [1, 4, 8, D_SAE]):
@@ -293,7 +395,7 @@ def test_saelens_matryoshka(generator):
         )
 
     metric = sm.MatryoshkaReconstructionLoss([*inner, D_SAE], feature_reduction="sum", prefix_weights=[1, 1, 1])
-    _check(metric, _matryoshka_inputs, peer, generator)
+    _check(metric, _matryoshka_inputs, peer, _batches(generator))
 
 
 def test_dictionary_learning_matryoshka(generator):
@@ -314,7 +416,7 @@ def test_dictionary_learning_matryoshka(generator):
             )
 
         metric = sm.MatryoshkaReconstructionLoss(widths, feature_reduction="sum", prefix_weights=weights)
-        _check(metric, _matryoshka_inputs, peer, generator)
+        _check(metric, _matryoshka_inputs, peer, _batches(generator))
 
 
 # --- Other terms -------------------------------------------------------------------------------------------------
@@ -344,14 +446,12 @@ def test_saelens_explained_variance(generator):
         x, error = batch["x"], _error(batch)
         return 1 - (error**2).sum(-1).mean() / ((x - x.mean(0)) ** 2).sum(-1).mean()
 
-    _check(sm.ExplainedVariance(d_model=D_MODEL), _reconstruction, saelens, generator)
+    _check(sm.ExplainedVariance(d_model=D_MODEL), _reconstruction, saelens, _batches(generator))
 
 
 def _firing_steps(generator, steps, batch_size):
-    """Activations where each feature fires rarely, so that features die and revive within the run."""
-    return [
-        torch.relu(torch.randn(batch_size, D_SAE, generator=generator, dtype=torch.float64) - 1.8) for _ in range(steps)
-    ]
+    """Non-negative activations where each feature fires rarely, so that features die and revive within the run."""
+    return [reference.sparse_activations(batch_size, D_SAE, density=0.04, generator=generator) for _ in range(steps)]
 
 
 @pytest.mark.parametrize("threshold", [0, 2])

@@ -1,4 +1,11 @@
-"""Two real processes on the gloo backend give the answer one process gives on all the data."""
+"""Two real gloo processes: what is particular to the distributed sync beyond the generic check.
+
+That every registered case on 2 ranks (uneven, empty, zero-row ranks) equals one process, bitwise equal on both,
+is the generic check ``test_two_gloo_ranks_equal_one_process`` in ``test_tester.py``; rank-local values with
+``sync_on_compute=False`` are checked in ``test_distributed_faults.py``. Here: the number of collective calls, the
+FVU's pooled ratio across ranks (the peer counter-example and exactness at a large offset), and a state the packed
+sync cannot carry.
+"""
 
 from typing import Any
 
@@ -9,93 +16,11 @@ from torchmetrics import Metric
 
 import sparse_metrics as sm
 from sparse_metrics import _distributed
-from tests import reference
+from tests import reference, tester
 from tests.distributed import run_on_ranks
+from tests.tester import D_MODEL, D_SAE
 
 pytestmark = pytest.mark.distributed
-
-D_MODEL, D_SAE = 6, 16
-
-#: name -> factory(num_components, keep_batch_dim, **metric kwargs)
-FACTORIES = {
-    "l2_mean": lambda c, k, **kw: sm.L2ReconstructionLoss(c, keep_batch_dim=k, **kw),
-    "l2_sum": lambda c, k, **kw: sm.L2ReconstructionLoss(c, keep_batch_dim=k, feature_reduction="sum", **kw),
-    "l1": lambda c, k, **kw: sm.L1AbsoluteLoss(c, keep_batch_dim=k, **kw),
-    "l0": lambda c, k, **kw: sm.L0NormMetric(c, keep_batch_dim=k, **kw),
-    "sparsity": lambda c, k, **kw: sm.SparsityLoss(0.2, c, keep_batch_dim=k, **kw),
-    "matryoshka": lambda c, k, **kw: sm.MatryoshkaReconstructionLoss([4, 8, 16], c, keep_batch_dim=k, **kw),
-    "collection": lambda c, k, **kw: sm.SparseAutoencoderLoss(
-        c, 0.2, matryoshka_prefix_sizes=[4, 16], keep_batch_dim=k, **kw
-    ),
-}
-
-#: rank -> batch sizes; "empty": rank 1 sees no batch at all.
-SPLITS = {"uneven": [[5, 3], [7]], "empty": [[4, 1, 6], []], "zero_rows": [[2], [0, 3]]}
-
-
-def _batches(components: int, sizes: list[int], seed: int) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(components, D_SAE, D_MODEL, generator=generator)
-    bias = torch.randn(components, D_MODEL, generator=generator)
-    batches = []
-    for size in sizes:
-        source = torch.randn(size, components, D_MODEL, generator=generator)
-        batch = {
-            "source_activations": source,
-            "decoded_activations": source + 0.3 * torch.randn(size, components, D_MODEL, generator=generator),
-            "learned_activations": reference.sparse_activations(size, components, D_SAE, generator=generator),
-            "decoder_weight": weight,
-            "decoder_bias": bias,
-        }
-        if components == 1:
-            batch = {k: v.squeeze(1) if k.endswith("activations") else v.squeeze(0) for k, v in batch.items()}
-        batches.append(batch)
-    return batches
-
-
-def _as_dict(value: Any) -> dict[str, torch.Tensor]:
-    return value if isinstance(value, dict) else {"value": value}
-
-
-def _compare_with_one_process(rank: int, world_size: int, split: str) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for name, factory in FACTORIES.items():
-        for components in (1, 3):
-            for keep_batch_dim in (False, True):
-                sizes_by_rank = SPLITS[split]
-                all_batches = _batches(components, [n for sizes in sizes_by_rank for n in sizes], seed=components)
-                start = sum(len(sizes) for sizes in sizes_by_rank[:rank])
-                mine = all_batches[start : start + len(sizes_by_rank[rank])]
-                metric = factory(components, keep_batch_dim)
-                for index, batch in enumerate(mine):  # mix forward and update
-                    metric(**batch) if index % 2 else metric.update(**batch)
-                synced = _as_dict(metric.compute())
-                single = factory(components, keep_batch_dim, sync_on_compute=False)
-                for batch in all_batches:
-                    single.update(**batch)
-                expected = _as_dict(single.compute())
-                assert synced.keys() == expected.keys()
-                for key, value in expected.items():
-                    torch.testing.assert_close(synced[key], value, rtol=1e-6, atol=1e-9, msg=f"{name} {key}")
-                if name == "matryoshka":
-                    torch.testing.assert_close(
-                        metric.compute_prefix_losses(), single.compute_prefix_losses(), rtol=1e-6, atol=1e-9
-                    )
-                # compute() restored the local state: accumulation goes on rank-locally.
-                if mine:
-                    metric.update(**mine[0])
-                results[f"{name}/{components}/{keep_batch_dim}"] = synced
-    return results
-
-
-@pytest.mark.parametrize("split", list(SPLITS))
-def test_two_ranks_equal_one_process(split):
-    rank0, rank1 = run_on_ranks(_compare_with_one_process, split)
-    # Every rank reduces the same bytes in the same order: results are bitwise identical.
-    assert rank0.keys() == rank1.keys()
-    for key in rank0:
-        for name, value in rank0[key].items():
-            assert torch.equal(value, rank1[key][name]), (key, name)
 
 
 _COLLECTIVES = (
@@ -126,13 +51,13 @@ def _count_collectives(rank: int, world_size: int) -> dict[str, int]:
 
     calls: dict[str, int] = {}
     for keep_batch_dim in (False, True):
-        batches = _batches(3, [4 + rank, 2], seed=0)
-        loss_fn = sm.SparseAutoencoderLoss(3, 0.1, matryoshka_prefix_sizes=[8, 16], keep_batch_dim=keep_batch_dim)
+        batches = tester.batches([4 + rank, 2], 3)
+        loss_fn = sm.SparseAutoencoderLoss(3, 0.1, matryoshka_prefix_sizes=[8, D_SAE], keep_batch_dim=keep_batch_dim)
         # Every training metric on top; rank 1 sees no batch at all.
         training = sm.SparseAutoencoderLoss(
             3,
             0.1,
-            matryoshka_prefix_sizes=[8, 16],
+            matryoshka_prefix_sizes=[8, D_SAE],
             keep_batch_dim=keep_batch_dim,
             explained_variance=True,
             d_model=D_MODEL,
@@ -153,7 +78,7 @@ def _count_collectives(rank: int, world_size: int) -> dict[str, int]:
             counts.clear()
             training.compute()
             calls[f"training collection keep_batch_dim={keep_batch_dim}"] = sum(counts.values())
-            metric = sm.MatryoshkaReconstructionLoss([8, 16], 3, keep_batch_dim=keep_batch_dim)
+            metric = sm.MatryoshkaReconstructionLoss([8, D_SAE], 3, keep_batch_dim=keep_batch_dim)
             metric.update(**batches[0])
             counts.clear()
             metric.compute()
@@ -176,22 +101,38 @@ def test_compute_makes_at_most_two_collective_calls():
         }
 
 
-def _local_and_synced(rank: int, world_size: int) -> dict[str, torch.Tensor]:
-    batch = _batches(1, [3], seed=rank)[0]
-    local = sm.L2ReconstructionLoss(sync_on_compute=False)
-    synced = sm.L2ReconstructionLoss()
-    for metric in (local, synced):
-        metric.update(**batch)
-    expected_local = reference.per_item_l2(batch["decoded_activations"][:, None], batch["source_activations"][:, None])
-    torch.testing.assert_close(local.compute(), expected_local.mean())
-    return {"local": local.compute(), "synced": synced.compute()}
+def _fvu_on_two_ranks(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    # The peer counter-example: rank 0 with x = [0, 2], x_hat = [1, 1]; rank 1 with x = [4, 6], x_hat = [5, 5].
+    source = torch.tensor([[0.0], [2.0]]) if rank == 0 else torch.tensor([[4.0], [6.0]])
+    decoded = torch.tensor([[1.0], [1.0]]) if rank == 0 else torch.tensor([[5.0], [5.0]])
+    fvu, explained = sm.FractionOfVarianceUnexplained(d_model=1), sm.ExplainedVariance(d_model=1)
+    local = sm.FractionOfVarianceUnexplained(d_model=1, sync_on_compute=False)
+    for metric in (fvu, explained, local):
+        metric.update(decoded, source)
+    results = {"fvu": fvu.compute(), "explained_variance": explained.compute(), "local": local.compute()}
+    # Exact across ranks at a 1e6 offset: the ranks' statistics are merged with Chan's formula, in float64.
+    every = tester.batches([50, 3, 200, 17], 2, seed=8, dtype=torch.float64)
+    shift = 1e6 + torch.linspace(-2, 2, D_MODEL, dtype=torch.float64)
+    every = [
+        {k: v + shift if k in ("source_activations", "decoded_activations") else v for k, v in b.items()} for b in every
+    ]
+    offset = sm.FractionOfVarianceUnexplained(2, d_model=D_MODEL)
+    for batch in every[2 * rank : 2 * rank + 2]:
+        offset.update(**batch)
+    all_items = tester.concatenated(every)
+    expected = reference.fvu(all_items["decoded_activations"], all_items["source_activations"])
+    torch.testing.assert_close(offset.compute(), expected, rtol=1e-11, atol=0)
+    return results | {"offset": offset.compute()}
 
 
-def test_sync_on_compute_false_gives_rank_local_values():
-    rank0, rank1 = run_on_ranks(_local_and_synced)
-    assert not torch.equal(rank0["local"], rank1["local"])
-    assert torch.equal(rank0["synced"], rank1["synced"])
-    torch.testing.assert_close(rank0["synced"], (rank0["local"] + rank1["local"]) / 2)
+def test_fvu_is_the_pooled_ratio_across_ranks():
+    """sparsify's DDP value would be the mean of the per-rank ratios (1.0); the pooled ratio is 0.2."""
+    rank0, rank1 = run_on_ranks(_fvu_on_two_ranks)
+    for result in (rank0, rank1):
+        torch.testing.assert_close(result["fvu"], torch.tensor(0.2, dtype=torch.float64))
+        torch.testing.assert_close(result["explained_variance"], torch.tensor(0.8, dtype=torch.float64))
+        torch.testing.assert_close(result["local"], torch.tensor(1.0, dtype=torch.float64))  # what per-rank gives
+    assert torch.equal(rank0["offset"], rank1["offset"])
 
 
 def test_packed_sync_rejects_a_tensor_state_reduced_by_cat():

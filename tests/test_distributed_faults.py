@@ -13,26 +13,20 @@ import torch
 import torch.distributed as dist
 
 import sparse_metrics as sm
-from tests import reference
+from tests import tester
 from tests.distributed import run_on_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.filterwarnings("ignore:The ``compute`` method:UserWarning")]
 
-C, D_MODEL, D_SAE = 2, 4, 8
+C = 2
 
 
-def _factories() -> dict[str, Any]:
-    return {
-        "l2": lambda **kw: sm.L2ReconstructionLoss(C, **kw),
-        "l0": lambda **kw: sm.L0NormMetric(C, **kw),
-        "sparsity": lambda **kw: sm.SparsityLoss(torch.tensor([0.5, 2.0]), C, **kw),
-        "matryoshka": lambda **kw: sm.MatryoshkaReconstructionLoss([3, 8], C, **kw),
-        "collection": lambda **kw: sm.SparseAutoencoderLoss(C, 0.3, matryoshka_prefix_sizes=[3, 8], **kw),
-    }
+def _make(case: tester.Case, keep_batch_dim: bool = False, **kwargs: Any) -> Any:
+    return case(C, **({"keep_batch_dim": True} if keep_batch_dim and case.keep_batch_dim else {}), **kwargs)
 
 
 def _batches(sizes: list[int], seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    return reference.sae_batches(sizes, seed, components=C, d_model=D_MODEL, d_sae=D_SAE)
+    return tester.batches(sizes, C, seed=seed)
 
 
 #: scenario -> batch sizes per rank (for 2 or 3 ranks). Ranks call update a different number of times, one may have
@@ -58,24 +52,28 @@ def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for scenario, all_splits in SCENARIOS.items():
         split = all_splits[:world_size]
-        for name, factory in _factories().items():
-            for keep_batch_dim in (False, True):
-                kwargs = {"keep_batch_dim": keep_batch_dim, "nan_strategy": "ignore"}
-                metric = factory(**kwargs)
+        for case in tester.CASES.values():
+            for keep_batch_dim in (False, True) if case.keep_batch_dim else (False,):
+                metric = _make(case, keep_batch_dim, nan_strategy="ignore")
                 for index, batch in enumerate(_rank_batches(split[rank], seed=rank)):
                     metric(**batch) if index % 2 else metric.update(**batch)
-                synced = reference.as_dict(metric.compute())
-                # The reference: one process, every rank's finite batches in rank order.
-                single = factory(**kwargs, sync_on_compute=False)
-                for other in range(world_size):
-                    for batch in _rank_batches(split[other], seed=other):
-                        if not batch["learned_activations"].isnan().any():
-                            single.update(**batch)
-                expected = reference.as_dict(single.compute())
-                assert synced.keys() == expected.keys()
-                for key, value in expected.items():
-                    torch.testing.assert_close(synced[key], value, rtol=1e-6, atol=1e-9, msg=f"{scenario} {key}")
-                results[f"{scenario}/{name}/{keep_batch_dim}"] = synced
+                synced = tester.outputs(case, metric)
+                # The references: every rank's finite batches, by rank; and one process fed them in rank order.
+                finite = [
+                    [b for b in _rank_batches(split[other], seed=other) if not b["learned_activations"].isnan().any()]
+                    for other in range(world_size)
+                ]
+                if not any(finite):
+                    finite[0].append(tester.rows(_batches([1])[0], slice(0, 0)))
+                message = f"{scenario} {case.name} keep_batch_dim={keep_batch_dim}"
+                tester.assert_close(synced, case.expected(*finite, keep_batch_dim=keep_batch_dim), msg=message)
+                single = _make(case, keep_batch_dim, nan_strategy="ignore", sync_on_compute=False)
+                for batch in (b for batches in finite for b in batches):
+                    single.update(**batch)
+                expected = tester.outputs(case, single)
+                for key in set(expected) - case.lifetime:  # the dead-feature counters combine ranks in lockstep
+                    torch.testing.assert_close(synced[key], expected[key], rtol=1e-6, atol=1e-9, msg=message)
+                results[f"{scenario}/{case.name}/{keep_batch_dim}"] = synced
     return results
 
 
@@ -85,8 +83,7 @@ def test_uneven_and_empty_ranks_give_the_exact_one_process_result(world_size):
     for other in results[1:]:  # bitwise identical on every rank
         assert other.keys() == results[0].keys()
         for key, values in results[0].items():
-            for name, value in values.items():
-                assert torch.equal(other[key][name], value), (key, name)
+            tester.assert_identical(other[key], values, msg=key)
 
 
 def _compute_on_one_rank(rank: int, world_size: int) -> str:
@@ -117,43 +114,39 @@ def test_compute_on_only_some_ranks_times_out_instead_of_hanging():
 def _device_moves_and_local_values(rank: int, world_size: int) -> dict[str, Any]:
     batches = _batches([3 + rank, 2], seed=rank)
     results: dict[str, Any] = {}
-    for name, factory in _factories().items():
-        moved = factory(keep_batch_dim=True)
+    for case in tester.CASES.values():
+        moved = _make(case, keep_batch_dim=True)
         moved.update(**batches[0])
         # A parent module cast to half precision, then back: states keep float64/int64 and their values.
         parent = torch.nn.ModuleDict({"metric": moved}).to(torch.bfloat16).to("cpu").to(torch.float32)
         moved = parent["metric"]
-        members = moved.values(copy_state=False) if isinstance(moved, sm.SparseAutoencoderLoss) else [moved]
-        for member in members:
+        for member in tester.members(moved):
             for key, value in member.metric_state.items():
                 rows = value if isinstance(value, list) else [value]
-                assert all(row.dtype in (torch.float64, torch.int64) for row in rows), (name, key)
+                assert all(row.dtype in (torch.float64, torch.int64) for row in rows), (case.name, key)
         moved.update(**batches[1])
-        plain = factory(keep_batch_dim=True)
+        plain = _make(case, keep_batch_dim=True)
         for batch in batches:
             plain.update(**batch)
-        for key, value in reference.as_dict(plain.compute()).items():
-            assert torch.equal(reference.as_dict(moved.compute())[key], value), (name, key)
-        local = factory(sync_on_compute=False)
+        tester.assert_identical(tester.outputs(case, moved), tester.outputs(case, plain), msg=case.name)
+        local = _make(case, sync_on_compute=False)
         for batch in batches:
             local.update(**batch)
-        alone = factory(sync_on_compute=False)
-        for batch in batches:
-            alone.update(**batch)  # a fresh metric never synced: the rank-local reference
-        for key, value in reference.as_dict(alone.compute()).items():
-            assert torch.equal(reference.as_dict(local.compute())[key], value), (name, key)
-        results[name] = reference.as_dict(local.compute())
+        # This rank's items only: the reference of its own batches.
+        tester.assert_close(tester.outputs(case, local), case.expected(batches), msg=case.name)
+        results[case.name] = tester.outputs(case, local)
     return results
 
 
 def test_device_moves_keep_states_and_sync_on_compute_false_is_rank_local():
     rank0, rank1 = run_on_ranks(_device_moves_and_local_values)
+    assert rank0.keys() == set(tester.CASES)
     for name, values in rank0.items():
         assert any(not torch.equal(values[key], rank1[name][key]) for key in values), name  # ranks differ
 
 
 def test_meta_round_trip_keeps_dtypes():
-    metric = sm.SparseAutoencoderLoss(C, 0.1, matryoshka_prefix_sizes=[3, 8], keep_batch_dim=True)
+    metric = tester.CASES["collection_matryoshka"](C, keep_batch_dim=True)
     metric.update(**_batches([2])[0])
     metric.to("meta")
     for member in metric.values(copy_state=False):

@@ -8,38 +8,32 @@ import torch
 import sparse_metrics as sm
 from sparse_metrics.functional import l2_reconstruction_loss
 from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE
-from tests import reference
+from tests import reference, tester
 
 C, D_MODEL, D_SAE, PREFIXES = 3, 64, 256, [64, 256]
 
 
 def _data(dtype: torch.dtype, batch: int = 512, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(7)
-    source = torch.randn(batch, C, D_MODEL, generator=generator, dtype=torch.float64) * scale
-    learned = reference.sparse_activations(batch, C, D_SAE, density=0.5, generator=generator).double() * scale
-    weight = 0.1 * torch.randn(C, D_SAE, D_MODEL, generator=generator, dtype=torch.float64)
-    return {
-        "source_activations": source,
-        # The SAE's reconstruction from its whole dictionary.
-        "decoded_activations": torch.einsum("bcf,cfd->bcd", learned, weight),
-        "learned_activations": learned,
-        "decoder_weight": weight,
-    }
+    """A large step (the shared builder's), its activations and decoder bias times ``scale``, in ``dtype``."""
+    inputs = reference.sae_inputs(
+        batch,
+        components=C,
+        d_model=D_MODEL,
+        d_sae=D_SAE,
+        generator=torch.Generator().manual_seed(7),
+        dtype=torch.float64,
+        density=0.5,
+    )
+    scaled = {name: value * scale if name != "decoder_weight" else value for name, value in inputs.items()}
+    return {name: value.to(dtype) for name, value in scaled.items()}
+
+
+#: The float64 reference of every key of the collection below, on given (possibly rounded) inputs.
+_reference = tester.collection_reference(0.5, prefix_sizes=PREFIXES)
 
 
 def _references(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Float64 per-item references ``[batch, component]`` on the given (possibly rounded) inputs."""
-    s, d, f = inputs["source_activations"], inputs["decoded_activations"], inputs["learned_activations"]
-    w = inputs["decoder_weight"]
-    # Every prefix, the whole dictionary's included, is decoded from the (rounded) decoder.
-    prefix_errors = reference.per_item_matryoshka_prefixes(s, f, w, None, PREFIXES)
-    return {
-        "l2": reference.per_item_l2(d, s),
-        "l1": reference.per_item_l1(f),
-        "l0": reference.per_item_l0(f),
-        "sparsity": 0.5 * reference.per_item_l1(f),
-        "matryoshka": prefix_errors.mean(-1),
-    }
+    return _reference([[{name: value.double() for name, value in inputs.items()}]], False)
 
 
 def _collection() -> sm.SparseAutoencoderLoss:
@@ -61,12 +55,12 @@ def test_half_precision_inputs_match_the_float64_reference(dtype):
     out = collection(**rounded)
     assert out["l2"].dtype == torch.float32  # per-item math in float32, never in half
     result = collection.compute()
-    same_inputs = _references({key: value.double() for key, value in rounded.items()})
+    same_inputs = _references(rounded)
     unrounded = _references(exact)
     for key in same_inputs:
         assert result[key].dtype == torch.float64
-        torch.testing.assert_close(result[key], same_inputs[key].mean(0), rtol=TOLERANCE_SAME_INPUTS, atol=0)
-        torch.testing.assert_close(result[key], unrounded[key].mean(0), rtol=TOLERANCE_UNROUNDED[dtype], atol=0)
+        torch.testing.assert_close(result[key], same_inputs[key], rtol=TOLERANCE_SAME_INPUTS, atol=0)
+        torch.testing.assert_close(result[key], unrounded[key], rtol=TOLERANCE_UNROUNDED[dtype], atol=0)
     for member in collection.values(copy_state=False):
         for name, value in member.metric_state.items():
             if name.endswith("_sum"):
@@ -166,10 +160,10 @@ def test_large_float32_magnitudes_match_float64():
     result = _collection()
     result.update(**rounded)
     values = result.compute()
-    expected = _references({key: value.double() for key, value in rounded.items()})
+    expected = _references(rounded)
     for key, value in expected.items():
         assert torch.isfinite(values[key]).all()
-        torch.testing.assert_close(values[key], value.mean(0), rtol=1e-5, atol=0)
+        torch.testing.assert_close(values[key], value, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize(
