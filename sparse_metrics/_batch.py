@@ -196,6 +196,13 @@ class SaeBatch:
             raise TypeError(f"{owner} needs the input `{name}`, which was not given.{reason}")
         return view
 
+    def require_width(self, name: str, width: int, setting: str, owner: str) -> Tensor:
+        """The view of input ``name``, whose last axis must have the configured ``width`` (``setting``'s value)."""
+        view = self.require(name, owner)
+        if view.shape[-1] != width:
+            raise ValueError(f"`{name}` must have {setting}={width} in its last axis, got shape {self.shape(name)}.")
+        return view
+
     def select(self, items: Tensor) -> SaeBatch:
         """The batch of the items where the ``[batch]`` mask ``items`` is True (nan_strategy="ignore")."""
         rows = {

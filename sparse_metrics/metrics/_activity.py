@@ -33,12 +33,7 @@ class ActivityMetric(SaeMetric):
 
     def _contribution(self, batch: SaeBatch) -> FeatureActivity:
         owner = type(self).__name__
-        learned = batch.require("learned_activations", owner)
-        if learned.shape[-1] != self.num_features:
-            raise ValueError(
-                f"`learned_activations` must have num_features={self.num_features} features in its last axis, "
-                f"got shape {batch.shape('learned_activations')}."
-            )
+        batch.require_width("learned_activations", self.num_features, "num_features", owner)
         self._check_device(batch)
         return batch.activity(owner)
 

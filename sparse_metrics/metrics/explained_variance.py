@@ -118,12 +118,7 @@ class FractionOfVarianceUnexplained(SaeMetric):
 
     def _contribution(self, batch: SaeBatch) -> _VarianceContribution:
         owner = type(self).__name__
-        source = batch.require("source_activations", owner)
-        if source.shape[-1] != self.d_model:
-            raise ValueError(
-                f"`source_activations` must have d_model={self.d_model} in its last axis, got shape "
-                f"{batch.shape('source_activations')}."
-            )
+        source = batch.require_width("source_activations", self.d_model, "d_model", owner)
         self._check_device(batch)
         squared_error = batch.squared_error(owner)
         statistics = batch.memo(
