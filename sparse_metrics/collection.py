@@ -351,7 +351,7 @@ class SparseAutoencoderLoss(MetricCollection):
         scalars: dict[str, Tensor] = {}
         for key, member in self.items(keep_base=False, copy_state=False):
             value = values.get(key)
-            if value is None or getattr(member, "per_feature", False) or getattr(member, "_value_has_axis", False):
+            if value is None or getattr(member, "_value_has_axis", False):  # per-item or per-feature values
                 continue
             if value.numel() == 1:
                 scalars[key] = value.reshape(())
