@@ -36,11 +36,24 @@ from sparse_metrics.functional.sparsity import _decoder_row_norms
 if TYPE_CHECKING:
     from sparse_metrics.metrics._base import SaeMetric
 
-__all__ = ["SAE_INPUTS", "SaeBatch", "check_input_names", "inputs_of"]
+__all__ = ["BATCHED_INPUTS", "FEATURE_INPUTS", "SAE_INPUTS", "SaeBatch", "check_input_names", "inputs_of"]
 
 #: The keyword names of every input a metric of this package reads; any metric accepts all of them, so that one call
 #: (or one ``**inputs`` dict) feeds any metric or collection.
-SAE_INPUTS = ("source_activations", "learned_activations", "decoded_activations", "decoder_weight", "decoder_bias")
+SAE_INPUTS = (
+    "source_activations",
+    "learned_activations",
+    "decoded_activations",
+    "decoder_weight",
+    "decoder_bias",
+    "pre_activations",
+    "threshold",
+    "dead_mask",
+)
+#: The inputs with a batch axis ``[batch, *component, width]``: ``nan_strategy="ignore"`` selects their rows.
+BATCHED_INPUTS = ("source_activations", "learned_activations", "decoded_activations", "pre_activations")
+#: The per-feature inputs ``[*component, d_sae]`` (a JumpReLU threshold, a dead-latent mask).
+FEATURE_INPUTS = ("threshold", "dead_mask")
 
 # Shared by every batch of a collection built with compiled=True; compiled at its first call.
 _compiled_sae_loss_statistics = CompiledWithFallback(_sae_loss_statistics)
@@ -58,6 +71,16 @@ def check_input_names(names: Iterable[str], owner: str) -> None:
                 f"{owner} got an unexpected keyword argument `{name}`.{hint} The inputs are "
                 f"{', '.join(f'`{n}`' for n in SAE_INPUTS)}."
             )
+
+
+def _check_dtype(name: str, value: object) -> Tensor:
+    """Check an input is a tensor of its kind: a boolean ``dead_mask``, floating point for every other input."""
+    if name != "dead_mask":
+        return check_floating(name, value)
+    if not isinstance(value, Tensor) or value.dtype != torch.bool:
+        shown = value.dtype if isinstance(value, Tensor) else type(value).__name__
+        raise TypeError(f"`dead_mask` must be a torch.bool tensor (True for a dead latent), got {shown}.")
+    return value
 
 
 def inputs_of(
@@ -102,7 +125,7 @@ class SaeBatch:
         self.owner = owner
         self.uses = uses
         self.compiled = compiled
-        self._given = {name: check_floating(name, value) for name, value in inputs.items() if value is not None}
+        self._given = {name: _check_dtype(name, value) for name, value in inputs.items() if value is not None}
         self._views: dict[str, Tensor] = {}
         self._memo: dict[Hashable, Any] = {}
         self._validate(num_components)
@@ -110,11 +133,13 @@ class SaeBatch:
     def _validate(self, num_components: int | None) -> None:
         given, views = self._given, self._views
         reference_name: str | None = None
-        for name in ("source_activations", "decoded_activations", "learned_activations"):
+        for name in ("source_activations", "decoded_activations", "learned_activations", "pre_activations"):
             if name not in given:
                 continue
             if reference_name is not None and name == "decoded_activations" and "source_activations" in given:
                 check_same_shape(name, given[name], "source_activations", given["source_activations"])
+            if name == "pre_activations" and "learned_activations" in given:
+                check_same_shape(name, given[name], "learned_activations", given["learned_activations"])
             view = to_components(name, given[name], num_components)
             if reference_name is not None:
                 check_batch_size(name, view, reference_name, views[reference_name])
@@ -128,6 +153,9 @@ class SaeBatch:
             views["decoded_activations"] = views["decoded_activations"].view(views["source_activations"].shape)
         if "decoder_weight" in given:
             self._validate_decoder()
+        for name in FEATURE_INPUTS:
+            if name in given:
+                self._validate_feature_input(name)
         self._check_devices()
 
     def _validate_decoder(self) -> None:
@@ -154,6 +182,23 @@ class SaeBatch:
         if decoder_bias is not None:
             views["decoder_bias"] = decoder_bias
 
+    def _validate_feature_input(self, name: str) -> None:
+        """Check a per-feature input is ``[*component, d_sae]``, laid out as the activations are; view it so."""
+        features = self._views.get("pre_activations", self._views.get("learned_activations"))
+        if features is None:
+            raise ValueError(
+                f"{self.owner}: `{name}` was given without `pre_activations` or `learned_activations`, whose "
+                "[component, d_sae] it must match."
+            )
+        value = self._given[name]
+        expected = [*features.shape[1:]] if self.has_component_axis else [features.shape[-1]]
+        if list(value.shape) != expected:
+            raise ValueError(
+                f"`{name}` must have shape [*component, d_sae] = {expected}, laid out as the activations are, got "
+                f"{list(value.shape)}."
+            )
+        self._views[name] = value if self.has_component_axis else value.unsqueeze(0)
+
     def _check_devices(self) -> None:
         devices = {name: tensor.device for name, tensor in self._given.items() if isinstance(tensor, Tensor)}
         if len(set(devices.values())) > 1:
@@ -170,7 +215,7 @@ class SaeBatch:
     @property
     def batch_size(self) -> int:
         """Number of items."""
-        for name in ("source_activations", "decoded_activations", "learned_activations"):
+        for name in BATCHED_INPUTS:
             if name in self._views:
                 return int(self._views[name].shape[0])
         return 0
@@ -205,12 +250,7 @@ class SaeBatch:
 
     def select(self, items: Tensor) -> SaeBatch:
         """The batch of the items where the ``[batch]`` mask ``items`` is True (nan_strategy="ignore")."""
-        rows = {
-            name: value[items]
-            if name in ("source_activations", "learned_activations", "decoded_activations")
-            else value
-            for name, value in self._given.items()
-        }
+        rows = {name: value[items] if name in BATCHED_INPUTS else value for name, value in self._given.items()}
         return SaeBatch(
             rows, num_components=self.num_components, owner=self.owner, uses=self.uses, compiled=self.compiled
         )

@@ -20,7 +20,7 @@ from sparse_metrics._config import (
     validate_arguments,
 )
 from sparse_metrics._distributed import synced_states
-from sparse_metrics.metrics._base import DerivedOutput, ItemMeanMetric, SaeMetric, batch_contributions, recording
+from sparse_metrics.metrics._base import DerivedOutput, SaeMetric, batch_contributions, recording
 from sparse_metrics.metrics.dead_features import DeadFeatures
 from sparse_metrics.metrics.explained_variance import FractionOfVarianceUnexplained
 from sparse_metrics.metrics.feature_density import FeatureDensity
@@ -181,9 +181,10 @@ class SparseAutoencoderLoss(MetricCollection):
             members["feature_density"] = FeatureDensity(num_features, num_components, **common)
         if dead_feature_window is not None and num_features is not None:
             members["dead_features"] = DeadFeatures(num_features, num_components, window=dead_feature_window, **common)
-        reconstruction = members["matryoshka" if matryoshka_prefix_sizes is not None else "l2"]
-        assert isinstance(reconstruction, ItemMeanMetric)
-        loss = TotalLoss([reconstruction, members["sparsity"]], component_reduction, **common)  # type: ignore[list-item]
+        reconstruction = "matryoshka" if matryoshka_prefix_sizes is not None else "l2"
+        loss = TotalLoss(
+            {name: members[name] for name in (reconstruction, "sparsity")}, component_reduction, **common
+        )
         # No torchmetrics compute groups: the members share each statistic through the batch already.
         super().__init__({}, prefix=prefix, postfix=postfix, compute_groups=False)
         for key, member in members.items():  # in this order (MetricCollection would sort a dict's keys)

@@ -136,7 +136,7 @@ def sae_inputs(
     d_sae: int,
     generator: torch.Generator,
     dtype: torch.dtype = torch.float32,
-    decoder: tuple[Tensor, Tensor] | None = None,
+    parameters: dict[str, Tensor] | None = None,
     density: float = 0.3,
     signed: bool = False,
 ) -> dict[str, Tensor]:
@@ -145,26 +145,49 @@ def sae_inputs(
     ``source_activations`` is independent of the SAE; ``learned_activations`` are sparse (exact zeros at rate
     ``1 - density``; with ``signed`` a third of the non-zero ones negative, as a non-ReLU SAE gives);
     ``decoded_activations`` is the SAE's decode ``f W + b``; ``decoder_weight`` is feature-major
-    ``[component, d_sae, d_model]`` with row norms far from 1, ``decoder_bias`` ``[component, d_model]``. Pass
-    ``decoder`` (a ``(weight, bias)`` pair) to share one decoder between steps.
+    ``[component, d_sae, d_model]`` with row norms far from 1, ``decoder_bias`` ``[component, d_model]``.
+    ``pre_activations`` ``[batch, component, d_sae]`` are spread around the JumpReLU ``threshold`` ``[component,
+    d_sae]`` (in (0.1, 0.3)), so that some fall within a bandwidth of it; ``dead_mask`` ``[component, d_sae]`` marks
+    about 40% of the latents dead. Pass ``parameters`` (the :func:`sae_parameters` of an earlier step) to share the
+    decoder, threshold and dead mask between steps.
     """
-    if decoder is None:
-        decoder = (
-            torch.randn(components, d_sae, d_model, generator=generator, dtype=torch.float64),
-            torch.randn(components, d_model, generator=generator, dtype=torch.float64),
-        )
-    weight, bias = (tensor.double() for tensor in decoder)
+    if parameters is None:
+        parameters = sae_parameters(components=components, d_model=d_model, d_sae=d_sae, generator=generator)
+    weight, bias = (parameters[name].double() for name in ("decoder_weight", "decoder_bias"))
     learned = sparse_activations(batch_size, components, d_sae, density=density, generator=generator).double()
     if signed:
         learned = learned * torch.where(torch.rand(learned.shape, generator=generator) < 1 / 3, -1.0, 1.0).double()
+    source = torch.randn(batch_size, components, d_model, generator=generator, dtype=torch.float64)
+    pre_activations = 0.2 + 0.5 * torch.randn(batch_size, components, d_sae, generator=generator, dtype=torch.float64)
     inputs = {
-        "source_activations": torch.randn(batch_size, components, d_model, generator=generator, dtype=torch.float64),
+        "source_activations": source,
         "learned_activations": learned,
         "decoded_activations": torch.einsum("bcf,cfd->bcd", learned, weight) + bias,
         "decoder_weight": weight,
         "decoder_bias": bias,
+        "pre_activations": pre_activations,
+        "threshold": parameters["threshold"].double(),
     }
-    return {name: value.to(dtype) for name, value in inputs.items()}
+    return {**cast(inputs, dtype), "dead_mask": parameters["dead_mask"]}
+
+
+def cast(inputs: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The inputs with every floating-point tensor in ``dtype`` (a boolean ``dead_mask`` stays boolean)."""
+    return {name: value.to(dtype) if value.is_floating_point() else value for name, value in inputs.items()}
+
+
+def sae_parameters(*, components: int, d_model: int, d_sae: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """The SAE's parameters that steps share: the decoder, the JumpReLU threshold and the dead-latent mask."""
+    return {
+        "decoder_weight": torch.randn(components, d_sae, d_model, generator=generator, dtype=torch.float64),
+        "decoder_bias": torch.randn(components, d_model, generator=generator, dtype=torch.float64),
+        "threshold": 0.1 + 0.2 * torch.rand(components, d_sae, generator=generator, dtype=torch.float64),
+        "dead_mask": torch.rand(components, d_sae, generator=generator) < 0.4,
+    }
+
+
+#: The inputs that :func:`sae_parameters` gives and steps share.
+PARAMETERS = ("decoder_weight", "decoder_bias", "threshold", "dead_mask")
 
 
 def sae_batches(sizes: Sequence[int], seed: int, **kwargs: Any) -> list[dict[str, Tensor]]:
@@ -172,8 +195,8 @@ def sae_batches(sizes: Sequence[int], seed: int, **kwargs: Any) -> list[dict[str
     generator = torch.Generator().manual_seed(seed)
     batches: list[dict[str, Tensor]] = []
     for size in sizes:
-        shared = (batches[0]["decoder_weight"], batches[0]["decoder_bias"]) if batches else None
-        batches.append(sae_inputs(size, generator=generator, decoder=shared, **kwargs))
+        shared = {name: batches[0][name] for name in PARAMETERS} if batches else None
+        batches.append(sae_inputs(size, generator=generator, parameters=shared, **kwargs))
     return batches
 
 

@@ -34,7 +34,7 @@ def _batches(generator: torch.Generator) -> list[dict[str, Tensor]]:
     negative activations, the feature-major W_dec (row norms not 1) and b_dec."""
     batches: list[dict[str, Tensor]] = []
     for size in BATCH_SIZES:
-        decoder = (batches[0]["w"][None], batches[0]["b"][None]) if batches else None
+        shared = batches[0]["parameters"] if batches else None
         step = reference.sae_inputs(
             size,
             components=1,
@@ -42,9 +42,10 @@ def _batches(generator: torch.Generator) -> list[dict[str, Tensor]]:
             d_sae=D_SAE,
             generator=generator,
             dtype=torch.float64,
-            decoder=decoder,
+            parameters=shared,
             signed=True,
         )
+        parameters = {name: step[name] for name in reference.PARAMETERS}
         step = reference.without_component_axis(step)
         batches.append(
             {
@@ -53,6 +54,7 @@ def _batches(generator: torch.Generator) -> list[dict[str, Tensor]]:
                 "f": step["learned_activations"],
                 "w": step["decoder_weight"],
                 "b": step["decoder_bias"],
+                "parameters": parameters,
             }
         )
     return batches

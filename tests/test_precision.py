@@ -24,8 +24,10 @@ def _data(dtype: torch.dtype, batch: int = 512, scale: float = 1.0) -> dict[str,
         dtype=torch.float64,
         density=0.5,
     )
-    scaled = {name: value * scale if name != "decoder_weight" else value for name, value in inputs.items()}
-    return {name: value.to(dtype) for name, value in scaled.items()}
+    scaled = {
+        name: value * scale if name not in ("decoder_weight", "dead_mask") else value for name, value in inputs.items()
+    }
+    return reference.cast(scaled, dtype)
 
 
 #: The float64 reference of every key of the collection below, on given (possibly rounded) inputs.
@@ -50,7 +52,7 @@ TOLERANCE_UNROUNDED = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_match_the_float64_reference(dtype):
     exact = _data(torch.float64)
-    rounded = {key: value.to(dtype) for key, value in exact.items()}
+    rounded = reference.cast(exact, dtype)
     collection = _collection()
     out = collection(**rounded)
     assert out["l2"].dtype == torch.float32  # per-item math in float32, never in half
@@ -68,7 +70,7 @@ def test_half_precision_inputs_match_the_float64_reference(dtype):
 
 
 def test_half_precision_per_item_states_are_float64():
-    rounded = {key: value.to(torch.bfloat16) for key, value in _data(torch.float64, batch=8).items()}
+    rounded = reference.cast(_data(torch.float64, batch=8), torch.bfloat16)
     metric = sm.L2ReconstructionLoss(C, keep_batch_dim=True)
     metric.update(rounded["decoded_activations"], rounded["source_activations"])
     assert metric.l2_per_item[0].dtype == torch.float64
@@ -156,7 +158,7 @@ def test_float64_accumulator_holds_sums_beyond_float32_range():
 def test_large_float32_magnitudes_match_float64():
     """float32 inputs of magnitude 1e15: squares near 1e30 are computed without overflow or loss of range."""
     exact = _data(torch.float64, batch=64, scale=1e15)
-    rounded = {key: value.float() for key, value in exact.items()}
+    rounded = reference.cast(exact, torch.float32)
     result = _collection()
     result.update(**rounded)
     values = result.compute()

@@ -164,8 +164,8 @@ def test_keep_batch_dim_rows(case, layout):
 def test_gradients_equal_the_reference_and_states_keep_no_graph(case, keep_batch_dim):
     """forward is differentiable where the metric says so, with the reference's gradients; no state keeps a graph."""
     step = tester.batches([6], 2, dtype=torch.float64)[0]
-    ours = {name: value.clone().requires_grad_() for name, value in step.items()}
-    theirs = {name: value.clone().requires_grad_() for name, value in step.items()}
+    ours = {name: value.clone().requires_grad_(value.is_floating_point()) for name, value in step.items()}
+    theirs = {name: value.clone().requires_grad_(value.is_floating_point()) for name, value in step.items()}
     metric = _make(case, 2, keep_batch_dim)
     value = tester.forward_outputs(metric(**ours))
     keyed = dict(metric.items(keep_base=True, copy_state=False)) if case.is_collection else {"value": metric}
@@ -353,6 +353,21 @@ BAD_INPUTS = {
         _replace("decoder_bias", torch.rand(2, D_MODEL + 1)),
         ValueError,
         [f"`decoder_bias` must have shape [*component, d_model] = [2, {D_MODEL}]", f"got [2, {D_MODEL + 1}]"],
+    ),
+    "pre_activations_other_d_sae": (
+        _replace("pre_activations", torch.rand(4, 2, D_SAE + 1)),
+        ValueError,
+        ["`pre_activations` must have the shape of `learned_activations`", f"[4, 2, {D_SAE}]"],
+    ),
+    "threshold_without_component_axis": (
+        _replace("threshold", torch.rand(D_SAE)),
+        ValueError,
+        [f"`threshold` must have shape [*component, d_sae] = [2, {D_SAE}]", f"got [{D_SAE}]"],
+    ),
+    "dead_mask_float": (
+        _replace("dead_mask", torch.zeros(2, D_SAE)),
+        TypeError,
+        ["`dead_mask` must be a torch.bool tensor", "torch.float32"],
     ),
     "misspelt_decoder_bias": (
         lambda inputs: {**inputs, "decoder_bais": inputs["decoder_bias"]},

@@ -30,8 +30,18 @@ WINDOW = 4
 #: Tolerance of float32 inputs against the float64 reference (per-item values are computed in float32).
 RTOL, ATOL = 2e-5, 1e-6
 
-SAE_INPUTS = ("source_activations", "learned_activations", "decoded_activations", "decoder_weight", "decoder_bias")
-ACTIVATIONS = ("source_activations", "learned_activations", "decoded_activations")
+#: Every input a metric reads, spelt out here rather than taken from the package.
+SAE_INPUTS = (
+    "source_activations",
+    "learned_activations",
+    "decoded_activations",
+    "decoder_weight",
+    "decoder_bias",
+    "pre_activations",
+    "threshold",
+    "dead_mask",
+)
+ACTIVATIONS = ("source_activations", "learned_activations", "decoded_activations", "pre_activations")
 
 Batch = dict[str, Tensor]
 Ranks = Sequence[Sequence[Batch]]  # the batches of each rank, in order; one process is one rank
@@ -43,7 +53,7 @@ def sae_inputs(
     *,
     generator: torch.Generator,
     dtype: torch.dtype = torch.float32,
-    decoder: tuple[Tensor, Tensor] | None = None,
+    parameters: dict[str, Tensor] | None = None,
 ) -> Batch:
     """One step of this registry's SAE (``D_MODEL``, ``D_SAE``, signed sparse activations), every input."""
     return reference.sae_inputs(
@@ -53,7 +63,7 @@ def sae_inputs(
         d_sae=D_SAE,
         generator=generator,
         dtype=dtype,
-        decoder=decoder,
+        parameters=parameters,
         signed=True,
     )
 
@@ -63,8 +73,8 @@ def batches(sizes: Sequence[int], components: int = 2, *, seed: int = 0, dtype: 
     generator = torch.Generator().manual_seed(seed)
     out: list[Batch] = []
     for size in sizes:
-        shared = (out[0]["decoder_weight"], out[0]["decoder_bias"]) if out else None
-        out.append(sae_inputs(size, components, generator=generator, dtype=dtype, decoder=shared))
+        shared = {name: out[0][name] for name in reference.PARAMETERS} if out else None
+        out.append(sae_inputs(size, components, generator=generator, dtype=dtype, parameters=shared))
     return out
 
 

@@ -151,6 +151,9 @@ class SaeMetric(Metric):
     _uses: ClassVar[frozenset[str]] = frozenset()
     #: Whether the value has a feature axis ``[*component, d_sae]`` (and so is no scalar to log).
     per_feature: ClassVar[bool] = False
+    #: Whether this metric is a loss term: a per-component value that :class:`TotalLoss` can weight and sum, through
+    #: :meth:`_batch_mean` and :meth:`_epoch_mean`.
+    is_loss_term: ClassVar[bool] = False
 
     def __init__(self, num_components: int = 1, *, nan_strategy: str = "propagate", **kwargs: Any) -> None:
         check_nan_strategy(nan_strategy)
@@ -230,6 +233,16 @@ class SaeMetric(Metric):
     @abstractmethod
     def _value(self, contribution: Any) -> Tensor:
         """The value of the batch alone (after :meth:`_record`), as ``forward`` returns it."""
+
+    # What TotalLoss reads of a loss term (``is_loss_term``): per-component values, whatever ``keep_batch_dim``.
+
+    def _batch_mean(self, contribution: Any) -> Tensor:
+        """The term's value on the batch alone, ``[component]``, differentiable (the batch mean for a per-item term)."""
+        raise TypeError(f"{type(self).__name__} is not a loss term.")
+
+    def _epoch_mean(self) -> Tensor:
+        """The term's value over every item accumulated (or synced), ``[component]``."""
+        raise TypeError(f"{type(self).__name__} is not a loss term.")
 
     def _check_not_synced(self) -> None:
         if self._is_synced:
@@ -582,6 +595,7 @@ class ItemMeanMetric(SaeMetric):
 
     is_differentiable = True
     higher_is_better = False
+    is_loss_term = True
     plot_lower_bound = 0.0
 
     #: Prefix of this class's state names.
@@ -654,8 +668,6 @@ class ItemMeanMetric(SaeMetric):
         if not self._keep_batch_dim:
             values = values.mean(dim=0)
         return values.squeeze(-1) if self.num_components == 1 else values
-
-    # What TotalLoss reads of a loss term: per-component means, whatever ``keep_batch_dim``.
 
     def _batch_mean(self, contribution: Tensor) -> Tensor:
         """Batch mean ``[component]`` of the per-item values (differentiable)."""
