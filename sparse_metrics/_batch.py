@@ -36,7 +36,15 @@ from sparse_metrics.functional.sparsity import _decoder_row_norms
 if TYPE_CHECKING:
     from sparse_metrics.metrics._base import SaeMetric
 
-__all__ = ["BATCHED_INPUTS", "FEATURE_INPUTS", "SAE_INPUTS", "SaeBatch", "check_input_names", "inputs_of"]
+__all__ = [
+    "BATCHED_INPUTS",
+    "FEATURE_INPUTS",
+    "RECONSTRUCTIONS",
+    "SAE_INPUTS",
+    "SaeBatch",
+    "check_input_names",
+    "inputs_of",
+]
 
 #: The keyword names of every input a metric of this package reads; any metric accepts all of them, so that one call
 #: (or one ``**inputs`` dict) feeds any metric or collection.
@@ -49,9 +57,19 @@ SAE_INPUTS = (
     "pre_activations",
     "threshold",
     "dead_mask",
+    "multi_topk_decoded_activations",
 )
 #: The inputs with a batch axis ``[batch, *component, width]``: ``nan_strategy="ignore"`` selects their rows.
-BATCHED_INPUTS = ("source_activations", "learned_activations", "decoded_activations", "pre_activations")
+BATCHED_INPUTS = (
+    "source_activations",
+    "learned_activations",
+    "decoded_activations",
+    "pre_activations",
+    "multi_topk_decoded_activations",
+)
+#: The reconstructions of ``source_activations``: the SAE's, and a second one (sparsify's multi-TopK decode of the
+#: top ``4k`` latents) that a reconstruction metric can be configured to read instead.
+RECONSTRUCTIONS = ("decoded_activations", "multi_topk_decoded_activations")
 #: The per-feature inputs ``[*component, d_sae]`` (a JumpReLU threshold, a dead-latent mask).
 FEATURE_INPUTS = ("threshold", "dead_mask")
 
@@ -133,10 +151,10 @@ class SaeBatch:
     def _validate(self, num_components: int | None) -> None:
         given, views = self._given, self._views
         reference_name: str | None = None
-        for name in ("source_activations", "decoded_activations", "learned_activations", "pre_activations"):
+        for name in BATCHED_INPUTS:
             if name not in given:
                 continue
-            if reference_name is not None and name == "decoded_activations" and "source_activations" in given:
+            if reference_name is not None and name in RECONSTRUCTIONS and "source_activations" in given:
                 check_same_shape(name, given[name], "source_activations", given["source_activations"])
             if name == "pre_activations" and "learned_activations" in given:
                 check_same_shape(name, given[name], "learned_activations", given["learned_activations"])
@@ -149,8 +167,9 @@ class SaeBatch:
             views[name] = view
         self.num_components = num_components
         self.has_component_axis = reference_name is not None and given[reference_name].ndim == 3
-        if "source_activations" in views and "decoded_activations" in views:
-            views["decoded_activations"] = views["decoded_activations"].view(views["source_activations"].shape)
+        for name in RECONSTRUCTIONS:
+            if "source_activations" in views and name in views:
+                views[name] = views[name].view(views["source_activations"].shape)
         if "decoder_weight" in given:
             self._validate_decoder()
         for name in FEATURE_INPUTS:
@@ -273,10 +292,15 @@ class SaeBatch:
         values = self.require(name, owner)
         return self.memo(("finite", name), lambda: values.detach().isfinite().flatten(1).all(dim=1))
 
-    def squared_error(self, owner: str) -> Tensor:
-        """Per-item squared error summed over ``d_model``, ``[batch, component]``, differentiable, float32/64."""
-        decoded = self.require("decoded_activations", owner)
+    def squared_error(self, owner: str, reconstruction: str = "decoded_activations") -> Tensor:
+        """Per-item squared error summed over ``d_model``, ``[batch, component]``, differentiable, float32/64.
+
+        Of ``decoded_activations``, or of another of the :data:`RECONSTRUCTIONS`.
+        """
+        decoded = self.require(reconstruction, owner)
         source = self.require("source_activations", owner)
+        if reconstruction != "decoded_activations":
+            return self.memo(("squared_error", reconstruction), lambda: _squared_error_sum(decoded, source))
         self._compiled_loss_statistics(owner)
         return self.memo("squared_error", lambda: _squared_error_sum(decoded, source))
 

@@ -29,6 +29,8 @@ FeatureReduction = Literal["mean", "sum"]
 ComponentReduction = Literal["mean", "sum"]
 #: What a metric does with an item whose value is NaN or infinite (see ``ItemMeanMetric``).
 NanStrategy = Literal["propagate", "ignore", "error"]
+#: The input a reconstruction metric reads as the reconstruction of ``source_activations``.
+Reconstruction = Literal["decoded_activations", "multi_topk_decoded_activations"]
 
 _Function = TypeVar("_Function", bound=Callable[..., Any])
 _strict_call = validate_call(config=ConfigDict(strict=True, arbitrary_types_allowed=True))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -42,10 +42,12 @@ class SparseAutoencoderLoss(MetricCollection):
     options below. Every key that ``forward`` and ``compute`` return is a member, so Lightning's
     ``log_dict(collection)``, nesting in a ``MetricCollection`` and ``MetricTracker`` see all of them.
 
-    .. math:: \mathrm{loss} = \operatorname{reduce}_c \big(\mathrm{reconstruction}_c + \mathrm{sparsity}_c\big)
+    .. math:: \mathrm{loss} = \operatorname{reduce}_c \big(\alpha_0\,\mathrm{reconstruction}_c + \mathrm{sparsity}_c
+       + \textstyle\sum_t \alpha_t\, \mathrm{term}_{t,c}\big)
 
-    where the reconstruction is the Matryoshka loss when configured, else L2, and ``reduce`` is
-    ``component_reduction`` over the components.
+    where the reconstruction is the Matryoshka loss when configured, else L2 (or the FVU), the terms :math:`t` are
+    the ``loss_terms`` with their ``loss_coefficients`` :math:`\alpha_t`, and ``reduce`` is ``component_reduction``
+    over the components.
 
     - ``forward(**inputs)`` accumulates the batch and returns each member's value on it, ``"loss"`` (a
       differentiable scalar) included; every member's ``_forward_cache`` holds its (detached) batch value.
@@ -103,6 +105,13 @@ class SparseAutoencoderLoss(MetricCollection):
         nan_strategy: ``"propagate"`` (default), ``"ignore"`` or ``"error"`` for items with a NaN or infinite value
             in any member (see :class:`~sparse_metrics.metrics._base.ItemMeanMetric`); "ignore" drops such an item
             from every member and from ``"loss"``.
+        reconstruction: The reconstruction term of ``"loss"`` without Matryoshka prefixes: ``"l2"``, or ``"fvu"``
+            (sparsify trains on the FVU of each batch; needs ``explained_variance=True``).
+        loss_terms: More loss terms by key (metrics with ``is_loss_term``, such as :class:`AuxiliaryKLoss` or
+            :class:`JumpReLUL0Loss`), each a member summed into ``"loss"``; of this collection's
+            ``num_components`` and ``nan_strategy``.
+        loss_coefficients: A coefficient for the reconstruction term or any of ``loss_terms`` (default 1); change
+            one between steps with :meth:`set_loss_coefficient`.
         kwargs: Passed to every member (``process_group``, ``sync_on_compute``, ``dist_sync_fn``, ...; not
             ``dist_sync_on_step``).
 
@@ -144,9 +153,18 @@ class SparseAutoencoderLoss(MetricCollection):
         postfix: str | None = None,
         compiled: bool = False,
         nan_strategy: NanStrategy = "propagate",
+        reconstruction: Literal["l2", "fvu"] = "l2",
+        loss_terms: Mapping[str, SaeMetric] | None = None,
+        loss_coefficients: Mapping[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         coefficient = _coefficient(sparsity_coefficient, l1_coefficient)
+        if reconstruction == "fvu" and (not explained_variance or matryoshka_prefix_sizes is not None):
+            raise ValueError(
+                "`reconstruction='fvu'` makes the FVU the reconstruction term of the loss: it needs "
+                "`explained_variance=True` (and `d_model`) and no `matryoshka_prefix_sizes`, got "
+                f"explained_variance={explained_variance}, matryoshka_prefix_sizes={matryoshka_prefix_sizes}."
+            )
         _check_options(
             matryoshka=matryoshka_prefix_sizes is not None,
             matryoshka_options=matryoshka_prefix_weights is not None or matryoshka_reuse_decoded_activations,
@@ -157,13 +175,13 @@ class SparseAutoencoderLoss(MetricCollection):
             dist_sync_on_step=bool(kwargs.get("dist_sync_on_step")),
         )
         common: dict[str, Any] = {"nan_strategy": nan_strategy, **kwargs}
-        terms: dict[str, Any] = {"keep_batch_dim": keep_batch_dim, **common}
+        term_options: dict[str, Any] = {"keep_batch_dim": keep_batch_dim, **common}
         members: dict[str, SaeMetric] = {
-            "l2": L2ReconstructionLoss(num_components, feature_reduction=feature_reduction, **terms),
-            "l0": L0NormMetric(num_components, **terms),
-            "l1": L1AbsoluteLoss(num_components, **terms),
+            "l2": L2ReconstructionLoss(num_components, feature_reduction=feature_reduction, **term_options),
+            "l0": L0NormMetric(num_components, **term_options),
+            "l1": L1AbsoluteLoss(num_components, **term_options),
             "sparsity": SparsityLoss(
-                coefficient, num_components, decoder_norm_weighting=sparsity_decoder_norm_weighting, **terms
+                coefficient, num_components, decoder_norm_weighting=sparsity_decoder_norm_weighting, **term_options
             ),
         }
         if matryoshka_prefix_sizes is not None:
@@ -173,7 +191,7 @@ class SparseAutoencoderLoss(MetricCollection):
                 feature_reduction=feature_reduction,
                 prefix_weights=matryoshka_prefix_weights,
                 reuse_decoded_activations=matryoshka_reuse_decoded_activations,
-                **terms,
+                **term_options,
             )
         if explained_variance and d_model is not None:
             members["fvu"] = FractionOfVarianceUnexplained(num_components, d_model=d_model, **common)
@@ -181,16 +199,28 @@ class SparseAutoencoderLoss(MetricCollection):
             members["feature_density"] = FeatureDensity(num_features, num_components, **common)
         if dead_feature_window is not None and num_features is not None:
             members["dead_features"] = DeadFeatures(num_features, num_components, window=dead_feature_window, **common)
-        reconstruction = "matryoshka" if matryoshka_prefix_sizes is not None else "l2"
+        reconstruction_key = "matryoshka" if matryoshka_prefix_sizes is not None else reconstruction
+        loss_keys: list[str] = [reconstruction_key, "sparsity"]
+        for key, term in (loss_terms or {}).items():
+            _check_loss_term(key, term, members, num_components, nan_strategy)
+            members[key] = term
+            loss_keys.append(key)
+        weighted = set(loss_keys) - {"sparsity"}
+        if loss_coefficients is not None and (unknown := sorted(set(loss_coefficients) - weighted)):
+            raise ValueError(
+                f"`loss_coefficients` names {unknown}, which are not weighted terms of the loss; the terms are "
+                f"{sorted(weighted)} (the sparsity penalty has its own `sparsity_coefficient`)."
+            )
         loss = TotalLoss(
-            {name: members[name] for name in (reconstruction, "sparsity")}, component_reduction, **common
+            {name: members[name] for name in loss_keys}, component_reduction, coefficients=loss_coefficients, **common
         )
         # No torchmetrics compute groups: the members share each statistic through the batch already.
         super().__init__({}, prefix=prefix, postfix=postfix, compute_groups=False)
         for key, member in members.items():  # in this order (MetricCollection would sort a dict's keys)
             self[key] = member
             for name in member._derived_outputs():  # each derived value right after its source
-                self[name] = DerivedOutput(member, name, **common)
+                # a second source of one output (a loss term's FVU beside the collection's) keys it by its source
+                self[name if name not in self._modules else f"{key}_{name}"] = DerivedOutput(member, name, **common)
         self["loss"] = loss
         self.num_components = num_components
         self.nan_strategy = nan_strategy
@@ -213,8 +243,25 @@ class SparseAutoencoderLoss(MetricCollection):
 
     @property
     def reconstruction_key(self) -> str:
-        """The member whose value is the reconstruction term of ``"loss"``: ``"matryoshka"`` or ``"l2"``."""
-        return "matryoshka" if "matryoshka" in self._modules else "l2"
+        """The member whose value is the reconstruction term of ``"loss"``: ``"matryoshka"``, ``"l2"`` or ``"fvu"``."""
+        return next(iter(self._total.terms))
+
+    @property
+    def _total(self) -> TotalLoss:
+        member = self._modules["loss"]
+        assert isinstance(member, TotalLoss)
+        return member
+
+    @property
+    def loss_coefficients(self) -> dict[str, float]:
+        """The coefficient of each term of ``"loss"`` but the sparsity penalty (see :attr:`sparsity_coefficient`)."""
+        return {key: value for key, value in self._total.coefficients.items() if key != "sparsity"}
+
+    def set_loss_coefficient(self, key: str, value: float) -> None:
+        """Weight loss term ``key`` by ``value`` from the next step on (a warm-up schedule, say)."""
+        if key == "sparsity":
+            raise ValueError("The sparsity penalty is weighted by `sparsity_coefficient`; set that instead.")
+        self._total.set_coefficient(key, value)
 
     def add_metrics(self, metrics: Any, *additional_metrics: Metric) -> None:
         """Add members (as ``torchmetrics.MetricCollection.add_metrics`` does).
@@ -359,6 +406,27 @@ class SparseAutoencoderLoss(MetricCollection):
             elif value.ndim == 1:
                 scalars.update({f"{key}/{component}": item for component, item in enumerate(value.unbind())})
         return scalars
+
+
+def _check_loss_term(
+    key: str, term: object, members: Mapping[str, SaeMetric], num_components: int, nan_strategy: str
+) -> None:
+    """Refuse a ``loss_terms`` entry that could not be summed into the loss as the collection's own terms are."""
+    if not isinstance(term, SaeMetric) or not term.is_loss_term:
+        raise TypeError(
+            f"`loss_terms[{key!r}]` must be a sparse_metrics loss term (a metric with is_loss_term=True, such as "
+            f"AuxiliaryKLoss), got {type(term).__name__}."
+        )
+    taken = {*members, *(name for member in members.values() for name in member._derived_outputs()), "loss"}
+    if key in taken:
+        raise ValueError(f"`loss_terms` key {key!r} is taken by the collection's own members {sorted(taken)}.")
+    if term.num_components != num_components or term.nan_strategy != nan_strategy:
+        raise ValueError(
+            f"`loss_terms[{key!r}]` has num_components={term.num_components}, nan_strategy={term.nan_strategy!r}; the "
+            f"collection {num_components}, {nan_strategy!r}: every member reads the same screened batch."
+        )
+    if term.dist_sync_on_step:
+        raise ValueError(f"`loss_terms[{key!r}]` has `dist_sync_on_step=True`, which no member supports.")
 
 
 def _coefficient(sparsity_coefficient: float | Tensor | None, l1_coefficient: float | Tensor | None) -> float | Tensor:

@@ -116,3 +116,102 @@ def test_prefix_and_postfix_name_every_key(generator):
 def test_dist_sync_on_step_is_rejected():
     with pytest.raises(ValueError, match="`dist_sync_on_step=True` is not supported"):
         sm.SparseAutoencoderLoss(sparsity_coefficient=0.1, dist_sync_on_step=True)
+
+
+# --- composing the loss: loss_terms, loss_coefficients, reconstruction="fvu" ----------------------------------------
+
+
+def test_loss_terms_are_weighted_members_of_the_loss_with_their_gradients(generator):
+    inputs = _data(generator, requires_grad=True)
+    extra = sm.L1AbsoluteLoss(3)
+    loss_fn = sm.SparseAutoencoderLoss(
+        3, 0.05, loss_terms={"extra_l1": extra}, loss_coefficients={"l2": 2.0, "extra_l1": 0.25}
+    )
+    out = loss_fn(**inputs)
+    assert list(out) == ["l2", "l0", "l1", "sparsity", "extra_l1", "loss"]
+    assert loss_fn["extra_l1"] is extra
+    learned = inputs["learned_activations"]
+    l2 = reference.per_item_l2(inputs["decoded_activations"], inputs["source_activations"]).mean(0)
+    per_component = 2.0 * l2 + (0.05 + 0.25) * reference.per_item_l1(learned).mean(0)
+    expected = per_component.mean()
+    torch.testing.assert_close(out["loss"].double(), expected, rtol=1e-6, atol=1e-7)
+    (ours,) = torch.autograd.grad(out["loss"], [learned], retain_graph=True)
+    (theirs,) = torch.autograd.grad(expected, [learned])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    # compute() weights the epoch means the same way
+    torch.testing.assert_close(loss_fn.compute()["loss"], expected.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_set_loss_coefficient_applies_from_the_next_step(generator):
+    steps = [_data(generator) for _ in range(2)]
+    loss_fn = sm.SparseAutoencoderLoss(3, 0.0, loss_terms={"extra_l1": sm.L1AbsoluteLoss(3)})
+    assert loss_fn.loss_coefficients == {"l2": 1.0, "extra_l1": 1.0}
+    first = loss_fn(**steps[0])
+    torch.testing.assert_close(first["loss"], (first["l2"] + first["extra_l1"]).mean())
+    loss_fn.set_loss_coefficient("extra_l1", 0.0)  # a warm-up from zero
+    second = loss_fn(**steps[1])
+    torch.testing.assert_close(second["loss"], second["l2"].mean())
+    assert loss_fn.loss_coefficients["extra_l1"] == 0.0
+    with pytest.raises(ValueError, match="finite number >= 0, got -1"):
+        loss_fn.set_loss_coefficient("extra_l1", -1.0)
+    with pytest.raises(ValueError, match="`sparsity_coefficient`"):
+        loss_fn.set_loss_coefficient("sparsity", 1.0)
+    with pytest.raises(KeyError, match="no term 'l1'"):
+        loss_fn.set_loss_coefficient("l1", 1.0)
+
+
+def test_reconstruction_fvu_trains_on_each_batch_fvu_and_computes_the_pooled_one(generator):
+    steps = [_data(generator, batch=size) for size in (5, 3)]
+    loss_fn = sm.SparseAutoencoderLoss(3, 0.0, explained_variance=True, d_model=5, reconstruction="fvu")
+    assert loss_fn.reconstruction_key == "fvu"
+    values = [loss_fn(**step) for step in steps]
+    for step, value in zip(steps, values, strict=True):
+        batch_fvu = reference.fvu(step["decoded_activations"], step["source_activations"])
+        torch.testing.assert_close(value["loss"].double(), batch_fvu.mean(), rtol=1e-5, atol=1e-7)
+    pooled = reference.fvu(
+        *(torch.cat([s[name] for s in steps]) for name in ("decoded_activations", "source_activations"))
+    )
+    torch.testing.assert_close(loss_fn.compute()["loss"], pooled.mean(), rtol=1e-6, atol=1e-9)
+
+
+def test_a_second_reconstruction_term_reads_multi_topk_decoded_activations(generator):
+    """sparsify's multi-TopK FVU: an FVU member reading the second reconstruction; its derived key names its source."""
+    step = _data(generator)
+    multi = step["decoded_activations"] * 0.5 + step["source_activations"] * 0.5
+    term = sm.FractionOfVarianceUnexplained(3, d_model=5, reconstruction="multi_topk_decoded_activations")
+    loss_fn = sm.SparseAutoencoderLoss(
+        3,
+        0.0,
+        explained_variance=True,
+        d_model=5,
+        reconstruction="fvu",
+        loss_terms={"multi_topk_fvu": term},
+        loss_coefficients={"multi_topk_fvu": 1 / 8},
+    )
+    out = loss_fn(**step, multi_topk_decoded_activations=multi)
+    assert "multi_topk_fvu_explained_variance" in out
+    expected = (
+        reference.fvu(step["decoded_activations"], step["source_activations"])
+        + reference.fvu(multi, step["source_activations"]) / 8
+    )
+    torch.testing.assert_close(out["loss"].double(), expected.mean(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(TypeError, match="`multi_topk_decoded_activations`, which was not given"):
+        loss_fn(**step)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"loss_terms": {"density": sm.FeatureDensity(12, 3)}}, TypeError, "must be a sparse_metrics loss term"),
+        ({"loss_terms": {"l1": sm.L1AbsoluteLoss(3)}}, ValueError, "key 'l1' is taken"),
+        ({"loss_terms": {"extra": sm.L1AbsoluteLoss(2)}}, ValueError, "num_components=2"),
+        ({"loss_terms": {"extra": sm.L1AbsoluteLoss(3, nan_strategy="ignore")}}, ValueError, "nan_strategy='ignore'"),
+        ({"loss_coefficients": {"l1": 0.5}}, ValueError, r"names \['l1'\], which are not weighted terms"),
+        ({"loss_coefficients": {"sparsity": 0.5}}, ValueError, "its own `sparsity_coefficient`"),
+        ({"loss_coefficients": {"l2": -0.5}}, ValueError, "finite number >= 0"),
+        ({"reconstruction": "fvu"}, ValueError, "needs `explained_variance=True`"),
+    ],
+)
+def test_a_loss_that_cannot_be_composed_is_refused(options, error, match):
+    with pytest.raises(error, match=match):
+        sm.SparseAutoencoderLoss(3, 0.1, **options)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from sparse_metrics._batch import SaeBatch
-from sparse_metrics._config import NumComponents, PositiveInt, validate_arguments
+from sparse_metrics._config import NumComponents, PositiveInt, Reconstruction, validate_arguments
 from sparse_metrics.functional.explained_variance import (
     VarianceStatistics,
     _batch_fvu,
@@ -74,6 +74,9 @@ class FractionOfVarianceUnexplained(SaeMetric):
     Args:
         num_components: Number of SAEs trained side by side (the ``component`` axis).
         d_model: The width of the activations (the state's per-dimension mean has this size).
+        reconstruction: The input read as the reconstruction: ``"decoded_activations"``, or
+            ``"multi_topk_decoded_activations"`` for sparsify's multi-TopK FVU (the decode of the top ``4k``
+            latents).
         kwargs: Passed to :class:`torchmetrics.Metric` (and ``nan_strategy``).
 
     Example:
@@ -89,14 +92,22 @@ class FractionOfVarianceUnexplained(SaeMetric):
     full_state_update = False
     is_differentiable = True
     higher_is_better = False
+    is_loss_term = True  # sparsify trains on the FVU of each batch
     plot_lower_bound: float | None = 0.0
     plot_upper_bound: float | None = None
 
-    _positional_inputs: ClassVar[tuple[str, ...]] = ("decoded_activations", "source_activations")
     _state_prefix: ClassVar[str] = "fvu"
 
     @validate_arguments
-    def __init__(self, num_components: NumComponents = 1, *, d_model: PositiveInt, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_components: NumComponents = 1,
+        *,
+        d_model: PositiveInt,
+        reconstruction: Reconstruction = "decoded_activations",
+        **kwargs: Any,
+    ) -> None:
+        self.reconstruction = reconstruction  # before the base class reads the inputs' signature
         super().__init__(num_components, **kwargs)
         self.d_model = d_model
         self._state_name = f"{self._state_prefix}_statistics"
@@ -109,7 +120,14 @@ class FractionOfVarianceUnexplained(SaeMetric):
         self._add_configuration_marker()
 
     def _configuration(self) -> dict[str, Any]:
-        return {**super()._configuration(), "d_model": self.d_model}
+        configuration = {**super()._configuration(), "d_model": self.d_model}
+        if self.reconstruction != "decoded_activations":  # older checkpoints have no such key
+            configuration["reconstruction"] = self.reconstruction
+        return configuration
+
+    @property
+    def _positional_inputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.reconstruction, "source_activations")
 
     @property
     def _statistics(self) -> Tensor:
@@ -120,9 +138,9 @@ class FractionOfVarianceUnexplained(SaeMetric):
         owner = type(self).__name__
         source = batch.require_width("source_activations", self.d_model, "d_model", owner)
         self._check_device(batch)
-        squared_error = batch.squared_error(owner)
+        squared_error = batch.squared_error(owner, self.reconstruction)
         statistics = batch.memo(
-            ("variance_statistics", self._statistics.dtype),
+            ("variance_statistics", self.reconstruction, self._statistics.dtype),
             lambda: _pack(_batch_statistics(source, squared_error, self._statistics.dtype)),
         )
         return _VarianceContribution(statistics, source, squared_error)
@@ -148,6 +166,13 @@ class FractionOfVarianceUnexplained(SaeMetric):
         """Pooled FVU ``[component]`` of every item in the (possibly synced) state."""
         statistics = _unpack(self._statistics)
         return _fvu_compute(statistics.squared_error, statistics.m2)
+
+    def _batch_mean(self, contribution: _VarianceContribution) -> Tensor:
+        """The batch's own FVU ``[component]`` (as a loss term: sparsify's per-batch ``fvu``)."""
+        return self._batch_fvu(contribution)
+
+    def _epoch_mean(self) -> Tensor:
+        return self._fvu()
 
     def compute(self) -> Tensor:
         """Pooled FVU over every item seen on every process, float64 ``[component]`` (0-d for one component)."""
@@ -191,6 +216,7 @@ class ExplainedVariance(FractionOfVarianceUnexplained):
     """
 
     higher_is_better = True
+    is_loss_term = False  # higher is better: weight `FractionOfVarianceUnexplained` instead
     plot_lower_bound = None
     plot_upper_bound = 1.0
 

@@ -18,7 +18,7 @@ __all__ = ["TotalLoss"]
 
 
 class TotalLoss(SaeMetric):
-    r"""The differentiable total of weighted loss terms, reduced over components (a :class:`SparseAutoencoderLoss` member).
+    r"""The differentiable total of weighted loss terms, reduced over components (a collection's ``"loss"``).
 
     .. math:: \mathrm{loss} = \operatorname{reduce}_c \sum_t \alpha_t\, \overline{\mathrm{term}}_{t,c}
 
@@ -107,9 +107,8 @@ class TotalLoss(SaeMetric):
             return self._reduce([term._epoch_mean() for term in terms])
 
     def _reduce(self, parts: Sequence[Tensor]) -> Tensor:
-        weighted = [
-            part if alpha == 1.0 else alpha * part for part, alpha in zip(parts, self._coefficients.values(), strict=True)
-        ]
+        coefficients = self._coefficients.values()
+        weighted = [part if alpha == 1.0 else alpha * part for part, alpha in zip(parts, coefficients, strict=True)]
         per_component = weighted[0] if len(weighted) == 1 else torch.stack(weighted).sum(dim=0)
         return per_component.mean() if self.component_reduction == "mean" else per_component.sum()
 
