@@ -65,6 +65,9 @@ NUM_TRUE_FEATURES = 256  # ground-truth directions, 4x more than dimensions: the
 ACTIVE_PER_ITEM = 4.0  # expected number of true features active on one item
 NOISE_STD = 0.05  # relative to an item's signal, which is scaled to unit variance per dimension
 RECOVERY_COSINE = 0.9  # a true direction counts as recovered if some decoder row is at least this close
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+JUMPRELU_BANDWIDTH = 0.05  # SAELens' default ε of the straight-through estimators
+JUMPRELU_INITIAL_THRESHOLD = 0.05
 
 # Columns of the per-epoch table, in order, with their headers; Matryoshka runs append one column per prefix.
 TABLE_COLUMNS = {
@@ -73,6 +76,9 @@ TABLE_COLUMNS = {
     "l0": "l0",
     "l1": "l1",
     "sparsity": "sparsity",
+    "auxk": "auxk",
+    "l0_loss": "l0_loss",
+    "threshold": "threshold",
     "explained_variance": "expl_var",
     "dead_features": "dead",
     "dead_feature_fraction": "dead_frac",
@@ -95,7 +101,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--d-sae", type=_positive_int, default=512, help="dictionary size (default: 512)")
     parser.add_argument(
-        "--sparsity-coefficient", type=float, default=2e-2, help="weight of the L1 penalty (default: 2e-2)"
+        "--architecture",
+        choices=ARCHITECTURES,
+        default="relu",
+        help="the SAE's activation and its loss (default: relu, with an L1 penalty; see make_loss)",
+    )
+    parser.add_argument(
+        "--k", type=_positive_int, default=None, help="active latents per item of topk and batchtopk (default: 8)"
+    )
+    parser.add_argument(
+        "--sparsity-coefficient",
+        type=float,
+        default=None,
+        help="weight of the L1 penalty (relu, default 2e-2) or of the L0 penalty (jumprelu, default 1e-3)",
     )
     parser.add_argument(
         "--matryoshka",
@@ -118,6 +136,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plot", type=Path, default=None, metavar="PATH", help="write the loss curves to this PNG (needs matplotlib)"
     )
     args = parser.parse_args(argv)
+    if args.sparsity_coefficient is None:
+        args.sparsity_coefficient = 1e-3 if args.architecture == "jumprelu" else 2e-2
+    elif args.architecture in ("topk", "batchtopk"):
+        parser.error(f"--sparsity-coefficient: a {args.architecture} SAE has no sparsity penalty (its k sets the L0)")
+    if args.k is not None and args.architecture not in ("topk", "batchtopk"):
+        parser.error(f"--k applies to topk and batchtopk, not to {args.architecture}")
+    args.k = 8 if args.k is None else args.k
+    if args.k > args.d_sae:
+        parser.error(f"--k ({args.k}) must be at most --d-sae ({args.d_sae})")
     launched = torchrun_world_size()
     if launched is not None and args.nproc != 1:
         parser.error(f"--nproc {args.nproc} under torchrun: torchrun already started {launched} processes")
@@ -158,15 +185,44 @@ def make_data(num_samples: int, generator: torch.Generator) -> tuple[Tensor, Ten
     return activations, directions
 
 
-class SparseAutoencoder(nn.Module):
-    """A ReLU SAE: ``f = ReLU((x - b_dec) W_enc + b_enc)``, ``x_hat = f W_dec + b_dec``.
+class _JumpReLU(torch.autograd.Function):
+    """``f = h * H(h - θ)``; the threshold learns through the straight-through estimator of SAELens' ``JumpReLU``.
 
-    ``W_dec`` is feature-major, ``[d_sae, d_model]``: one row per dictionary feature, the layout that
-    ``sparse_metrics`` expects for the Matryoshka loss.
+    ``∂f/∂h = H(h - θ)``; ``∂f/∂θ = -(θ/ε) K((h - θ)/ε)`` with the rectangle kernel ``K(u) = 1[|u| < 1/2]``.
     """
 
-    def __init__(self, d_model: int, d_sae: int, generator: torch.Generator) -> None:
+    @staticmethod
+    def forward(ctx: Any, pre_activations: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre_activations, threshold)
+        ctx.bandwidth = bandwidth
+        return pre_activations * (pre_activations > threshold)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        pre_activations, threshold = ctx.saved_tensors
+        inside = ((pre_activations - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
+        grad_threshold = -(threshold / ctx.bandwidth) * inside * grad
+        return (pre_activations > threshold) * grad, grad_threshold.sum(dim=0), None
+
+
+class SparseAutoencoder(nn.Module):
+    """An SAE of one of ``ARCHITECTURES``: ``h = (x - b_dec) W_enc + b_enc``, ``f = act(h)``, ``x̂ = f W_dec + b_dec``.
+
+    - ``relu``: ``f = ReLU(h)``;
+    - ``topk``: the ``k`` largest ``h`` of each item, ReLU'd, the others 0;
+    - ``batchtopk``: the ``k * batch`` largest ReLU'd ``h`` of this process's batch;
+    - ``jumprelu``: ``f = h * H(h - θ)`` with a learned per-feature threshold ``θ`` (:class:`_JumpReLU`).
+
+    ``W_dec`` is feature-major, ``[d_sae, d_model]``: one row per dictionary feature, the layout that
+    ``sparse_metrics`` expects.
+    """
+
+    def __init__(
+        self, d_model: int, d_sae: int, generator: torch.Generator, architecture: str = "relu", k: int = 8
+    ) -> None:
         super().__init__()
+        self.architecture = architecture
+        self.k = k
         # Unit-norm rows from the start, as normalize_decoder keeps them.
         decoder = nn.functional.normalize(torch.randn(d_sae, d_model, generator=generator), dim=-1)
         self.W_dec = nn.Parameter(decoder)
@@ -175,21 +231,100 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(0.1 * decoder.T.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_model))
+        if architecture == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(JUMPRELU_INITIAL_THRESHOLD)))
 
-    def encode(self, x: Tensor) -> Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+    @property
+    def threshold(self) -> Tensor:
+        """The JumpReLU threshold ``θ = exp(log θ)``, positive."""
+        return self.log_threshold.exp()
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The feature activations ``f`` and the pre-activations ``h``."""
+        pre_activations = (x - self.b_dec) @ self.W_enc + self.b_enc
+        if self.architecture == "relu":
+            return torch.relu(pre_activations), pre_activations
+        if self.architecture == "jumprelu":
+            return _JumpReLU.apply(pre_activations, self.threshold, JUMPRELU_BANDWIDTH), pre_activations
+        if self.architecture == "topk":
+            values, indices = pre_activations.topk(self.k, dim=-1)
+            return torch.zeros_like(pre_activations).scatter(-1, indices, torch.relu(values)), pre_activations
+        flat = torch.relu(pre_activations).flatten()  # batchtopk: k per item on average, over the batch
+        values, indices = flat.topk(min(self.k * x.shape[0], flat.numel()))
+        return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_activations), pre_activations
 
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        f = self.encode(x)
-        return f, self.decode(f)
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        f, pre_activations = self.encode(x)
+        return f, self.decode(f), pre_activations
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         # Unit-norm decoder rows: otherwise the SAE lowers the L1 penalty by shrinking f and growing W_dec.
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True))
+
+
+def make_loss(args: argparse.Namespace, dead_window: int) -> sm.SparseAutoencoderLoss:
+    """The collection with the loss of ``args.architecture``, and the values to watch besides the loss terms.
+
+    - ``relu``: L2 + the L1 penalty;
+    - ``topk``, ``batchtopk``: L2 + AuxK (dictionary_learning's auxiliary loss, coefficient 1/32: the dead latents'
+      top ``d_model / 2`` pre-activations reconstruct the residual), no L1 penalty; ``batchtopk`` also tracks the
+      inference threshold (``BatchTopKThreshold``);
+    - ``jumprelu``: L2 + ``--sparsity-coefficient`` times the JumpReLU L0 (its gradient reaches the threshold through
+      the straight-through estimator).
+    """
+    terms: dict[str, sm.metrics.SaeMetric] = {}
+    coefficients: dict[str, float] = {}
+    sparsity_coefficient = args.sparsity_coefficient
+    if args.architecture in ("topk", "batchtopk"):
+        terms["auxk"] = sm.AuxiliaryKLoss(k_aux=D_MODEL // 2, convention="dictionary_learning")
+        coefficients["auxk"] = 1 / 32
+        sparsity_coefficient = 0.0
+    elif args.architecture == "jumprelu":
+        terms["l0_loss"] = sm.JumpReLUL0Loss(bandwidth=JUMPRELU_BANDWIDTH)
+        coefficients["l0_loss"] = args.sparsity_coefficient
+        sparsity_coefficient = 0.0
+    loss_fn = sm.SparseAutoencoderLoss(
+        1,  # one SAE (num_components)
+        sparsity_coefficient,
+        matryoshka_prefix_sizes=matryoshka_prefix_sizes(args.d_sae) if args.matryoshka else None,
+        # The values to watch besides the loss terms, from the same batches and the same (single) sync.
+        explained_variance=True,
+        d_model=D_MODEL,
+        feature_density=True,
+        dead_feature_window=dead_window,
+        num_features=args.d_sae,
+        loss_terms=terms,
+        loss_coefficients=coefficients,
+    )
+    if args.architecture == "batchtopk":
+        loss_fn.add_metrics({"threshold": sm.BatchTopKThreshold()})
+    return loss_fn
+
+
+def step_inputs(
+    args: argparse.Namespace,
+    sae: SparseAutoencoder,
+    loss_fn: sm.SparseAutoencoderLoss,
+    x: Tensor,
+    f: Tensor,
+    x_hat: Tensor,
+    pre_activations: Tensor,
+) -> dict[str, Tensor]:
+    """The collection's inputs of one step: what every loss reads, and what ``args.architecture``'s loss adds."""
+    inputs = {"source_activations": x, "learned_activations": f, "decoded_activations": x_hat}
+    topk = args.architecture in ("topk", "batchtopk")
+    if args.matryoshka or topk:  # the Matryoshka loss and AuxK decode with the decoder themselves
+        inputs |= {"decoder_weight": sae.W_dec, "decoder_bias": sae.b_dec}
+    if topk:
+        # The latents dead before this step, over every process (a collective): those AuxK revives.
+        inputs |= {"pre_activations": pre_activations, "dead_mask": loss_fn["dead_features"].dead_mask()}
+    if args.architecture == "jumprelu":
+        inputs |= {"pre_activations": pre_activations, "threshold": sae.threshold}
+    return inputs
 
 
 def matryoshka_prefix_sizes(d_sae: int) -> list[int]:
@@ -250,7 +385,7 @@ def _train(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[st
     # around and each rank can pick its own shard.
     generator = torch.Generator().manual_seed(args.seed)
     activations, directions = make_data(args.num_samples, generator)
-    sae = SparseAutoencoder(D_MODEL, args.d_sae, generator)
+    sae = SparseAutoencoder(D_MODEL, args.d_sae, generator, args.architecture, args.k)
     model: nn.Module = DistributedDataParallel(sae) if distributed else sae
     optimizer = torch.optim.Adam(sae.parameters(), lr=args.lr)
 
@@ -259,26 +394,13 @@ def _train(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[st
     # Items are counted over all processes: with the default window a dead feature fired on no item of the last
     # epoch, whatever the process count.
     dead_window = args.dead_window or steps_per_epoch * args.batch_size
-    prefix_sizes = matryoshka_prefix_sizes(args.d_sae) if args.matryoshka else None
-    loss_fn = sm.SparseAutoencoderLoss(
-        1,  # one SAE (num_components)
-        args.sparsity_coefficient,
-        matryoshka_prefix_sizes=prefix_sizes,
-        # The values to watch besides the loss terms, from the same batches and the same (single) sync.
-        explained_variance=True,
-        d_model=D_MODEL,
-        feature_density=True,
-        dead_feature_window=dead_window,
-        num_features=args.d_sae,
-    )
-    # The Matryoshka loss decodes the dictionary's prefixes itself, so it needs the decoder; the plain loss does not.
-    decoder = {"decoder_weight": sae.W_dec, "decoder_bias": sae.b_dec} if args.matryoshka else {}
+    loss_fn = make_loss(args, dead_window)
     recorder = _Recorder(plotting=args.plot is not None)
     is_printer = rank == 0
     if is_printer:
         processes = f"{world_size} processes (DDP, gloo)" if distributed else "1 process"
         print(
-            f"SAE d_model={D_MODEL} d_sae={args.d_sae} on {args.num_samples} synthetic items "
+            f"{args.architecture} SAE d_model={D_MODEL} d_sae={args.d_sae} on {args.num_samples} synthetic items "
             f"({NUM_TRUE_FEATURES} true features, {ACTIVE_PER_ITEM:g} active per item on average); "
             f"{processes}, {steps_per_epoch} steps of {args.batch_size} items per epoch; "
             f"dead: silent for {dead_window} items"
@@ -293,8 +415,7 @@ def _train(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[st
         with _progress(steps_per_epoch, f"epoch {epoch}", enabled=is_printer) as recorder.bar:
             for indices in shard.split(local_batch):
                 x = activations[indices]
-                f, x_hat = model(x)
-                out = loss_fn(source_activations=x, learned_activations=f, decoded_activations=x_hat, **decoder)
+                out = loss_fn(**step_inputs(args, sae, loss_fn, x, *model(x)))
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()  # DDP averages the gradients over the ranks here
                 optimizer.step()
