@@ -1,4 +1,9 @@
-"""Train a small ReLU sparse autoencoder on synthetic data, with ``SparseAutoencoderLoss`` as its loss.
+"""Train a small sparse autoencoder on synthetic data, with ``SparseAutoencoderLoss`` as its loss.
+
+``--architecture`` picks the SAE and the loss the collection composes for it (see ``make_loss``): ``relu`` (the
+default: L2 + L1 penalty), ``topk`` and ``batchtopk`` (L2 + the AuxK auxiliary loss on dead latents; BatchTopK also
+tracks its inference threshold) or ``jumprelu`` (L2 + the JumpReLU L0 penalty, whose straight-through gradient trains
+the thresholds). The table prints every term of the loss.
 
 The data have a known sparse ground truth: a few hundred unit-norm "true feature" directions in superposition in a
 64-dimensional space, each item a sparse non-negative combination of a handful of them plus a little noise. A good
@@ -21,7 +26,8 @@ The loop uses the metric collection as a training loss should be used under DDP:
 
 ``--batch-size`` is the global batch: with 2 processes each takes half of every batch from its own shard, and DDP
 averages the two halves' gradients. The two-process run therefore trains the same model on the same batches as the
-single-process run and prints the same table, up to floating-point rounding. Two processes are started either by the
+single-process run and prints the same table, up to floating-point rounding (but for ``batchtopk``, whose top
+``k * batch`` activations are chosen within each process's half of the batch). Two processes are started either by the
 script itself (``--nproc 2``) or by ``torchrun``, whose environment variables the script detects.
 
 With ``tqdm`` installed (``pip install -e ".[examples]"``) rank 0 shows a progress bar when writing to a terminal
@@ -31,6 +37,7 @@ last epoch's feature densities (the collection's ``"feature_density"``) to a PNG
 Examples:
     python examples/train_sae.py
     python examples/train_sae.py --matryoshka --plot sae.png
+    python examples/train_sae.py --architecture topk --k 8
     python examples/train_sae.py --nproc 2
     torchrun --nproc_per_node 2 examples/train_sae.py
 """
