@@ -412,7 +412,10 @@ def test_dictionary_learning_matryoshka(generator):
 
         def peer(b: dict[str, Tensor], used: list[float] = used) -> Tensor:
             l2_losses = torch.stack(
-                [w * ((b["x"] - _prefix_reconstruction(b, m)) ** 2).sum(1).mean() for w, m in zip(used, widths)]
+                [
+                    w * ((b["x"] - _prefix_reconstruction(b, m)) ** 2).sum(1).mean()
+                    for w, m in zip(used, widths, strict=True)
+                ]
             )
             return l2_losses.mean()
 
@@ -545,7 +548,8 @@ def test_openai_dead_features(generator):
         assert torch.equal(ours[never], torch.full_like(openai[never], seen >= window))
         assert torch.equal(openai[never], torch.full_like(openai[never], seen > window))
         assert torch.equal(torch.minimum(metric.steps_since_fired() + 1, torch.tensor(seen)), stats_last_nonzero)
-    assert never.any() and (~never).any()
+    assert never.any()
+    assert (~never).any()
     # f != 0 (the default) would count the activations below 1e-3 as firings.
     default = sm.DeadFeatures(D_SAE, window=window, window_unit="steps")
     for f in steps[:2]:
