@@ -27,7 +27,7 @@ from sparse_metrics._validation import (
     to_components,
 )
 from sparse_metrics.functional._statistics import _sae_loss_statistics
-from sparse_metrics.functional.feature_density import FeatureActivity, _feature_activity
+from sparse_metrics.functional.feature_density import FeatureActivity, _active_mask, _feature_activity
 from sparse_metrics.functional.l0_norm import _count_active
 from sparse_metrics.functional.l1_absolute import _absolute_sum
 from sparse_metrics.functional.l2_reconstruction import _squared_error_sum
@@ -328,14 +328,21 @@ class SaeBatch:
         squared_error, l0, l1 = _compiled_sae_loss_statistics(source, learned, decoded)
         self._memo.update({"squared_error": squared_error, "l0": l0, "l1": l1})
 
-    def active(self, owner: str) -> Tensor:
-        """Which features are non-zero on each item (NaN counts as non-zero), ``[batch, component, d_sae]`` bool."""
-        learned = self.require("learned_activations", owner)
-        return self.memo("active", lambda: learned.detach() != 0)
+    def active(self, owner: str, firing_threshold: float | None = None) -> Tensor:
+        """Which features fire on each item, ``[batch, component, d_sae]`` bool (NaN counts as firing).
 
-    def activity(self, owner: str) -> FeatureActivity:
-        """Per-feature firing counts and items since the last firing, from the activity mask."""
-        return self.memo("activity", lambda: _feature_activity(self.active(owner)))
+        A feature fires where it is non-zero (``firing_threshold=None``, the mask the L0 counts), or where it is
+        above ``firing_threshold`` (strictly). Each threshold's mask is its own memo: members with different
+        thresholds never share one.
+        """
+        learned = self.require("learned_activations", owner)
+        key: Hashable = "active" if firing_threshold is None else ("active", firing_threshold)
+        return self.memo(key, lambda: _active_mask(learned, firing_threshold))
+
+    def activity(self, owner: str, firing_threshold: float | None = None) -> FeatureActivity:
+        """Per-feature firing counts and items since the last firing, from the activity mask of that threshold."""
+        key: Hashable = "activity" if firing_threshold is None else ("activity", firing_threshold)
+        return self.memo(key, lambda: _feature_activity(self.active(owner, firing_threshold)))
 
     def decoder_row_norms(self, owner: str, why: str = "") -> Tensor:
         """L2 norm of each feature-major decoder row, ``[component, d_sae]``, differentiable, float32/64."""

@@ -15,16 +15,22 @@ from pydantic import ConfigDict, Field, ValidationError, validate_call
 __all__ = [
     "ComponentReduction",
     "FeatureReduction",
+    "FiringThreshold",
     "NanStrategy",
     "NumComponents",
     "NumFeatures",
     "PositiveInt",
+    "WindowUnit",
     "validate_arguments",
 ]
 
 NumComponents = Annotated[int, Field(ge=1, description="How many SAEs are trained side by side.")]
 NumFeatures = Annotated[int, Field(ge=1, description="The dictionary size d_sae.")]
 PositiveInt = Annotated[int, Field(ge=1)]
+#: A latent fires where its activation is above this (strictly); ``None`` means non-zero.
+FiringThreshold = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+#: Whether the dead-feature window counts items (tokens) or steps (updates).
+WindowUnit = Literal["items", "steps"]
 FeatureReduction = Literal["mean", "sum"]
 ComponentReduction = Literal["mean", "sum"]
 #: What a metric does with an item whose value is NaN or infinite (see ``ItemMeanMetric``).

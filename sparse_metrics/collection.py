@@ -13,10 +13,12 @@ from sparse_metrics._batch import SAE_INPUTS, SaeBatch, inputs_of
 from sparse_metrics._config import (
     ComponentReduction,
     FeatureReduction,
+    FiringThreshold,
     NanStrategy,
     NumComponents,
     NumFeatures,
     PositiveInt,
+    WindowUnit,
     validate_arguments,
 )
 from sparse_metrics._distributed import synced_states
@@ -62,7 +64,9 @@ class SparseAutoencoderLoss(MetricCollection):
     - ``explained_variance=True`` (needs ``d_model``): ``"fvu"`` (:class:`FractionOfVarianceUnexplained`) and
       ``"explained_variance"`` (``1 - fvu``).
     - ``feature_density=True`` (needs ``num_features``): ``"feature_density"`` (:class:`FeatureDensity`, per feature
-      ``[*component, num_features]``) and ``"mean_log10_feature_density"``.
+      ``[*component, num_features]``), ``"mean_log10_feature_density"`` and the density bands (fractions of the
+      features): ``"feature_density_above_1e-1"``, ``"feature_density_above_1e-2"``,
+      ``"feature_density_below_1e-5"``, ``"feature_density_below_1e-6"``, ``"feature_density_never_fired"``.
     - ``dead_feature_window=w`` (needs ``num_features``): ``"dead_features"`` (:class:`DeadFeatures`, window ``w``
       items; its counters survive ``reset()``) and ``"dead_feature_fraction"``.
 
@@ -91,6 +95,11 @@ class SparseAutoencoderLoss(MetricCollection):
         feature_density: Add the feature density (needs ``num_features``).
         dead_feature_window: Add the dead-feature count with this window in items (needs ``num_features``).
         num_features: The dictionary size ``d_sae``, for the density and dead features.
+        firing_threshold: Where the density and dead features count a firing: ``None`` (default) ``f != 0``, a
+            number ``t >= 0`` ``f > t`` (OpenAI: ``1e-3``). ``"l0"`` always counts ``f != 0``.
+        dead_feature_window_unit: ``"items"`` (default) or ``"steps"``: what ``dead_feature_window`` counts.
+        explained_variance_centred_residual: Centre the residual of the FVU and explained variance
+            (dictionary_learning's ``evaluate``; see :class:`FractionOfVarianceUnexplained`).
         feature_reduction: ``"mean"`` or ``"sum"`` of squared errors over ``d_model`` (L2 and Matryoshka).
         component_reduction: ``"mean"`` or ``"sum"`` of the per-component loss into the scalar ``"loss"``.
         keep_batch_dim: The loss terms keep per-item values (``"loss"`` stays a scalar mean).
@@ -146,6 +155,9 @@ class SparseAutoencoderLoss(MetricCollection):
         feature_density: bool = False,
         dead_feature_window: PositiveInt | None = None,
         num_features: NumFeatures | None = None,
+        firing_threshold: FiringThreshold | None = None,
+        dead_feature_window_unit: WindowUnit = "items",
+        explained_variance_centred_residual: bool = False,
         feature_reduction: FeatureReduction = "mean",
         component_reduction: ComponentReduction = "mean",
         keep_batch_dim: bool = False,
@@ -194,11 +206,20 @@ class SparseAutoencoderLoss(MetricCollection):
                 **term_options,
             )
         if explained_variance and d_model is not None:
-            members["fvu"] = FractionOfVarianceUnexplained(num_components, d_model=d_model, **common)
+            members["fvu"] = FractionOfVarianceUnexplained(
+                num_components, d_model=d_model, centred_residual=explained_variance_centred_residual, **common
+            )
+        activity = {"firing_threshold": firing_threshold, **common}
         if feature_density and num_features is not None:
-            members["feature_density"] = FeatureDensity(num_features, num_components, **common)
+            members["feature_density"] = FeatureDensity(num_features, num_components, **activity)
         if dead_feature_window is not None and num_features is not None:
-            members["dead_features"] = DeadFeatures(num_features, num_components, window=dead_feature_window, **common)
+            members["dead_features"] = DeadFeatures(
+                num_features,
+                num_components,
+                window=dead_feature_window,
+                window_unit=dead_feature_window_unit,
+                **activity,
+            )
         reconstruction_key = "matryoshka" if matryoshka_prefix_sizes is not None else reconstruction
         loss_keys: list[str] = [reconstruction_key, "sparsity"]
         for key, term in (loss_terms or {}).items():

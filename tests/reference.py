@@ -88,9 +88,58 @@ def fvu(decoded: Tensor, source: Tensor) -> Tensor:
     return squared_error / variance
 
 
-def feature_density(learned: Tensor) -> Tensor:
-    """``[component, feature]`` fraction of items in which each feature is non-zero (NaN counts: NaN != 0)."""
-    return (learned != 0).double().mean(dim=0)
+def fired(learned: Tensor, threshold: float | None = None) -> Tensor:
+    """Where each feature fires: ``f != 0``, or ``f > threshold``; a NaN fires either way."""
+    return learned != 0 if threshold is None else (learned > threshold) | learned.isnan()
+
+
+def feature_density(learned: Tensor, threshold: float | None = None) -> Tensor:
+    """``[component, feature]`` fraction of items in which each feature fires (NaN counts: NaN != 0)."""
+    return fired(learned, threshold).double().mean(dim=0)
+
+
+def density_bands(density: Tensor) -> dict[str, Tensor]:
+    """``[component]`` fraction of features above 1e-1 and 1e-2, below 1e-5 and 1e-6, and of density 0."""
+    bands = {
+        "feature_density_above_1e-1": density > 0.1,
+        "feature_density_above_1e-2": density > 0.01,
+        "feature_density_below_1e-5": density < 1e-5,
+        "feature_density_below_1e-6": density < 1e-6,
+        "feature_density_never_fired": density == 0,
+    }
+    undefined = density.isnan().any(dim=-1)
+    return {name: torch.where(undefined, torch.nan, inside.double().mean(dim=-1)) for name, inside in bands.items()}
+
+
+def lockstep_steps_since_fired(ranks: Sequence[Sequence[Tensor]], threshold: float | None = None) -> Tensor:
+    """``[component, feature]`` global steps since each feature fired; each rank's steps ``[batch, component,
+    feature]`` in order, the k-th most recent step of every rank simultaneous (a step counted once, not per rank).
+
+    Walks back from the most recent step: the age is the smallest position-from-the-end of a step in which the
+    feature fired on any rank; the most steps any rank took if it never fired.
+    """
+    components, features = next(step.shape[1:] for rank in ranks for step in rank)
+    result = torch.zeros(components, features, dtype=torch.int64)
+    for c in range(components):
+        for i in range(features):
+            ages = [
+                position
+                for rank in ranks
+                for position, step in enumerate(reversed(rank))
+                if fired(step[:, c, i], threshold).any()
+            ]
+            result[c, i] = min(ages) if ages else max(len(rank) for rank in ranks)
+    return result
+
+
+def centred_fvu(decoded: Tensor, source: Tensor) -> Tensor:
+    """``[component]`` pooled ``sum_d Var(e_d) / sum_d Var(x_d)`` (unbiased, as dictionary_learning's ``evaluate``)."""
+    source, error = source.double(), decoded.double() - source.double()
+
+    def variance(values: Tensor) -> Tensor:  # torch.var(values, dim=0), without its warning for one item
+        return ((values - values.mean(dim=0)) ** 2).sum(dim=0) / (values.shape[0] - 1)
+
+    return variance(error).sum(dim=-1) / variance(source).sum(dim=-1)
 
 
 def mean_log10_density(density: Tensor, epsilon: float = 1e-10) -> Tensor:
@@ -103,16 +152,16 @@ def dead_features(streams: Sequence[Tensor], window: int) -> Tensor:
     return (lockstep_items_since_fired(streams) >= window).sum(dim=-1)
 
 
-def items_since_fired(stream: Tensor) -> Tensor:
+def items_since_fired(stream: Tensor, threshold: float | None = None) -> Tensor:
     """``[component, feature]`` items after the last firing in one ordered stream, walking it item by item."""
     _, components, features = stream.shape
     since = torch.zeros(components, features, dtype=torch.int64)
     for item in stream:
-        since = torch.where(item != 0, 0, since + 1)
+        since = torch.where(fired(item, threshold), 0, since + 1)
     return since
 
 
-def lockstep_items_since_fired(streams: Sequence[Tensor]) -> Tensor:
+def lockstep_items_since_fired(streams: Sequence[Tensor], threshold: float | None = None) -> Tensor:
     """Global items since fired when the k-th most recent item of every stream is simultaneous.
 
     Walks back from the most recent item: the feature's age is the smallest position-from-the-end at which it
@@ -122,7 +171,12 @@ def lockstep_items_since_fired(streams: Sequence[Tensor]) -> Tensor:
     result = torch.zeros(components, features, dtype=torch.int64)
     for c in range(components):
         for i in range(features):
-            ages = [position for stream in streams for position, item in enumerate(stream.flip(0)) if item[c, i] != 0]
+            ages = [
+                position
+                for stream in streams
+                for position, item in enumerate(stream.flip(0))
+                if fired(item[c, i], threshold)
+            ]
             age = min(ages) if ages else None
             result[c, i] = sum(len(stream) if age is None else min(age, len(stream)) for stream in streams)
     return result

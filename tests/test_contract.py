@@ -137,7 +137,15 @@ def test_loggable_keeps_the_scalars(generator):
     assert {key for key in scalars if "/" not in key} == {"loss"}
     single = sm.SparseAutoencoderLoss(feature_density=True, num_features=D_SAE, keep_batch_dim=True)
     plain = single.loggable(single(**_inputs(generator, components=None)))
-    assert set(plain) == {"mean_log10_feature_density", "loss"}  # per-item rows and per-feature densities left out
+    bands = {
+        "feature_density_above_1e-1",
+        "feature_density_above_1e-2",
+        "feature_density_below_1e-5",
+        "feature_density_below_1e-6",
+        "feature_density_never_fired",
+    }
+    # per-item rows and per-feature densities left out; the density bands are scalars
+    assert set(plain) == {"mean_log10_feature_density", *bands, "loss"}
 
 
 # --- compute groups, nesting, tracker, add_metrics ---------------------------------------------------------------

@@ -401,24 +401,57 @@ def test_saelens_matryoshka(generator):
 
 
 def test_dictionary_learning_matryoshka(generator):
-    # groups of features with weights w_g (default 1/G): sum_g w_g * mean_b sum_d (x - x_hat_g)^2, x_hat_g decoding
-    # every group up to and including g
+    # groups of features with weights w_g (default 1/G); the loss is l2_losses.mean() of the already-weighted
+    # l2_losses[g] = w_g * mean_b sum_d (x - x_hat_g)^2 (x_hat_g decoding every group up to and including g),
+    # i.e. sum_g (w_g / G) err_g: prefix_weights = w / G (1/G^2 each by default)
     group_sizes = [2, 3, 5]
     widths = torch.tensor(group_sizes).cumsum(0).tolist()
+    groups = len(group_sizes)
     for weights in (None, [0.5, 0.3, 0.2]):
-        used = weights or [1 / len(group_sizes)] * len(group_sizes)
+        used = weights or [1 / groups] * groups
 
         def peer(b: dict[str, Tensor], used: list[float] = used) -> Tensor:
-            return sum(
-                (
+            l2_losses = torch.stack(
+                [
                     w * ((b["x"] - _prefix_reconstruction(b, m)) ** 2).sum(1).mean()
                     for w, m in zip(used, widths, strict=True)
-                ),
-                torch.zeros((), dtype=torch.float64),
+                ]
             )
+            return l2_losses.mean()
 
-        metric = sm.MatryoshkaReconstructionLoss(widths, feature_reduction="sum", prefix_weights=weights)
+        metric = sm.MatryoshkaReconstructionLoss(
+            widths, feature_reduction="sum", prefix_weights=[w / groups for w in used]
+        )
         _check(metric, _matryoshka_inputs, peer, _batches(generator))
+        # The weights as given (w_g, not w_g / G) give G times the peer's loss.
+        _differs(
+            lambda used=used: sm.MatryoshkaReconstructionLoss(widths, feature_reduction="sum", prefix_weights=used),
+            _matryoshka_inputs,
+            peer,
+            _batches(generator),
+        )
+
+
+def test_saelens_matryoshka_normalised_decoder(generator):
+    # SAELens' TopK-family SAEs (rescale_acts_by_decoder_norm=True, the default) decode f_i / ||W_dec,i||: each
+    # prefix reconstruction is f[:, :m] @ (W_dec / ||W_dec||)[:m] + b_dec, so feed the row-normalised decoder
+    inner = [2, 5]
+
+    def rescaled(b: dict[str, Tensor], width: int) -> Tensor:
+        return (b["f"][:, :width] / b["w"][:width].norm(dim=1)) @ b["w"][:width] + b["b"]
+
+    def peer(b: dict[str, Tensor]) -> Tensor:
+        return sum((((b["x"] - rescaled(b, m)) ** 2).sum(1).mean() for m in [*inner, D_SAE]), torch.zeros(()))
+
+    def normalised(b: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {**_matryoshka_inputs(b), "decoder_weight": b["w"] / b["w"].norm(dim=1, keepdim=True)}
+
+    def make() -> sm.MatryoshkaReconstructionLoss:
+        return sm.MatryoshkaReconstructionLoss([*inner, D_SAE], feature_reduction="sum", prefix_weights=[1, 1, 1])
+
+    batches = _batches(generator)
+    _check(make(), normalised, peer, batches)
+    _differs(make, _matryoshka_inputs, peer, batches)  # the raw decoder is not what SAELens decodes with
 
 
 # --- Other terms -------------------------------------------------------------------------------------------------
@@ -451,6 +484,23 @@ def test_saelens_explained_variance(generator):
     _check(sm.ExplainedVariance(d_model=D_MODEL), _reconstruction, saelens, _batches(generator))
 
 
+def test_dictionary_learning_explained_variance(generator):
+    # evaluate's frac_variance_explained: 1 - sum_d Var(e_d) / sum_d Var(x_d), unbiased variances, per batch
+    # (evaluate averages the batches' values; compute() pools every item instead)
+    def peer(b: dict[str, Tensor]) -> Tensor:
+        return 1 - torch.var(_error(b), dim=0).sum() / torch.var(b["x"], dim=0).sum()
+
+    batches = _batches(generator)
+    _check(sm.ExplainedVariance(d_model=D_MODEL, centred_residual=True), _reconstruction, peer, batches)
+    # The residual is not centred by default: with an offset in x_hat the two differ.
+    offset = [{**b, "x_hat": b["x_hat"] + 0.5} for b in batches]
+    _differs(lambda: sm.ExplainedVariance(d_model=D_MODEL), _reconstruction, peer, offset)
+    # One item: NaN, as torch.var of one item.
+    single = {**batches[0], "x": batches[0]["x"][:1], "x_hat": batches[0]["x_hat"][:1]}
+    metric = sm.ExplainedVariance(d_model=D_MODEL, centred_residual=True)
+    assert metric(**_reconstruction(single)).isnan()
+
+
 def _firing_steps(generator, steps, batch_size):
     """Non-negative activations where each feature fires rarely, so that features die and revive within the run."""
     return [reference.sparse_activations(batch_size, D_SAE, density=0.04, generator=generator) for _ in range(steps)]
@@ -458,28 +508,94 @@ def _firing_steps(generator, steps, batch_size):
 
 @pytest.mark.parametrize("threshold", [0, 2])
 def test_saelens_dead_features(generator, threshold):
-    """SAELens: dead when not fired for more than N steps; here window = (N + 1) * batch_size items."""
+    """SAELens: ``n_forward_passes_since_fired > dead_feature_window`` (N steps): ``window=N + 1`` steps, or
+    ``(N + 1) * batch_size`` items with a constant batch size. Its firing is ``feature_acts.bool()`` (f != 0)."""
     batch_size = 4
-    metric = sm.DeadFeatures(D_SAE, window=(threshold + 1) * batch_size)
-    steps_since_fired = torch.zeros(D_SAE, dtype=torch.int64)
+    steps = sm.DeadFeatures(D_SAE, window=threshold + 1, window_unit="steps")
+    items = sm.DeadFeatures(D_SAE, window=(threshold + 1) * batch_size)
+    n_forward_passes_since_fired = torch.zeros(D_SAE, dtype=torch.int64)
     for f in _firing_steps(generator, 12, batch_size):
-        steps_since_fired += 1
-        steps_since_fired[(f > 0).any(0)] = 0
-        metric.update(learned_activations=f)
-        assert torch.equal(metric.dead_mask(), steps_since_fired > threshold)
+        n_forward_passes_since_fired += 1
+        n_forward_passes_since_fired[f.bool().any(0)] = 0
+        steps.update(learned_activations=f)
+        items.update(learned_activations=f)
+        assert torch.equal(steps.steps_since_fired(), n_forward_passes_since_fired)
+        assert torch.equal(steps.dead_mask(), n_forward_passes_since_fired > threshold)
+        assert torch.equal(items.dead_mask(), n_forward_passes_since_fired > threshold)
 
 
 def test_openai_dead_features(generator):
-    """OpenAI: dead when not fired within the last T tokens; here window = T items (tokens)."""
-    window = 6
-    metric = sm.DeadFeatures(D_SAE, window=window)
-    tokens = torch.cat(_firing_steps(generator, 5, 3))
-    for batch in tokens.split(3):
-        metric.update(learned_activations=batch)
-    seen = tokens.shape[0]
-    last_fired = [max((i for i in range(seen) if tokens[i, j] > 0), default=None) for j in range(D_SAE)]
-    tokens_since = torch.tensor([seen if t is None else seen - 1 - t for t in last_fired])
-    assert torch.equal(metric.dead_mask(), tokens_since >= window)
+    """OpenAI: ``stats_last_nonzero`` grows by one per step and restarts where a top-k value is ``> 1e-3``; dead
+    when it is ``> T`` (``T = 10M // batch`` steps): ``window=T, window_unit="steps", firing_threshold=1e-3``.
+
+    The same for every feature that fired; one that never fired is dead one step later there (its counter equals
+    that of a feature that fired on the first step), i.e. the two differ only at exactly ``T`` steps seen.
+    """
+    window, batch_size = 3, 3
+    metric = sm.DeadFeatures(D_SAE, window=window, window_unit="steps", firing_threshold=1e-3)
+    stats_last_nonzero = torch.zeros(D_SAE, dtype=torch.int64)
+    steps = _firing_steps(generator, 10, batch_size)
+    steps[1] = steps[1] + 5e-4 * (steps[1] == 0)  # activations in (0, 1e-3]: no firing for OpenAI
+    never = torch.ones(D_SAE, dtype=torch.bool)
+    for seen, f in enumerate(steps, start=1):
+        fired = (f > 1e-3).any(0)
+        stats_last_nonzero = stats_last_nonzero * (~fired) + 1
+        never &= ~fired
+        metric.update(learned_activations=f)
+        openai = stats_last_nonzero > window
+        ours = metric.dead_mask()
+        assert torch.equal(ours[~never], openai[~never])
+        assert torch.equal(ours[never], torch.full_like(openai[never], seen >= window))
+        assert torch.equal(openai[never], torch.full_like(openai[never], seen > window))
+        assert torch.equal(torch.minimum(metric.steps_since_fired() + 1, torch.tensor(seen)), stats_last_nonzero)
+    assert never.any()
+    assert (~never).any()
+    # f != 0 (the default) would count the activations below 1e-3 as firings.
+    default = sm.DeadFeatures(D_SAE, window=window, window_unit="steps")
+    for f in steps[:2]:
+        default.update(learned_activations=f)
+    assert default.steps_since_fired().amax() <= 1
+
+
+def _density_steps(generator) -> list[Tensor]:
+    """Features of very different densities over 2000 items: some above 1e-1, some near 1e-2, some never."""
+    rates = torch.tensor([0.5, 0.2, 0.05, 0.011, 0.009, 0.002, 0.0, 0.0, 0.3, 0.0])
+    return [(torch.rand(1000, D_SAE, generator=generator) < rates).double() for _ in range(2)]
+
+
+def test_saelens_density_bands(generator):
+    # SAELens' trainer logs sparsity/below_1e-5 and below_1e-6: counts of features with density < t (strict);
+    # here fractions of num_features
+    steps = _density_steps(generator)
+    loss_fn = sm.SparseAutoencoderLoss(feature_density=True, num_features=D_SAE)
+    for f in steps:
+        loss_fn.update(learned_activations=f, source_activations=f[:, :2], decoded_activations=f[:, :2])
+    out = loss_fn.compute()
+    density = torch.cat(steps).sum(0) / 2000
+    for t in ("1e-5", "1e-6"):
+        count = (density < float(t)).sum()
+        assert count > 0
+        torch.testing.assert_close(out[f"feature_density_below_{t}"] * D_SAE, count.double())
+    torch.testing.assert_close(out["feature_density_never_fired"] * D_SAE, (density == 0).sum().double())
+
+
+def test_lm_saes_density_bands(generator):
+    # lm_saes logs sparsity/above_1e-1, above_1e-2 (density > t), below_1e-5, below_1e-6 (density < t), counts
+    steps = _density_steps(generator)
+    metric = sm.FeatureDensity(D_SAE)
+    for f in steps:
+        metric.update(learned_activations=f)
+    density = torch.cat(steps).sum(0) / 2000
+    bands = metric.density_bands()
+    expected = {
+        "above_1e-1": density > 1e-1,
+        "above_1e-2": density > 1e-2,
+        "below_1e-5": density < 1e-5,
+        "below_1e-6": density < 1e-6,
+    }
+    for name, inside in expected.items():
+        torch.testing.assert_close(bands[f"feature_density_{name}"] * D_SAE, inside.sum().double())
+    assert bands["feature_density_above_1e-1"] != bands["feature_density_above_1e-2"]
 
 
 def test_the_conventions_page_names_exactly_these_tests():

@@ -27,6 +27,10 @@ from tests import reference
 D_MODEL, D_SAE = 5, 12
 #: Dead-feature window in items: short enough that features die and revive within a test's few batches.
 WINDOW = 4
+#: Dead-feature window in steps (``window_unit="steps"``).
+WINDOW_STEPS = 2
+#: A firing threshold above the smallest activations (``firing_threshold`` cases): it excludes negative ones too.
+FIRING_THRESHOLD = 0.5
 #: Tolerance of float32 inputs against the float64 reference (per-item values are computed in float32).
 RTOL, ATOL = 2e-5, 1e-6
 
@@ -188,27 +192,45 @@ def _matryoshka(
     return expected
 
 
-def _fvu(explained: bool) -> Callable[[Ranks, bool], dict[str, Tensor]]:
+def _fvu(explained: bool, centred: bool = False) -> Callable[[Ranks, bool], dict[str, Tensor]]:
     def expected(ranks: Ranks, keep_batch_dim: bool) -> dict[str, Tensor]:
         every = concatenated(_all_items(ranks))
-        fvu = reference.fvu(every["decoded_activations"], every["source_activations"])
+        formula = reference.centred_fvu if centred else reference.fvu
+        fvu = formula(every["decoded_activations"], every["source_activations"])
         return {"value": _squeeze(1 - fvu if explained else fvu, 0)}
 
     return expected
 
 
-def _density(ranks: Ranks, keep_batch_dim: bool) -> dict[str, Tensor]:
-    density = reference.feature_density(torch.cat(_streams(ranks)))
-    return {"value": _squeeze(density, 0), "mean_log10_density": _squeeze(reference.mean_log10_density(density), 0)}
+def _density(threshold: float | None = None) -> Callable[[Ranks, bool], dict[str, Tensor]]:
+    def expected(ranks: Ranks, keep_batch_dim: bool) -> dict[str, Tensor]:
+        density = reference.feature_density(torch.cat(_streams(ranks)), threshold)
+        bands = {name: _squeeze(value, 0) for name, value in reference.density_bands(density).items()}
+        return {
+            "value": _squeeze(density, 0),
+            "mean_log10_density": _squeeze(reference.mean_log10_density(density), 0),
+            **bands,  # density_bands(), by band
+        }
+
+    return expected
 
 
-def _dead(ranks: Ranks, keep_batch_dim: bool) -> dict[str, Tensor]:
-    since = reference.lockstep_items_since_fired(_streams(ranks))
-    return {
-        "value": _squeeze((since >= WINDOW).sum(-1), 0),
-        "items_since_fired": _squeeze(since, 0),
-        "dead_mask": _squeeze(since >= WINDOW, 0),
-    }
+def _dead(threshold: float | None = None, steps: bool = False) -> Callable[[Ranks, bool], dict[str, Tensor]]:
+    window = WINDOW_STEPS if steps else WINDOW
+
+    def expected(ranks: Ranks, keep_batch_dim: bool) -> dict[str, Tensor]:
+        if steps:
+            learned = [[step["learned_activations"] for step in rank] for rank in ranks]
+            since = reference.lockstep_steps_since_fired(learned, threshold)
+        else:
+            since = reference.lockstep_items_since_fired(_streams(ranks), threshold)
+        return {
+            "value": _squeeze((since >= window).sum(-1), 0),
+            "steps_since_fired" if steps else "items_since_fired": _squeeze(since, 0),
+            "dead_mask": _squeeze(since >= window, 0),
+        }
+
+    return expected
 
 
 def collection_reference(
@@ -245,6 +267,7 @@ def collection_reference(
             fvu = reference.fvu(every["decoded_activations"], every["source_activations"])
             density = reference.feature_density(torch.cat(_streams(ranks)))
             dead = reference.dead_features(_streams(ranks), WINDOW)
+            out |= {name: _squeeze(value, 0) for name, value in reference.density_bands(density).items()}
             out |= {
                 "fvu": _squeeze(fvu, 0),
                 "explained_variance": _squeeze(1 - fvu, 0),
@@ -280,6 +303,8 @@ class Case:
         methods: Methods whose values are outputs too (synced like ``compute``).
         lifetime: Output keys that outlive ``reset()`` and whose ``forward`` value is the metric's running value
             after the batch (the dead-feature counters), not the batch's alone.
+        per_step: Output keys that depend on how the items are split into steps (a window in steps), so that
+            one batch of every item is not the same as the steps.
     """
 
     name: str
@@ -289,6 +314,7 @@ class Case:
     keep_batch_dim: bool = False
     methods: tuple[str, ...] = ()
     lifetime: frozenset[str] = frozenset()
+    per_step: frozenset[str] = frozenset()
 
     @property
     def is_collection(self) -> bool:
@@ -385,17 +411,53 @@ _CASES = [
     Case(
         "feature_density",
         lambda c, **kw: sm.FeatureDensity(D_SAE, c, **kw),
-        _density,
+        _density(),
         ("learned_activations",),
-        methods=("mean_log10_density",),
+        methods=("mean_log10_density", "density_bands"),
     ),
     Case(
         "dead_features",
         lambda c, **kw: sm.DeadFeatures(D_SAE, c, window=WINDOW, **kw),
-        _dead,
+        _dead(),
         ("learned_activations",),
         methods=("items_since_fired", "dead_mask"),
         lifetime=frozenset({"value", "items_since_fired", "dead_mask"}),
+    ),
+    Case(
+        "feature_density_threshold",
+        lambda c, **kw: sm.FeatureDensity(D_SAE, c, firing_threshold=FIRING_THRESHOLD, **kw),
+        _density(FIRING_THRESHOLD),
+        ("learned_activations",),
+        methods=("mean_log10_density", "density_bands"),
+    ),
+    Case(
+        "dead_features_threshold",
+        lambda c, **kw: sm.DeadFeatures(D_SAE, c, window=WINDOW, firing_threshold=FIRING_THRESHOLD, **kw),
+        _dead(FIRING_THRESHOLD),
+        ("learned_activations",),
+        methods=("items_since_fired", "dead_mask"),
+        lifetime=frozenset({"value", "items_since_fired", "dead_mask"}),
+    ),
+    Case(
+        "dead_features_steps",
+        lambda c, **kw: sm.DeadFeatures(D_SAE, c, window=WINDOW_STEPS, window_unit="steps", **kw),
+        _dead(steps=True),
+        ("learned_activations",),
+        methods=("steps_since_fired", "dead_mask"),
+        lifetime=frozenset({"value", "steps_since_fired", "dead_mask"}),
+        per_step=frozenset({"value", "steps_since_fired", "dead_mask"}),
+    ),
+    Case(
+        "fvu_centred",
+        lambda c, **kw: sm.FractionOfVarianceUnexplained(c, d_model=D_MODEL, centred_residual=True, **kw),
+        _fvu(explained=False, centred=True),
+        _RECONSTRUCTION,
+    ),
+    Case(
+        "explained_variance_centred",
+        lambda c, **kw: sm.ExplainedVariance(c, d_model=D_MODEL, centred_residual=True, **kw),
+        _fvu(explained=True, centred=True),
+        _RECONSTRUCTION,
     ),
     Case(
         "collection",
@@ -462,9 +524,12 @@ def members(metric: Any) -> list[Any]:
 
 
 def outputs(case: Case, metric: Any) -> dict[str, Tensor]:
-    """What a user reads from the metric: ``compute()`` and the case's methods."""
-    values = reference.as_dict(metric.compute())
-    return values | {name: getattr(metric, name)() for name in case.methods}
+    """What a user reads from the metric: ``compute()`` and the case's methods (a dict-valued one by its keys)."""
+    values = dict(reference.as_dict(metric.compute()))
+    for name in case.methods:
+        value = getattr(metric, name)()
+        values |= value if isinstance(value, dict) else {name: value}
+    return values
 
 
 def forward_outputs(value: Any) -> dict[str, Tensor]:

@@ -49,18 +49,38 @@ def _combine_processes(items_since_fired: Tensor, items_seen: Tensor) -> Tensor:
     return torch.minimum(most_recent, items_seen).sum(dim=0)
 
 
+def _advance_steps(steps_since_fired: Tensor, activity: FeatureActivity) -> Tensor:
+    """The step counters after one more step (an update, whatever its items): 0 where it fired, else one more."""
+    return torch.where(activity.fire_count > 0, 0, steps_since_fired + 1)
+
+
+def _combine_processes_steps(steps_since_fired: Tensor, steps_seen: Tensor) -> Tensor:
+    """Global steps since fired from each process's step counters: a step is global, counted once, not per process.
+
+    Both inputs are int64 ``[process, ...]``. The most recent steps of the processes are simultaneous (lockstep):
+    the global count is the smallest count among the processes where the feature fired, and the most steps any
+    process saw where it fired nowhere.
+    """
+    fired = steps_since_fired < steps_seen
+    never = torch.iinfo(steps_since_fired.dtype).max
+    most_recent = torch.where(fired, steps_since_fired, never).amin(dim=0)
+    return torch.minimum(most_recent, steps_seen.amax(dim=0))
+
+
 def _dead_compute(items_since_fired: Tensor, window: int) -> Tensor:
     return items_since_fired >= window
 
 
 def items_since_fired(
-    learned_activations: Float[Tensor, "batch *component d_sae"],
+    learned_activations: Float[Tensor, "batch *component d_sae"], firing_threshold: float | None = None
 ) -> Int[Tensor, "*component d_sae"]:
     """Items of the batch after the last one in which each feature fired; the batch size if it never fired.
 
     Args:
         learned_activations: The SAE's feature activations, ``[batch, d_sae]`` or ``[batch, component, d_sae]``;
             items in order, the most recent last.
+        firing_threshold: ``None`` (default): a feature fires where it is non-zero; a number ``t >= 0``: where
+            ``f > t``.
 
     Example:
         >>> import torch
@@ -68,19 +88,21 @@ def items_since_fired(
         >>> items_since_fired(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0]]))
         tensor([2, 1, 3])
     """
-    activity = _feature_activity(_active_features(learned_activations))
+    activity = _feature_activity(_active_features(learned_activations, firing_threshold=firing_threshold))
     since = activity.items_since_fired
     return since if learned_activations.ndim == 3 else since.squeeze(0)
 
 
 def dead_feature_mask(
-    learned_activations: Float[Tensor, "batch *component d_sae"], window: int
+    learned_activations: Float[Tensor, "batch *component d_sae"], window: int, firing_threshold: float | None = None
 ) -> Bool[Tensor, "*component d_sae"]:
     """Features that fired in none of the batch's last ``window`` items (``items_since_fired >= window``).
 
     Args:
         learned_activations: ``[batch, d_sae]`` or ``[batch, component, d_sae]``, the most recent item last.
         window: Positive number of items.
+        firing_threshold: ``None`` (default): a feature fires where it is non-zero; a number ``t >= 0``: where
+            ``f > t``.
 
     Example:
         >>> import torch
@@ -93,4 +115,4 @@ def dead_feature_mask(
         raise TypeError(f"`window` must be a positive int, got {type(window).__name__}.")
     if window < 1:
         raise ValueError(f"`window` must be a positive number of items, got {window}.")
-    return _dead_compute(items_since_fired(learned_activations), window)
+    return _dead_compute(items_since_fired(learned_activations, firing_threshold), window)

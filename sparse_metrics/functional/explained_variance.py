@@ -82,6 +82,29 @@ def _merge_statistics(first: VarianceStatistics, second: VarianceStatistics) -> 
     return VarianceStatistics(count, mean, m2, first.squared_error + second.squared_error)
 
 
+def _residual_statistics(
+    source: Float[Tensor, "batch component d_model"],
+    decoded: Float[Tensor, "batch component d_model"],
+    dtype: torch.dtype = _STATISTICS_DTYPE,
+) -> VarianceStatistics:
+    """(count, mean, M2) of the residual ``x_hat - x`` of one batch, as the source's are kept (no squared error)."""
+    residual = decoded.detach().to(dtype) - source.detach().to(dtype)
+    count, mean, m2 = _source_statistics(residual, dtype)
+    return VarianceStatistics(count, mean, m2, torch.zeros_like(m2))
+
+
+def _batch_centred_fvu(source: Tensor, decoded: Tensor) -> Float[Tensor, " component"]:
+    """Differentiable centred-residual FVU ``[component]`` of one batch: ``sum (e - e_bar)^2 / sum (x - x_bar)^2``.
+
+    This is ``sum_d Var(e_d) / sum_d Var(x_d)`` with either variance (the ``n - 1`` cancels); 0/0 (one item) is NaN.
+    """
+    dtype = computation_dtype(decoded, source)
+    values, error = source.to(dtype), decoded.to(dtype) - source.to(dtype)
+    variance = (values - values.mean(dim=0)).square().sum(dim=(0, 2))
+    residual_variance = (error - error.mean(dim=0)).square().sum(dim=(0, 2))
+    return residual_variance / variance
+
+
 def _fvu_update(
     decoded_activations: Tensor, source_activations: Tensor, num_components: int | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -111,12 +134,15 @@ def _batch_fvu(source: Tensor, squared_error_per_item: Tensor) -> Float[Tensor, 
 def fraction_of_variance_unexplained(
     decoded_activations: Float[Tensor, "batch *component d_model"],
     source_activations: Float[Tensor, "batch *component d_model"],
+    centred_residual: bool = False,
 ) -> Float[Tensor, "*component"]:
     """Fraction of the source's variance (around its per-dimension batch mean) the reconstruction misses.
 
     Args:
         decoded_activations: The SAE's reconstruction, ``[batch, d_model]`` or ``[batch, component, d_model]``.
         source_activations: The SAE's input, same shape.
+        centred_residual: Centre the residual too: ``sum_d Var(e_d) / sum_d Var(x_d)`` (dictionary_learning's
+            ``evaluate``), which does not count a constant offset of the reconstruction; NaN for one item.
 
     Returns:
         ``[*component]`` (0-d without a component axis), differentiable with respect to the inputs.
@@ -129,20 +155,27 @@ def fraction_of_variance_unexplained(
         >>> fraction_of_variance_unexplained(decoded, source)
         tensor(0.2000)
     """
+    if not isinstance(centred_residual, bool):
+        raise TypeError(f"`centred_residual` must be a bool, got {type(centred_residual).__name__}.")
     source, squared_error = _fvu_update(decoded_activations, source_activations)
-    value = _batch_fvu(source, squared_error)
+    if centred_residual:
+        value = _batch_centred_fvu(source, decoded_activations.reshape(source.shape))
+    else:
+        value = _batch_fvu(source, squared_error)
     return value if source_activations.ndim == 3 else value.squeeze(-1)
 
 
 def explained_variance(
     decoded_activations: Float[Tensor, "batch *component d_model"],
     source_activations: Float[Tensor, "batch *component d_model"],
+    centred_residual: bool = False,
 ) -> Float[Tensor, "*component"]:
     """Explained variance of a batch: ``1 - fraction_of_variance_unexplained``.
 
     Args:
         decoded_activations: The SAE's reconstruction, ``[batch, d_model]`` or ``[batch, component, d_model]``.
         source_activations: The SAE's input, same shape.
+        centred_residual: ``1 - sum_d Var(e_d) / sum_d Var(x_d)``, dictionary_learning's ``evaluate``.
 
     Example:
         >>> import torch
@@ -151,4 +184,4 @@ def explained_variance(
         >>> explained_variance(torch.tensor([[1.0], [1.0], [5.0], [5.0]]), source)
         tensor(0.8000)
     """
-    return 1 - fraction_of_variance_unexplained(decoded_activations, source_activations)
+    return 1 - fraction_of_variance_unexplained(decoded_activations, source_activations, centred_residual)

@@ -21,10 +21,19 @@ from torch import Tensor
 
 from sparse_metrics._validation import to_components
 
-__all__ = ["DENSITY_EPSILON", "feature_density", "mean_log10_feature_density"]
+__all__ = ["DENSITY_BANDS", "DENSITY_EPSILON", "feature_density", "mean_log10_feature_density"]
 
 #: Added to every density before the log10, so that a dead feature gives -10 rather than -inf.
 DENSITY_EPSILON = 1e-10
+
+#: The density bands practitioners log (SAELens, lm_saes): name -> (comparison, threshold), strict comparisons.
+DENSITY_BANDS: dict[str, tuple[str, float]] = {
+    "feature_density_above_1e-1": (">", 1e-1),
+    "feature_density_above_1e-2": (">", 1e-2),
+    "feature_density_below_1e-5": ("<", 1e-5),
+    "feature_density_below_1e-6": ("<", 1e-6),
+    "feature_density_never_fired": ("==", 0.0),
+}
 
 
 class FeatureActivity(NamedTuple):
@@ -42,17 +51,36 @@ class FeatureActivity(NamedTuple):
     batch_size: int
 
 
+def _active_mask(learned: Tensor, firing_threshold: float | None = None) -> Tensor:
+    """Where each feature fires: ``f != 0``, or ``f > firing_threshold``; NaN fires either way."""
+    values = learned.detach()
+    return values != 0 if firing_threshold is None else ~(values <= firing_threshold)
+
+
+def _check_firing_threshold(firing_threshold: float | None) -> None:
+    if firing_threshold is None:
+        return
+    if isinstance(firing_threshold, bool) or not isinstance(firing_threshold, (int, float)):
+        raise TypeError(f"`firing_threshold` must be a number or None, got {type(firing_threshold).__name__}.")
+    if not (0.0 <= firing_threshold < float("inf")):
+        raise ValueError(f"`firing_threshold` must be a finite number >= 0, got {firing_threshold}.")
+
+
 def _active_features(
-    learned_activations: Tensor, num_components: int | None = None, num_features: int | None = None
+    learned_activations: Tensor,
+    num_components: int | None = None,
+    num_features: int | None = None,
+    firing_threshold: float | None = None,
 ) -> Bool[Tensor, "batch component d_sae"]:
-    """Validate the activations and return which features are active on each item (non-zero, NaN included)."""
+    """Validate the activations and return which features fire on each item (see :func:`_active_mask`)."""
+    _check_firing_threshold(firing_threshold)
     learned = to_components("learned_activations", learned_activations, num_components)
     if num_features is not None and learned.shape[-1] != num_features:
         raise ValueError(
             f"`learned_activations` must have num_features={num_features} features in its last axis, "
             f"got shape {list(learned_activations.shape)}."
         )
-    return learned.detach() != 0
+    return _active_mask(learned, firing_threshold)
 
 
 def _feature_activity(active: Bool[Tensor, "batch component d_sae"]) -> FeatureActivity:
@@ -76,15 +104,35 @@ def _density_compute(fire_count: Tensor, item_count: Tensor, dtype: torch.dtype 
     return fire_count.to(dtype) / item_count
 
 
+def _density_band_fraction(density: Tensor, band: str) -> Tensor:
+    """Fraction ``[component]`` of the features whose density is in ``band`` (a key of ``DENSITY_BANDS``).
+
+    NaN where the density is NaN (no item seen): a band of no items is undefined, as the mean log density is.
+    """
+    comparison, threshold = DENSITY_BANDS[band]
+    if comparison == ">":
+        inside = density > threshold
+    elif comparison == "<":
+        inside = density < threshold
+    else:
+        inside = density == threshold
+    fraction = inside.to(density.dtype).mean(dim=-1)
+    return torch.where(density.isnan().any(dim=-1), torch.nan, fraction)
+
+
 def _mean_log10(density: Tensor, epsilon: float) -> Tensor:
     return torch.log10(density + epsilon).mean(dim=-1)
 
 
-def feature_density(learned_activations: Float[Tensor, "batch *component d_sae"]) -> Float[Tensor, "*component d_sae"]:
-    """Fraction of the batch's items in which each feature is non-zero.
+def feature_density(
+    learned_activations: Float[Tensor, "batch *component d_sae"], firing_threshold: float | None = None
+) -> Float[Tensor, "*component d_sae"]:
+    """Fraction of the batch's items in which each feature fires (is non-zero, or above ``firing_threshold``).
 
     Args:
         learned_activations: The SAE's feature activations, ``[batch, d_sae]`` or ``[batch, component, d_sae]``.
+        firing_threshold: ``None`` (default): a feature fires where it is non-zero; a number ``t >= 0``: where
+            ``f > t`` (OpenAI counts a latent as fired above ``1e-3``).
 
     Returns:
         ``[*component, d_sae]`` float64.
@@ -95,7 +143,7 @@ def feature_density(learned_activations: Float[Tensor, "batch *component d_sae"]
         >>> feature_density(torch.tensor([[1.0, 0.0, 0.0], [2.0, 3.0, 0.0]]))
         tensor([1.0000, 0.5000, 0.0000], dtype=torch.float64)
     """
-    active = _active_features(learned_activations)
+    active = _active_features(learned_activations, firing_threshold=firing_threshold)
     fire_count = active.sum(dim=0, dtype=torch.int64)
     density = _density_compute(fire_count, torch.tensor(active.shape[0]))
     return density if learned_activations.ndim == 3 else density.squeeze(0)

@@ -17,25 +17,34 @@ class ActivityMetric(SaeMetric):
     """A metric of which features fire on which items of ``learned_activations`` ``[batch, *component, d_sae]``.
 
     Its contribution is the batch's :class:`~sparse_metrics.functional.feature_density.FeatureActivity`, which a
-    collection computes once for every such member (and counts the L0 from). A NaN activation counts as firing; with
-    ``nan_strategy`` other than "propagate", an item with a non-finite activation is screened like any other.
+    collection computes once for every such member (and counts the L0 from). A feature fires where it is non-zero
+    (``firing_threshold=None``), or where it is above ``firing_threshold`` (strictly); members with different
+    thresholds read different masks, and the collection's L0 always counts ``f != 0``. A NaN activation counts as
+    firing; with ``nan_strategy`` other than "propagate", an item with a non-finite activation is screened like any
+    other.
     """
 
     _positional_inputs: ClassVar[tuple[str, ...]] = ("learned_activations",)
     _uses: ClassVar[frozenset[str]] = frozenset({"activity"})
 
-    def __init__(self, num_features: int, num_components: int, **kwargs: Any) -> None:
+    def __init__(
+        self, num_features: int, num_components: int, *, firing_threshold: float | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(num_components, **kwargs)
         self.num_features = num_features
+        self.firing_threshold = None if firing_threshold is None else float(firing_threshold)
 
     def _configuration(self) -> dict[str, Any]:
-        return {**super()._configuration(), "num_features": self.num_features}
+        configuration = {**super()._configuration(), "num_features": self.num_features}
+        if self.firing_threshold is not None:  # absent by default: checkpoints from before the option still load
+            configuration["firing_threshold"] = self.firing_threshold
+        return configuration
 
     def _contribution(self, batch: SaeBatch) -> FeatureActivity:
         owner = type(self).__name__
         batch.require_width("learned_activations", self.num_features, "num_features", owner)
         self._check_device(batch)
-        return batch.activity(owner)
+        return batch.activity(owner, self.firing_threshold)
 
     def _finite_items(self, batch: SaeBatch, contribution: Any) -> Tensor | None:
         return batch.finite_items("learned_activations", type(self).__name__)

@@ -7,8 +7,21 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from sparse_metrics._config import NumComponents, NumFeatures, PositiveInt, validate_arguments
-from sparse_metrics.functional.dead_features import _advance, _combine_processes, _dead_compute
+from sparse_metrics._config import (
+    FiringThreshold,
+    NumComponents,
+    NumFeatures,
+    PositiveInt,
+    WindowUnit,
+    validate_arguments,
+)
+from sparse_metrics.functional.dead_features import (
+    _advance,
+    _advance_steps,
+    _combine_processes,
+    _combine_processes_steps,
+    _dead_compute,
+)
 from sparse_metrics.functional.feature_density import FeatureActivity
 from sparse_metrics.metrics._activity import ActivityMetric
 
@@ -20,6 +33,13 @@ def _reduce_counters(stacked: Tensor) -> Tensor:
     since, seen = stacked[..., :-1], stacked[..., -1:]
     combined = _combine_processes(since, seen.expand_as(since))
     return torch.cat([combined, seen.sum(dim=0)], dim=-1)
+
+
+def _reduce_step_counters(stacked: Tensor) -> Tensor:
+    """Packed-sync reduction of the step counters: a step is global (every process takes it), counted once."""
+    since, seen = stacked[..., :-1], stacked[..., -1:]
+    combined = _combine_processes_steps(since, seen.expand_as(since))
+    return torch.cat([combined, seen.amax(dim=0)], dim=-1)
 
 
 class DeadFeatures(ActivityMetric):
@@ -57,10 +77,24 @@ class DeadFeatures(ActivityMetric):
     ``[*component, num_features]`` (for resampling) and :meth:`items_since_fired` the global counts; all synced
     across processes.
 
+    **Steps.** With ``window_unit="steps"`` the counters count *steps* (updates: one per ``update``/``forward``,
+    whatever its number of items, an empty one included): :math:`s_i` is the number of steps after the last step
+    in which feature :math:`i` fired (0 if it fired in the latest one; every step seen if it never fired) and
+    :math:`\mathrm{dead}_i = [\, s_i \geq w \,]`. SAELens' ``dead_feature_window=N`` (dead when
+    ``n_forward_passes_since_fired > N``) is ``window=N + 1``; OpenAI's ``dead_steps_threshold = T = 10M // batch``
+    (dead when ``stats_last_nonzero > T``) is ``window=T`` for every feature that has fired, while a feature that
+    never fired is dead one step later there (after ``T + 1`` steps: OpenAI counts a feature that never fired as one
+    that fired on the first step). Across processes a step is global: every process takes each step, so the steps
+    are counted once (the most any process saw), and the steps since a feature fired are the fewest among the
+    processes where it fired (OpenAI's all-reduce MIN); :meth:`steps_since_fired` gives them.
+
     Args:
         num_features: The dictionary size ``d_sae``.
         num_components: Number of SAEs trained side by side (the ``component`` axis).
-        window: Positive number of items (tokens).
+        window: Positive number of items (tokens), or of steps with ``window_unit="steps"``.
+        window_unit: ``"items"`` (default) or ``"steps"``.
+        firing_threshold: ``None`` (default: a feature fires where it is non-zero) or a finite number ``>= 0``
+            (it fires where ``f > firing_threshold``; OpenAI's is ``1e-3``).
         kwargs: Passed to :class:`torchmetrics.Metric`.
 
     Example:
@@ -90,26 +124,41 @@ class DeadFeatures(ActivityMetric):
 
     @validate_arguments
     def __init__(
-        self, num_features: NumFeatures, num_components: NumComponents = 1, *, window: PositiveInt, **kwargs: Any
+        self,
+        num_features: NumFeatures,
+        num_components: NumComponents = 1,
+        *,
+        window: PositiveInt,
+        window_unit: WindowUnit = "items",
+        firing_threshold: FiringThreshold | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_features, num_components, **kwargs)
+        super().__init__(num_features, num_components, firing_threshold=firing_threshold, **kwargs)
         self.window = window
-        # [component, num_features + 1]: items since each feature fired, then the items seen (repeated per
-        # component). One state, so that the cross-process reduction sees both together.
+        self.window_unit = window_unit
+        # [component, num_features + 1]: items (or steps) since each feature fired, then the items (steps) seen
+        # (repeated per component). One state, so that the cross-process reduction sees both together.
         self.add_state(
             self._counter_state,
             torch.zeros(num_components, num_features + 1, dtype=torch.int64),
-            dist_reduce_fx=_reduce_counters,
+            dist_reduce_fx=_reduce_step_counters if window_unit == "steps" else _reduce_counters,
             persistent=True,
         )
         self._add_configuration_marker()
 
     def _configuration(self) -> dict[str, Any]:
-        return {**super()._configuration(), "window": self.window}
+        configuration = {**super()._configuration(), "window": self.window}
+        if self.window_unit != "items":  # absent by default: checkpoints from before the option still load
+            configuration["window_unit"] = self.window_unit
+        return configuration
 
     def _record(self, contribution: FeatureActivity) -> None:
         since, seen = self.dead_counters[:, :-1], self.dead_counters[:, -1:]
-        self.dead_counters = torch.cat([_advance(since, contribution), seen + contribution.batch_size], dim=-1)
+        if self.window_unit == "steps":  # one step per update, whatever its items (an empty one included)
+            advanced, seen = _advance_steps(since, contribution), seen + 1
+        else:
+            advanced, seen = _advance(since, contribution), seen + contribution.batch_size
+        self.dead_counters = torch.cat([advanced, seen], dim=-1)
 
     def _value(self, contribution: FeatureActivity) -> Tensor:
         """Dead features on this process after the batch (forward's value)."""
@@ -142,7 +191,23 @@ class DeadFeatures(ActivityMetric):
             return self._squeeze(self._mask())
 
     def items_since_fired(self) -> Tensor:
-        """Global items since each feature fired, int64 ``[*component, num_features]``, synced."""
+        """Global items since each feature fired, int64 ``[*component, num_features]``, synced.
+
+        With ``window_unit="steps"`` the counters are steps, not items: read :meth:`steps_since_fired`.
+        """
+        if self.window_unit != "items":
+            raise TypeError("DeadFeatures(window_unit='steps') counts steps, not items: call `steps_since_fired()`.")
+        with self._synced():
+            return self._squeeze(self.dead_counters[:, :-1].clone())
+
+    def steps_since_fired(self) -> Tensor:
+        """Global steps (updates) since each feature fired, int64 ``[*component, num_features]``, synced.
+
+        0 for a feature that fired in the latest step; the steps seen for one that never fired. Only with
+        ``window_unit="steps"``.
+        """
+        if self.window_unit != "steps":
+            raise TypeError("DeadFeatures(window_unit='items') counts items, not steps: call `items_since_fired()`.")
         with self._synced():
             return self._squeeze(self.dead_counters[:, :-1].clone())
 

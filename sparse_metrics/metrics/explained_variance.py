@@ -11,43 +11,71 @@ from sparse_metrics._batch import SaeBatch
 from sparse_metrics._config import NumComponents, PositiveInt, Reconstruction, validate_arguments
 from sparse_metrics.functional.explained_variance import (
     VarianceStatistics,
+    _batch_centred_fvu,
     _batch_fvu,
     _batch_statistics,
     _fvu_compute,
     _merge_statistics,
+    _residual_statistics,
 )
 from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, SaeMetric
 
 __all__ = ["ExplainedVariance", "FractionOfVarianceUnexplained"]
 
 
-def _pack(statistics: VarianceStatistics) -> Tensor:
-    """One row per component: ``[count, mean (d_model), M2, squared error]``, ``[component, d_model + 3]``."""
+def _pack(statistics: VarianceStatistics, residual: VarianceStatistics | None = None) -> Tensor:
+    """One row per component: ``[count, mean (d_model), M2, squared error]``, ``[component, d_model + 3]``.
+
+    With the residual's statistics (``centred_residual``), its mean and M2 follow: ``[component, 2 d_model + 4]``.
+    """
     columns = [statistics.item_count.unsqueeze(-1), statistics.mean]
     columns += [statistics.m2.unsqueeze(-1), statistics.squared_error.unsqueeze(-1)]
+    if residual is not None:
+        columns += [residual.mean, residual.m2.unsqueeze(-1)]
     return torch.cat(columns, dim=-1)
 
 
-def _unpack(packed: Tensor) -> VarianceStatistics:
-    return VarianceStatistics(packed[..., 0], packed[..., 1:-2], packed[..., -2], packed[..., -1])
+def _unpack(packed: Tensor, d_model: int) -> tuple[VarianceStatistics, VarianceStatistics | None]:
+    """The source's statistics and, in a centred-residual row, the residual's (same count, no squared error)."""
+    count = packed[..., 0]
+    source = VarianceStatistics(count, packed[..., 1 : d_model + 1], packed[..., d_model + 1], packed[..., d_model + 2])
+    if packed.shape[-1] == d_model + 3:
+        return source, None
+    residual_m2 = packed[..., -1]
+    return source, VarianceStatistics(count, packed[..., d_model + 3 : -1], residual_m2, torch.zeros_like(residual_m2))
 
 
-def _merge_processes(stacked: Tensor) -> Tensor:
-    """Packed-sync reduction of the ``[process, component, d_model + 3]`` statistics: Chan's merge in rank order.
+def _merge_packed(first: Tensor, second: Tensor, d_model: int) -> Tensor:
+    """Chan's merge of two packed rows (the residual's statistics, when kept, merged the same way)."""
+    (source_a, residual_a), (source_b, residual_b) = _unpack(first, d_model), _unpack(second, d_model)
+    source = _merge_statistics(source_a, source_b)
+    if residual_a is None or residual_b is None:
+        return _pack(source)
+    return _pack(source, _merge_statistics(residual_a, residual_b))
+
+
+class _MergeProcesses:
+    """Packed-sync reduction of the ``[process, component, width]`` statistics: Chan's merge in rank order.
 
     Every process folds the same per-process rows in the same order, so all get bitwise identical statistics; a
-    process that saw no item (count 0) is the identity.
+    process that saw no item (count 0) is the identity. A class, not a closure, so that the metric pickles.
     """
-    merged = _unpack(stacked[0])
-    for statistics in stacked[1:]:
-        merged = _merge_statistics(merged, _unpack(statistics))
-    return _pack(merged)
+
+    def __init__(self, d_model: int) -> None:
+        self.d_model = d_model
+
+    def __call__(self, stacked: Tensor) -> Tensor:
+        merged = stacked[0]
+        for statistics in stacked[1:]:
+            merged = _merge_packed(merged, statistics, self.d_model)
+        return merged
 
 
 class _VarianceContribution(NamedTuple):
-    statistics: Tensor  # packed [component, d_model + 3], detached
+    statistics: Tensor  # packed [component, d_model + 3] (or 2 d_model + 4), detached
     source: Tensor  # [batch, component, d_model]
     squared_error: Tensor  # [batch, component], differentiable
+    decoded: Tensor | None = None  # [batch, component, d_model], with centred_residual
 
 
 class FractionOfVarianceUnexplained(SaeMetric):
@@ -71,12 +99,22 @@ class FractionOfVarianceUnexplained(SaeMetric):
     parallel formula, exact for data with a large offset; processes are merged the same way, in rank order, so every
     process gets the bitwise identical result. A collection reports ``explained_variance`` (``1 - fvu``) beside it.
 
+    With ``centred_residual=True`` the residual :math:`e = \hat x - x` is centred too (dictionary_learning's
+    ``evaluate``: ``1 - sum_d Var(e_d) / sum_d Var(x_d)``, the ``n - 1`` of the unbiased variances cancelling):
+
+    .. math:: \mathrm{FVU}_c = \frac{\sum_{b,d} (e_{bcd} - \bar e_{cd})^2}{\sum_{b,d} (x_{bcd} - \bar x_{cd})^2}
+
+    so that a constant offset of the reconstruction costs nothing; one item gives NaN (0/0). The residual's
+    (mean, M2) are kept and merged as the source's are, so the value is pooled exactly over items and processes
+    (dictionary_learning averages per-batch values instead).
+
     Args:
         num_components: Number of SAEs trained side by side (the ``component`` axis).
         d_model: The width of the activations (the state's per-dimension mean has this size).
         reconstruction: The input read as the reconstruction: ``"decoded_activations"``, or
             ``"multi_topk_decoded_activations"`` for sparsify's multi-TopK FVU (the decode of the top ``4k``
             latents).
+        centred_residual: Centre the residual by its own mean (see above).
         kwargs: Passed to :class:`torchmetrics.Metric` (and ``nan_strategy``).
 
     Example:
@@ -104,24 +142,29 @@ class FractionOfVarianceUnexplained(SaeMetric):
         num_components: NumComponents = 1,
         *,
         d_model: PositiveInt,
+        centred_residual: bool = False,
         reconstruction: Reconstruction = "decoded_activations",
         **kwargs: Any,
     ) -> None:
         self.reconstruction = reconstruction  # before the base class reads the inputs' signature
         super().__init__(num_components, **kwargs)
         self.d_model = d_model
+        self.centred_residual = centred_residual
         self._state_name = f"{self._state_prefix}_statistics"
+        width = 2 * d_model + 4 if centred_residual else d_model + 3
         self.add_state(
             self._state_name,
-            torch.zeros(num_components, d_model + 3, dtype=ACCUMULATOR_DTYPE),
-            dist_reduce_fx=_merge_processes,
+            torch.zeros(num_components, width, dtype=ACCUMULATOR_DTYPE),
+            dist_reduce_fx=_MergeProcesses(d_model),
             persistent=True,
         )
         self._add_configuration_marker()
 
     def _configuration(self) -> dict[str, Any]:
         configuration = {**super()._configuration(), "d_model": self.d_model}
-        if self.reconstruction != "decoded_activations":  # older checkpoints have no such key
+        if self.centred_residual:  # absent by default: checkpoints from before the option still load
+            configuration["centred_residual"] = True
+        if self.reconstruction != "decoded_activations":  # likewise
             configuration["reconstruction"] = self.reconstruction
         return configuration
 
@@ -139,11 +182,21 @@ class FractionOfVarianceUnexplained(SaeMetric):
         source = batch.require_width("source_activations", self.d_model, "d_model", owner)
         self._check_device(batch)
         squared_error = batch.squared_error(owner, self.reconstruction)
+        dtype = self._statistics.dtype
+        if not self.centred_residual:
+            statistics = batch.memo(
+                ("variance_statistics", self.reconstruction, dtype),
+                lambda: _pack(_batch_statistics(source, squared_error, dtype)),
+            )
+            return _VarianceContribution(statistics, source, squared_error)
+        decoded = batch.require(self.reconstruction, owner)
         statistics = batch.memo(
-            ("variance_statistics", self.reconstruction, self._statistics.dtype),
-            lambda: _pack(_batch_statistics(source, squared_error, self._statistics.dtype)),
+            ("centred_variance_statistics", self.reconstruction, dtype),
+            lambda: _pack(
+                _batch_statistics(source, squared_error, dtype), _residual_statistics(source, decoded, dtype)
+            ),
         )
-        return _VarianceContribution(statistics, source, squared_error)
+        return _VarianceContribution(statistics, source, squared_error, decoded)
 
     def _finite_items(self, batch: SaeBatch, contribution: _VarianceContribution) -> Tensor | None:
         source_finite = contribution.source.detach().isfinite().flatten(1).all(dim=1)
@@ -152,19 +205,22 @@ class FractionOfVarianceUnexplained(SaeMetric):
     def _record(self, contribution: _VarianceContribution) -> None:
         if contribution.source.shape[0] == 0:
             return
-        merged = _merge_statistics(_unpack(self._statistics), _unpack(contribution.statistics))
-        setattr(self, self._state_name, _pack(merged))
+        setattr(self, self._state_name, _merge_packed(self._statistics, contribution.statistics, self.d_model))
 
     def _value(self, contribution: _VarianceContribution) -> Tensor:
         return self._squeeze(self._batch_fvu(contribution))
 
     @staticmethod
     def _batch_fvu(contribution: _VarianceContribution) -> Tensor:
+        if contribution.decoded is not None:
+            return _batch_centred_fvu(contribution.source, contribution.decoded)
         return _batch_fvu(contribution.source, contribution.squared_error)
 
     def _fvu(self) -> Tensor:
         """Pooled FVU ``[component]`` of every item in the (possibly synced) state."""
-        statistics = _unpack(self._statistics)
+        statistics, residual = _unpack(self._statistics, self.d_model)
+        if residual is not None:
+            return _fvu_compute(residual.m2, statistics.m2)
         return _fvu_compute(statistics.squared_error, statistics.m2)
 
     def _batch_mean(self, contribution: _VarianceContribution) -> Tensor:
@@ -201,9 +257,13 @@ class ExplainedVariance(FractionOfVarianceUnexplained):
     This is SAELens' ``explained_variance`` with the means over items taken inside the ratio, so it never exceeds
     1 and does not depend on how items were batched.
 
+    With ``centred_residual=True`` it is dictionary_learning's ``frac_variance_explained``,
+    ``1 - sum_d Var(e_d) / sum_d Var(x_d)``, pooled over every item.
+
     Args:
         num_components: Number of SAEs trained side by side (the ``component`` axis).
         d_model: The width of the activations.
+        centred_residual: Centre the residual by its own mean (see :class:`FractionOfVarianceUnexplained`).
         kwargs: Passed to :class:`torchmetrics.Metric` (and ``nan_strategy``).
 
     Example:

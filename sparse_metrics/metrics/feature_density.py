@@ -7,10 +7,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from sparse_metrics._config import NumComponents, NumFeatures, validate_arguments
+from sparse_metrics._config import FiringThreshold, NumComponents, NumFeatures, validate_arguments
 from sparse_metrics.functional.feature_density import (
+    DENSITY_BANDS,
     DENSITY_EPSILON,
     FeatureActivity,
+    _density_band_fraction,
     _density_compute,
     _mean_log10,
 )
@@ -35,9 +37,16 @@ class FeatureDensity(ActivityMetric):
     histogram of log10 densities. Counts are int64 and summed across processes, so the density is exact; they are
     saved in ``state_dict``.
 
+    A feature fires where it is non-zero (``firing_threshold=None``, SAELens' ``f.bool()``), or, with
+    ``firing_threshold=t``, where ``f > t`` (OpenAI counts a latent as fired above ``1e-3``; ``t = 0`` is saev's
+    ``f > 0``). :meth:`density_bands` gives the fractions of features above ``1e-1`` and ``1e-2``, below ``1e-5``
+    and ``1e-6``, and never fired; a collection reports each as a key of its own.
+
     Args:
         num_features: The dictionary size ``d_sae``.
         num_components: Number of SAEs trained side by side (the ``component`` axis).
+        firing_threshold: ``None`` (default: a feature fires where it is non-zero) or a finite number ``>= 0``
+            (it fires where ``f > firing_threshold``).
         kwargs: Passed to :class:`torchmetrics.Metric` (and ``nan_strategy``).
 
     Example:
@@ -65,8 +74,15 @@ class FeatureDensity(ActivityMetric):
     density_item_count: Tensor
 
     @validate_arguments
-    def __init__(self, num_features: NumFeatures, num_components: NumComponents = 1, **kwargs: Any) -> None:
-        super().__init__(num_features, num_components, **kwargs)
+    def __init__(
+        self,
+        num_features: NumFeatures,
+        num_components: NumComponents = 1,
+        *,
+        firing_threshold: FiringThreshold | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_features, num_components, firing_threshold=firing_threshold, **kwargs)
         self.add_state(
             self._fire_count_state,
             torch.zeros(num_components, num_features, dtype=torch.int64),
@@ -90,18 +106,34 @@ class FeatureDensity(ActivityMetric):
         return _density_compute(activity.fire_count, count, self._density_dtype)
 
     def _derived_outputs(self) -> dict[str, bool | None]:
-        """``mean_log10_feature_density``: the per-component mean of ``log10(density + 1e-10)``."""
-        return {"mean_log10_feature_density": None}
+        """``mean_log10_feature_density`` and the density bands (fractions of the features, see ``DENSITY_BANDS``)."""
+        return {"mean_log10_feature_density": None, **dict.fromkeys(DENSITY_BANDS)}
 
     def _derived_value(self, name: str, contribution: FeatureActivity) -> Tensor:
-        if name != "mean_log10_feature_density":
-            raise KeyError(name)
-        return self._squeeze(_mean_log10(self._batch_density(contribution), DENSITY_EPSILON))
+        if name == "mean_log10_feature_density":
+            return self._squeeze(_mean_log10(self._batch_density(contribution), DENSITY_EPSILON))
+        if name in DENSITY_BANDS:
+            return self._squeeze(_density_band_fraction(self._batch_density(contribution), name))
+        raise KeyError(name)
 
     def _derived_compute(self, name: str) -> Tensor:
-        if name != "mean_log10_feature_density":
-            raise KeyError(name)
-        return self.mean_log10_density()
+        if name == "mean_log10_feature_density":
+            return self.mean_log10_density()
+        if name in DENSITY_BANDS:
+            return self.density_bands()[name]
+        raise KeyError(name)
+
+    def density_bands(self) -> dict[str, Tensor]:
+        """The fraction of features in each density band, by name (``DENSITY_BANDS``), ``[*component]``, synced.
+
+        ``feature_density_above_1e-1`` and ``..._above_1e-2`` count ``density > t``; ``..._below_1e-5`` and
+        ``..._below_1e-6`` count ``density < t`` (strict comparisons, as SAELens and lm_saes log them, but as
+        fractions of ``num_features`` rather than counts); ``feature_density_never_fired`` counts ``density == 0``.
+        NaN before any item.
+        """
+        with self._synced():
+            density = self._density()
+            return {name: self._squeeze(_density_band_fraction(density, name)) for name in DENSITY_BANDS}
 
     def _density(self) -> Tensor:
         return _density_compute(self.density_fire_count, self.density_item_count, self._density_dtype)

@@ -1,0 +1,196 @@
+"""The activity options (``firing_threshold``, ``window_unit="steps"``), the density bands and the centred-residual
+FVU: their own behaviour, errors and the collection keywords that pass them through.
+
+The generic checks (uneven and empty batches, forward, checkpoints, nan_strategy, two gloo ranks) run on their
+registry cases in ``tests/tester.py`` (``feature_density_threshold``, ``dead_features_threshold``,
+``dead_features_steps``, ``fvu_centred``, ``explained_variance_centred``); the peers' conventions are in
+``tests/test_conventions.py``.
+"""
+
+import pydantic
+import pytest
+import torch
+
+import sparse_metrics as sm
+from sparse_metrics.functional import (
+    dead_feature_mask,
+    explained_variance,
+    feature_density,
+    fraction_of_variance_unexplained,
+    items_since_fired,
+)
+from tests import reference, tester
+
+D_SAE = tester.D_SAE
+
+
+def _steps(sizes=(5, 3, 0, 4), components=2, seed=3):
+    return tester.batches(list(sizes), components, seed=seed)
+
+
+# --- firing_threshold -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: sm.FeatureDensity(D_SAE, firing_threshold=t),
+        lambda t: sm.DeadFeatures(D_SAE, window=2, firing_threshold=t),
+    ],
+)
+@pytest.mark.parametrize("bad", [-0.1, float("inf"), float("nan"), "0.1", True])
+def test_a_bad_firing_threshold_is_refused_at_construction(make, bad):
+    with pytest.raises(pydantic.ValidationError, match="firing_threshold"):
+        make(bad)
+
+
+def test_the_functional_twins_take_the_threshold_and_refuse_a_bad_one():
+    f = torch.tensor([[0.5, 2e-3, 1e-3, -1.0], [0.0, 0.0, 5e-4, 0.0]])
+    torch.testing.assert_close(feature_density(f), torch.tensor([0.5, 0.5, 1.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(
+        feature_density(f, firing_threshold=1e-3), torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=torch.float64)
+    )
+    assert torch.equal(items_since_fired(f, firing_threshold=1e-3), torch.tensor([1, 1, 2, 2]))
+    assert torch.equal(dead_feature_mask(f, 2, firing_threshold=0.0), torch.tensor([False, False, False, True]))
+    with pytest.raises(ValueError, match="firing_threshold"):
+        feature_density(f, firing_threshold=-1.0)
+    with pytest.raises(TypeError, match="firing_threshold"):
+        items_since_fired(f, firing_threshold="1")
+
+
+def test_members_with_different_thresholds_share_no_mask_and_l0_counts_nonzero():
+    steps = _steps()
+    loss_fn = sm.SparseAutoencoderLoss(
+        2, feature_density=True, dead_feature_window=tester.WINDOW, num_features=D_SAE, firing_threshold=0.5
+    )
+    loss_fn.add_metrics(
+        {
+            "density_nonzero": sm.FeatureDensity(D_SAE, 2),
+            "density_high": sm.FeatureDensity(D_SAE, 2, firing_threshold=1.0),
+        }
+    )
+    for step in steps:
+        loss_fn.update(**step)
+    out = loss_fn.compute()
+    learned = torch.cat([step["learned_activations"] for step in steps])
+    streams = [learned]
+    torch.testing.assert_close(out["feature_density"], reference.feature_density(learned, 0.5))
+    torch.testing.assert_close(out["density_nonzero"], reference.feature_density(learned))
+    torch.testing.assert_close(out["density_high"], reference.feature_density(learned, 1.0))
+    assert not torch.equal(out["feature_density"], out["density_nonzero"])
+    assert not torch.equal(out["feature_density"], out["density_high"])
+    torch.testing.assert_close(out["l0"], reference.per_item_l0(learned).mean(0))  # f != 0, not f > 0.5
+    since = reference.lockstep_items_since_fired(streams, 0.5)
+    assert torch.equal(out["dead_features"], (since >= tester.WINDOW).sum(-1))
+
+
+def test_a_threshold_is_part_of_the_configuration():
+    metric = sm.FeatureDensity(D_SAE, firing_threshold=0.5)
+    metric.update(learned_activations=torch.ones(2, D_SAE))
+    with pytest.raises(ValueError, match="firing_threshold"):
+        sm.FeatureDensity(D_SAE).load_state_dict(metric.state_dict())
+    restored = sm.FeatureDensity(D_SAE, firing_threshold=0.5)
+    restored.load_state_dict(metric.state_dict())
+    assert torch.equal(restored.density_fire_count, metric.density_fire_count)
+
+
+# --- steps ----------------------------------------------------------------------------------------------------------
+
+
+def test_the_window_unit_is_validated_and_the_counters_are_read_in_their_unit():
+    with pytest.raises(pydantic.ValidationError, match="window_unit"):
+        sm.DeadFeatures(D_SAE, window=2, window_unit="tokens")
+    steps = sm.DeadFeatures(D_SAE, window=2, window_unit="steps")
+    items = sm.DeadFeatures(D_SAE, window=2)
+    with pytest.raises(TypeError, match="steps_since_fired"):
+        steps.items_since_fired()
+    with pytest.raises(TypeError, match="items_since_fired"):
+        items.steps_since_fired()
+    with pytest.raises(ValueError, match="window_unit"):
+        steps.load_state_dict(items.state_dict())
+
+
+def test_a_step_is_an_update_whatever_its_items():
+    metric = sm.DeadFeatures(3, window=2, window_unit="steps")
+    metric.update(learned_activations=torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert torch.equal(metric.steps_since_fired(), torch.tensor([0, 1, 1]))
+    metric.update(learned_activations=torch.zeros(0, 3))  # an empty step still counts
+    assert torch.equal(metric.steps_since_fired(), torch.tensor([1, 2, 2]))
+    assert torch.equal(metric.dead_mask(), torch.tensor([False, True, True]))
+    metric.update(learned_activations=torch.tensor([[0.0, 3.0, 0.0]]))
+    assert torch.equal(metric.steps_since_fired(), torch.tensor([2, 0, 3]))
+    assert metric.compute() == 2
+
+
+def test_the_collection_passes_the_window_unit():
+    steps = _steps()
+    loss_fn = sm.SparseAutoencoderLoss(
+        2, dead_feature_window=tester.WINDOW_STEPS, dead_feature_window_unit="steps", num_features=D_SAE
+    )
+    for step in steps:
+        loss_fn.update(**step)
+    since = reference.lockstep_steps_since_fired([[step["learned_activations"] for step in steps]])
+    assert torch.equal(loss_fn.compute()["dead_features"], (since >= tester.WINDOW_STEPS).sum(-1))
+    with pytest.raises(pydantic.ValidationError, match="dead_feature_window_unit"):
+        sm.SparseAutoencoderLoss(dead_feature_window=2, num_features=D_SAE, dead_feature_window_unit="epochs")
+
+
+# --- density bands --------------------------------------------------------------------------------------------------
+
+
+def test_density_bands_forward_is_the_batch_and_compute_every_item():
+    loss_fn = sm.SparseAutoencoderLoss(2, feature_density=True, num_features=D_SAE)
+    steps = _steps((6, 4))
+    first = loss_fn(**steps[0])
+    loss_fn.update(**steps[1])
+    out = loss_fn.compute()
+    for name, value in reference.density_bands(reference.feature_density(steps[0]["learned_activations"])).items():
+        torch.testing.assert_close(first[name], value)
+    every = torch.cat([step["learned_activations"] for step in steps])
+    for name, value in reference.density_bands(reference.feature_density(every)).items():
+        torch.testing.assert_close(out[name], value)
+    assert {"feature_density_above_1e-1/0", "feature_density_never_fired/1"} <= set(loss_fn.loggable(out))
+
+
+def test_density_bands_of_no_item_are_nan():
+    bands = sm.FeatureDensity(D_SAE).density_bands()
+    assert all(value.isnan() for value in bands.values())
+
+
+# --- centred residual -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("explained", [False, True])
+def test_the_centred_residual_value_and_gradients_equal_the_formula(explained, generator):
+    x = torch.randn(7, 2, 4, generator=generator, dtype=torch.float64)
+    x_hat = (x + 0.3 * torch.randn(7, 2, 4, generator=generator, dtype=torch.float64) + 2.0).requires_grad_()
+    theirs = x_hat.detach().clone().requires_grad_()
+    function = explained_variance if explained else fraction_of_variance_unexplained
+    ours = function(x_hat, x, centred_residual=True)
+    fvu = reference.centred_fvu(theirs, x)
+    expected = 1 - fvu if explained else fvu
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    ours.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(x_hat.grad, theirs.grad, rtol=1e-12, atol=1e-12)
+    # The offset of 2 costs nothing here; the plain FVU counts it.
+    assert (function(x_hat, x) - ours).abs().min() > 1
+    with pytest.raises(TypeError, match="centred_residual"):
+        function(x_hat, x, centred_residual=1)
+
+
+def test_the_collection_passes_centred_residual():
+    steps = _steps((5, 3))
+    loss_fn = sm.SparseAutoencoderLoss(
+        2, explained_variance=True, d_model=tester.D_MODEL, explained_variance_centred_residual=True
+    )
+    for step in steps:
+        loss_fn.update(**{**step, "decoded_activations": step["decoded_activations"] + 1.0})
+    every = tester.concatenated(steps)
+    fvu = reference.centred_fvu(every["decoded_activations"] + 1.0, every["source_activations"])
+    out = loss_fn.compute()
+    torch.testing.assert_close(out["fvu"], fvu)
+    torch.testing.assert_close(out["explained_variance"], 1 - fvu)
+    plain = sm.FractionOfVarianceUnexplained(2, d_model=tester.D_MODEL)
+    with pytest.raises(ValueError, match="configured differently"):  # a wider state: the residual's statistics
+        plain.load_state_dict(loss_fn["fvu"].state_dict())
