@@ -26,6 +26,11 @@ __all__ = ["NormalizedMSE", "ReconstructionCosineSimilarity", "ReconstructionNor
 _RECONSTRUCTION_INPUTS = ("decoded_activations", "source_activations")
 
 
+def _finite_inputs(batch: SaeBatch, owner: str) -> Tensor:
+    """``[batch]``: the items whose source and reconstruction are finite (an infinite source gives a finite ratio 0)."""
+    return batch.finite_items("source_activations", owner) & batch.finite_items("decoded_activations", owner)
+
+
 class _ReconstructionItemMean(ItemMeanMetric):
     """An item mean of a per-item function of ``x`` and ``x_hat``; both inputs are required."""
 
@@ -40,6 +45,10 @@ class _ReconstructionItemMean(ItemMeanMetric):
         owner = type(self).__name__
         batch.require("decoded_activations", owner)  # both are needed: name the missing one first as update lists it
         return batch.item_norm("source_activations", owner), batch.item_norm("decoded_activations", owner)
+
+    def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:
+        finite = contribution.detach().isfinite().flatten(1).all(dim=1)
+        return finite & _finite_inputs(batch, type(self).__name__)
 
 
 class ReconstructionCosineSimilarity(_ReconstructionItemMean):
@@ -210,7 +219,7 @@ class RelativeReconstructionBias(SaeMetric):
         return _relative_reconstruction_bias_sums(decoded_norm, inner)
 
     def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:
-        return contribution.detach().isfinite().flatten(1).all(dim=1)
+        return contribution.detach().isfinite().flatten(1).all(dim=1) & _finite_inputs(batch, type(self).__name__)
 
     def _record(self, contribution: Tensor) -> None:
         if contribution.shape[0] == 0:
