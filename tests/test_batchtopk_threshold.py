@@ -242,3 +242,13 @@ def test_two_ranks_hold_the_threshold_of_the_global_batch():
         for step, (a, b) in enumerate(zip(_rank_batches(0), _rank_batches(1), strict=True)):
             single.update(torch.cat([a, b]))  # one process fed each step's global batch
             assert torch.equal(first[convention][step], single.compute()), (convention, step)
+
+
+def test_updates_never_read_tensor_values():
+    """On the meta device reading a value raises: an update (with or without step=) needs no host synchronisation."""
+    for convention in RULES:
+        metric = sm.BatchTopKThreshold(2, convention=convention).to("meta")
+        metric.update(torch.empty(4, 2, 10, device="meta"))
+        metric(torch.empty(3, 2, 10, device="meta"), step=7)
+        metric.update(torch.empty(0, 2, 10, device="meta"))
+        assert metric.batchtopk_threshold.device.type == "meta"

@@ -195,3 +195,17 @@ def test_bad_inputs_raise_naming_the_argument():
             cls().update(decoded_activations=x_hat)
     with pytest.raises(ValueError, match="num_components"):
         sm.ReconstructionNormRatio(0)
+
+
+def test_updates_never_read_tensor_values():
+    """On the meta device reading a value raises: accumulating needs no host synchronisation."""
+    for cls in (
+        sm.ReconstructionCosineSimilarity,
+        sm.ReconstructionNormRatio,
+        sm.RelativeReconstructionBias,
+        sm.NormalizedMSE,
+    ):
+        metric = cls(2).to("meta")
+        for _ in range(2):
+            metric.update(torch.empty(4, 2, 3, device="meta"), torch.empty(4, 2, 3, device="meta"))
+        metric(torch.empty(4, 2, 3, device="meta"), torch.empty(4, 2, 3, device="meta"))
