@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from sparse_metrics.collection import SparseAutoencoderLoss
 from sparse_metrics.metrics import (
+    BatchTopKThreshold,
     DeadFeatures,
     DerivedOutput,
     ExplainedVariance,
@@ -13,6 +14,10 @@ from sparse_metrics.metrics import (
     L1AbsoluteLoss,
     L2ReconstructionLoss,
     MatryoshkaReconstructionLoss,
+    NormalizedMSE,
+    ReconstructionCosineSimilarity,
+    ReconstructionNormRatio,
+    RelativeReconstructionBias,
     SparsityLoss,
     TotalLoss,
 )
@@ -23,6 +28,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "BatchTopKThreshold",
     "DeadFeatures",
     "DerivedOutput",
     "ExplainedVariance",
@@ -32,6 +38,10 @@ __all__ = [
     "L1AbsoluteLoss",
     "L2ReconstructionLoss",
     "MatryoshkaReconstructionLoss",
+    "NormalizedMSE",
+    "ReconstructionCosineSimilarity",
+    "ReconstructionNormRatio",
+    "RelativeReconstructionBias",
     "SparseAutoencoderLoss",
     "SparsityLoss",
     "TotalLoss",

@@ -31,6 +31,7 @@ from sparse_metrics.functional.feature_density import FeatureActivity, _active_m
 from sparse_metrics.functional.l0_norm import _count_active
 from sparse_metrics.functional.l1_absolute import _absolute_sum
 from sparse_metrics.functional.l2_reconstruction import _squared_error_sum
+from sparse_metrics.functional.reconstruction_quality import _inner_product, _item_norm
 from sparse_metrics.functional.sparsity import _decoder_row_norms
 
 if TYPE_CHECKING:
@@ -303,6 +304,20 @@ class SaeBatch:
             return self.memo(("squared_error", reconstruction), lambda: _squared_error_sum(decoded, source))
         self._compiled_loss_statistics(owner)
         return self.memo("squared_error", lambda: _squared_error_sum(decoded, source))
+
+    def item_norm(self, name: str, owner: str) -> Tensor:
+        """Per-item L2 norm of input ``name`` (the source or the reconstruction), ``[batch, component]``, float32/64.
+
+        Differentiable, with gradient 0 at a zero vector (as ``torch.norm``).
+        """
+        values = self.require(name, owner)
+        return self.memo(("item_norm", name), lambda: _item_norm(values))
+
+    def inner_product(self, owner: str) -> Tensor:
+        """Per-item ``<source, decoded>`` over ``d_model``, ``[batch, component]``, differentiable, float32/64."""
+        decoded = self.require("decoded_activations", owner)
+        source = self.require("source_activations", owner)
+        return self.memo("inner_product", lambda: _inner_product(decoded, source))
 
     def l0(self, owner: str) -> Tensor:
         """Per-item number of non-zero features, ``[batch, component]`` (float32/64, no graph)."""

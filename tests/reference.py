@@ -15,6 +15,31 @@ def per_item_l2(decoded: Tensor, source: Tensor, feature_reduction: str = "mean"
     return squared.mean(-1) if feature_reduction == "mean" else squared.sum(-1)
 
 
+def per_item_cosine_similarity(decoded: Tensor, source: Tensor) -> Tensor:
+    """cos(x, x_hat) per item, float64, no epsilon (SAELens and dictionary_learning: x / ||x|| . x_hat / ||x_hat||)."""
+    x, x_hat = source.double(), decoded.double()
+    return ((x / x.norm(dim=-1, keepdim=True)) * (x_hat / x_hat.norm(dim=-1, keepdim=True))).sum(-1)
+
+
+def per_item_norm_ratio(decoded: Tensor, source: Tensor) -> Tensor:
+    """||x_hat|| / ||x|| per item, float64, a source norm below 1e-4 replaced by 1 (SAELens' l2_ratio)."""
+    norm = source.double().norm(dim=-1)
+    guarded = torch.where(norm < 1e-4, torch.ones_like(norm), norm)
+    return decoded.double().norm(dim=-1) / guarded
+
+
+def per_item_normalized_mse(decoded: Tensor, source: Tensor) -> Tensor:
+    """OpenAI's normalised MSE per item, float64: mean_d (x_hat - x)^2 / mean_d x^2."""
+    x, x_hat = source.double(), decoded.double()
+    return ((x_hat - x) ** 2).mean(-1) / (x**2).mean(-1)
+
+
+def relative_reconstruction_bias(decoded: Tensor, source: Tensor) -> Tensor:
+    """The Gated SAE paper's gamma over every item, float64: mean_b ||x_hat||^2 / mean_b <x, x_hat>, [component]."""
+    x, x_hat = source.double(), decoded.double()
+    return (x_hat.norm(dim=-1) ** 2).mean(0) / (x * x_hat).sum(-1).mean(0)
+
+
 def per_item_l1(learned: Tensor) -> Tensor:
     return learned.double().abs().sum(-1)
 

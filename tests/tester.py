@@ -159,6 +159,17 @@ def matryoshka_prefixes(prefix_sizes: Sequence[int], feature_reduction: str, reu
     )
 
 
+def quality(formula: Callable[[Tensor, Tensor], Tensor]) -> PerItem:
+    """A per-item reconstruction-quality formula of ``reference`` on a step."""
+    return lambda b: formula(b["decoded_activations"], b["source_activations"])
+
+
+def _relative_reconstruction_bias(ranks: Ranks, keep_batch_dim: bool) -> dict[str, Tensor]:
+    every = concatenated(_all_items(ranks))
+    bias = reference.relative_reconstruction_bias(every["decoded_activations"], every["source_activations"])
+    return {"value": _squeeze(bias, 0)}
+
+
 def _weights(prefix_sizes: Sequence[int], prefix_weights: Sequence[float] | None) -> Tensor:
     return torch.tensor(prefix_weights or [1 / len(prefix_sizes)] * len(prefix_sizes), dtype=torch.float64)
 
@@ -459,6 +470,28 @@ _CASES = [
         _fvu(explained=True, centred=True),
         _RECONSTRUCTION,
     ),
+    Case(
+        "cosine_similarity",
+        sm.ReconstructionCosineSimilarity,
+        _item_mean(quality(reference.per_item_cosine_similarity)),
+        _RECONSTRUCTION,
+        keep_batch_dim=True,
+    ),
+    Case(
+        "norm_ratio",
+        sm.ReconstructionNormRatio,
+        _item_mean(quality(reference.per_item_norm_ratio)),
+        _RECONSTRUCTION,
+        keep_batch_dim=True,
+    ),
+    Case(
+        "normalized_mse",
+        sm.NormalizedMSE,
+        _item_mean(quality(reference.per_item_normalized_mse)),
+        _RECONSTRUCTION,
+        keep_batch_dim=True,
+    ),
+    Case("relative_reconstruction_bias", sm.RelativeReconstructionBias, _relative_reconstruction_bias, _RECONSTRUCTION),
     Case(
         "collection",
         lambda c, **kw: sm.SparseAutoencoderLoss(c, 0.2, **kw),

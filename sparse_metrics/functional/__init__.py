@@ -4,6 +4,7 @@ The metric classes in :mod:`sparse_metrics` accumulate what these functions comp
 state across batches or processes is wanted.
 """
 
+from sparse_metrics.functional.batchtopk_threshold import batchtopk_threshold
 from sparse_metrics.functional.dead_features import dead_feature_mask, items_since_fired
 from sparse_metrics.functional.explained_variance import explained_variance, fraction_of_variance_unexplained
 from sparse_metrics.functional.feature_density import DENSITY_EPSILON, feature_density, mean_log10_feature_density
@@ -15,10 +16,17 @@ from sparse_metrics.functional.matryoshka import (
     matryoshka_prefix_reconstructions,
     matryoshka_reconstruction_loss,
 )
+from sparse_metrics.functional.reconstruction_quality import (
+    normalized_mse,
+    reconstruction_cosine_similarity,
+    reconstruction_norm_ratio,
+    relative_reconstruction_bias,
+)
 from sparse_metrics.functional.sparsity import sparsity_loss
 
 __all__ = [
     "DENSITY_EPSILON",
+    "batchtopk_threshold",
     "dead_feature_mask",
     "explained_variance",
     "feature_density",
@@ -31,5 +39,9 @@ __all__ = [
     "matryoshka_prefix_reconstructions",
     "matryoshka_reconstruction_loss",
     "mean_log10_feature_density",
+    "normalized_mse",
+    "reconstruction_cosine_similarity",
+    "reconstruction_norm_ratio",
+    "relative_reconstruction_bias",
     "sparsity_loss",
 ]

@@ -1,6 +1,7 @@
 """The metric classes (state and validation); the math they accumulate lives in :mod:`sparse_metrics.functional`."""
 
 from sparse_metrics.metrics._base import DerivedOutput
+from sparse_metrics.metrics.batchtopk_threshold import BatchTopKThreshold
 from sparse_metrics.metrics.dead_features import DeadFeatures
 from sparse_metrics.metrics.explained_variance import ExplainedVariance, FractionOfVarianceUnexplained
 from sparse_metrics.metrics.feature_density import FeatureDensity
@@ -8,10 +9,17 @@ from sparse_metrics.metrics.l0_norm import L0NormMetric
 from sparse_metrics.metrics.l1_absolute import L1AbsoluteLoss
 from sparse_metrics.metrics.l2_reconstruction import L2ReconstructionLoss
 from sparse_metrics.metrics.matryoshka import MatryoshkaReconstructionLoss
+from sparse_metrics.metrics.reconstruction_quality import (
+    NormalizedMSE,
+    ReconstructionCosineSimilarity,
+    ReconstructionNormRatio,
+    RelativeReconstructionBias,
+)
 from sparse_metrics.metrics.sparsity import SparsityLoss
 from sparse_metrics.metrics.total_loss import TotalLoss
 
 __all__ = [
+    "BatchTopKThreshold",
     "DeadFeatures",
     "DerivedOutput",
     "ExplainedVariance",
@@ -21,6 +29,10 @@ __all__ = [
     "L1AbsoluteLoss",
     "L2ReconstructionLoss",
     "MatryoshkaReconstructionLoss",
+    "NormalizedMSE",
+    "ReconstructionCosineSimilarity",
+    "ReconstructionNormRatio",
+    "RelativeReconstructionBias",
     "SparsityLoss",
     "TotalLoss",
 ]
