@@ -178,8 +178,11 @@ def pre_activation(dead_only: bool = True, decoder_norm_weighting: bool = True) 
 
 
 def lp_sparsity(coefficient: float, p: float, root: bool, decoder_norm_weighting: bool) -> PerItem:
-    return lambda b: coefficient * reference.per_item_lp(
-        b["learned_activations"], b["decoder_weight"] if decoder_norm_weighting else None, p, root
+    return lambda b: (
+        coefficient
+        * reference.per_item_lp(
+            b["learned_activations"], b["decoder_weight"] if decoder_norm_weighting else None, p, root
+        )
     )
 
 
@@ -410,7 +413,7 @@ _CASES = [
     ),
     Case(
         "jumprelu_l0",
-        lambda c, **kw: sm.JumpReLUL0Loss(c, **kw),
+        sm.JumpReLUL0Loss,
         _item_mean(jumprelu_l0(0.05)),
         JUMPRELU_INPUTS,
         keep_batch_dim=True,
@@ -444,7 +447,7 @@ _CASES = [
     ),
     Case(
         "pre_activation",
-        lambda c, **kw: sm.PreActivationLoss(c, **kw),
+        sm.PreActivationLoss,
         _item_mean(pre_activation()),
         ("pre_activations", "threshold", "decoder_weight", "dead_mask"),
         keep_batch_dim=True,
