@@ -8,7 +8,9 @@ a bandwidth (where dictionary_learning's step on ``f`` and SAELens' step on ``h`
 absolute value in the tanh penalty) and decoder rows whose norms are not 1.
 """
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -434,3 +436,10 @@ def test_total_loss_sums_the_jumprelu_terms():
     l0 = (every_h > theta).double().sum(-1)
     pre = (torch.clamp(theta - every_h, min=0) * w.norm(dim=-1)).sum(-1)
     torch.testing.assert_close(total.compute(), (l0.mean() / 4.0 - 1) ** 2 + 0.5 * pre.mean())
+
+
+def test_the_conventions_page_names_tests_of_this_module():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "conventions.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`test_jumprelu\.py::(test_[a-z0-9_]+)`", page))
+    assert named, "the JumpReLU rows name their tests"
+    assert named <= {name for name in globals() if name.startswith("test_")}
