@@ -438,6 +438,8 @@ COUNTING = {
     "dead_features_threshold",
     "dead_features_steps",
 }
+#: The JumpReLU L0 counts pre-activations above threshold: a NaN one is not above, the value stays finite.
+COUNTING |= {"jumprelu_l0", "jumprelu_l0_ste_to_input_quadratic", "jumprelu_l0_dictionary_learning_target"}
 
 
 def _poisoned(step: tester.Batch, name: str, *, infinite: bool = True) -> tester.Batch:

@@ -8,6 +8,7 @@ from sparse_metrics.functional.batchtopk_threshold import batchtopk_threshold
 from sparse_metrics.functional.dead_features import dead_feature_mask, items_since_fired
 from sparse_metrics.functional.explained_variance import explained_variance, fraction_of_variance_unexplained
 from sparse_metrics.functional.feature_density import DENSITY_EPSILON, feature_density, mean_log10_feature_density
+from sparse_metrics.functional.jumprelu_l0 import jumprelu_l0_loss
 from sparse_metrics.functional.l0_norm import l0_norm
 from sparse_metrics.functional.l1_absolute import l1_absolute_loss
 from sparse_metrics.functional.l2_reconstruction import l2_reconstruction_loss
@@ -16,6 +17,7 @@ from sparse_metrics.functional.matryoshka import (
     matryoshka_prefix_reconstructions,
     matryoshka_reconstruction_loss,
 )
+from sparse_metrics.functional.pre_activation import pre_activation_loss
 from sparse_metrics.functional.reconstruction_quality import (
     normalized_mse,
     reconstruction_cosine_similarity,
@@ -23,6 +25,7 @@ from sparse_metrics.functional.reconstruction_quality import (
     relative_reconstruction_bias,
 )
 from sparse_metrics.functional.sparsity import sparsity_loss
+from sparse_metrics.functional.tanh_sparsity import tanh_sparsity_loss
 
 __all__ = [
     "DENSITY_EPSILON",
@@ -32,6 +35,7 @@ __all__ = [
     "feature_density",
     "fraction_of_variance_unexplained",
     "items_since_fired",
+    "jumprelu_l0_loss",
     "l0_norm",
     "l1_absolute_loss",
     "l2_reconstruction_loss",
@@ -40,8 +44,10 @@ __all__ = [
     "matryoshka_reconstruction_loss",
     "mean_log10_feature_density",
     "normalized_mse",
+    "pre_activation_loss",
     "reconstruction_cosine_similarity",
     "reconstruction_norm_ratio",
     "relative_reconstruction_bias",
     "sparsity_loss",
+    "tanh_sparsity_loss",
 ]
