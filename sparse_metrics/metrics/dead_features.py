@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
 
 from sparse_metrics._config import NumComponents, NumFeatures, PositiveInt, validate_arguments
+from sparse_metrics._distributed import NO_KEY, Reduction
 from sparse_metrics.functional.dead_features import _advance, _combine_processes, _dead_compute
 from sparse_metrics.functional.feature_density import FeatureActivity
 from sparse_metrics.metrics._activity import ActivityMetric
@@ -15,11 +16,31 @@ from sparse_metrics.metrics._activity import ActivityMetric
 __all__ = ["DeadFeatures"]
 
 
-def _reduce_counters(stacked: Tensor) -> Tensor:
-    """Packed-sync reduction of the ``[process, component, num_features + 1]`` counters (lockstep rule)."""
-    since, seen = stacked[..., :-1], stacked[..., -1:]
-    combined = _combine_processes(since, seen.expand_as(since))
-    return torch.cat([combined, seen.sum(dim=0)], dim=-1)
+class _LockstepCounters(Reduction):
+    """Cross-process reduction of the ``[component, num_features + 1]`` counters (the lockstep rule), in two stages.
+
+    Max stage: the most recent firing anywhere, the minimum of the counts of the processes where the feature fired
+    (the maximum of their complements; a process where it never fired adds the identity). Sum stage: each process's
+    items since then, ``min(most_recent, items_seen)``, and its items seen. Exact int64, and equal to
+    :func:`~sparse_metrics.functional.dead_features._combine_processes` on the stacked counters (``__call__``).
+    """
+
+    def max_part(self, local: Tensor) -> Tensor:
+        since, seen = local[..., :-1], local[..., -1:]
+        return torch.where(since < seen, ~since, NO_KEY)
+
+    def sum_part(self, local: Tensor, maxed: Tensor | None) -> Tensor:
+        most_recent = ~cast(Tensor, maxed)  # the identity's complement is int64's max: never fired anywhere
+        seen = local[..., -1:]
+        return torch.cat([torch.minimum(most_recent, seen), seen], dim=-1)
+
+    def finish(self, local: Tensor, maxed: Tensor | None, summed: Tensor | None) -> Tensor:
+        return cast(Tensor, summed)
+
+    def __call__(self, stacked: Tensor) -> Tensor:
+        since, seen = stacked[..., :-1], stacked[..., -1:]
+        combined = _combine_processes(since, seen.expand_as(since))
+        return torch.cat([combined, seen.sum(dim=0)], dim=-1)
 
 
 class DeadFeatures(ActivityMetric):
@@ -99,7 +120,7 @@ class DeadFeatures(ActivityMetric):
         self.add_state(
             self._counter_state,
             torch.zeros(num_components, num_features + 1, dtype=torch.int64),
-            dist_reduce_fx=_reduce_counters,
+            dist_reduce_fx=_LockstepCounters(),
             persistent=True,
         )
         self._add_configuration_marker()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
 from torch import Tensor
 
 from sparse_metrics._batch import SaeBatch
 from sparse_metrics._config import NumComponents, PositiveInt, validate_arguments
+from sparse_metrics._distributed import NO_KEY, Reduction, from_order_key, order_key
 from sparse_metrics.functional.explained_variance import (
     VarianceStatistics,
     _batch_fvu,
@@ -32,16 +33,46 @@ def _unpack(packed: Tensor) -> VarianceStatistics:
     return VarianceStatistics(packed[..., 0], packed[..., 1:-2], packed[..., -2], packed[..., -1])
 
 
-def _merge_processes(stacked: Tensor) -> Tensor:
-    """Packed-sync reduction of the ``[process, component, d_model + 3]`` statistics: Chan's merge in rank order.
+class _ChanMerge(Reduction):
+    r"""Cross-process reduction of the ``[component, d_model + 3]`` statistics, exact at any offset, in two stages.
 
-    Every process folds the same per-process rows in the same order, so all get bitwise identical statistics; a
-    process that saw no item (count 0) is the identity.
+    Max stage: a shift :math:`c`, per dimension the largest mean of the processes that saw items (0 if none did).
+    Sum stage: each process's statistics about :math:`c`, :math:`n_r`, :math:`n_r \delta_r` and
+    :math:`M_{2,r} + n_r \lVert\delta_r\rVert^2` with :math:`\delta_r = \bar x_r - c`, and its squared error. Then
+    :math:`\bar x = c + \sum_r n_r \delta_r / n` and
+    :math:`M_2 = \sum_r (M_{2,r} + n_r \lVert\delta_r\rVert^2) - \lVert\sum_r n_r \delta_r\rVert^2 / n`: an offset
+    common to all items cancels in :math:`\delta_r` exactly, as in Chan's merge, and with one process that saw items
+    its statistics come back unchanged. ``__call__`` is Chan's merge of stacked statistics in rank order.
     """
-    merged = _unpack(stacked[0])
-    for statistics in stacked[1:]:
-        merged = _merge_statistics(merged, _unpack(statistics))
-    return _pack(merged)
+
+    def max_part(self, local: Tensor) -> Tensor:
+        statistics = _unpack(local)
+        return torch.where(statistics.item_count.unsqueeze(-1) > 0, order_key(statistics.mean), NO_KEY)
+
+    @staticmethod
+    def _shift(maxed: Tensor | None) -> Tensor:
+        keys = cast(Tensor, maxed)
+        return torch.where(keys == NO_KEY, 0.0, from_order_key(keys, torch.float64))
+
+    def sum_part(self, local: Tensor, maxed: Tensor | None) -> Tensor:
+        statistics = _unpack(local)
+        count = statistics.item_count.unsqueeze(-1)
+        delta = torch.where(count > 0, statistics.mean - self._shift(maxed), 0.0)
+        moment = statistics.m2 + statistics.item_count * delta.square().sum(dim=-1)
+        return _pack(VarianceStatistics(statistics.item_count, count * delta, moment, statistics.squared_error))
+
+    def finish(self, local: Tensor, maxed: Tensor | None, summed: Tensor | None) -> Tensor:
+        shifted = _unpack(cast(Tensor, summed))
+        safe_count = shifted.item_count.clamp(min=1)
+        mean = self._shift(maxed) + shifted.mean / safe_count.unsqueeze(-1)
+        m2 = (shifted.m2 - shifted.mean.square().sum(dim=-1) / safe_count).clamp(min=0)
+        return _pack(VarianceStatistics(shifted.item_count, mean, m2, shifted.squared_error))
+
+    def __call__(self, stacked: Tensor) -> Tensor:
+        merged = _unpack(stacked[0])
+        for statistics in stacked[1:]:
+            merged = _merge_statistics(merged, _unpack(statistics))
+        return _pack(merged)
 
 
 class _VarianceContribution(NamedTuple):
@@ -103,7 +134,7 @@ class FractionOfVarianceUnexplained(SaeMetric):
         self.add_state(
             self._state_name,
             torch.zeros(num_components, d_model + 3, dtype=ACCUMULATOR_DTYPE),
-            dist_reduce_fx=_merge_processes,
+            dist_reduce_fx=_ChanMerge(),
             persistent=True,
         )
         self._add_configuration_marker()
