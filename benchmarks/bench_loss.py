@@ -419,7 +419,6 @@ def bench_matryoshka(args: argparse.Namespace, x, f, generator: torch.Generator)
 # --------------------------------------------------------------------------------------------------------------
 
 
-
 def _plain_gather(tensor: torch.Tensor, group: object = None) -> list[torch.Tensor]:
     """A custom ``dist_sync_fn``: every state then travels by gathers, as before the all_reduce sync (for contrast)."""
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
