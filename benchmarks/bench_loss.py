@@ -15,6 +15,10 @@ processes sharing the machine). Absolute medians are reported too. Rows:
    Informational rows: ``reuse_decoded_activations=True``, which takes the SAE's own ``x_hat`` (decoded before the
    loss, untimed) as the whole dictionary's reconstruction and so decodes only the smaller prefixes, and the
    SAELens way (one decode per prefix).
+4. Informational: what one ``compute()`` of ``FeatureDensity`` + ``DeadFeatures`` at d_sae = 2**20 exchanges on 2 and
+   4 gloo processes (spawned here; collective calls recorded with their buffers' sizes) and its peak extra RSS,
+   against the state size: the default all_reduce sync, whose bytes do not grow with the ranks, and the gather path
+   that a custom ``dist_sync_fn`` takes (the sync before), whose bytes grow as ranks x state.
 
 Usage::
 
@@ -27,20 +31,25 @@ The exit code is 0 whether or not the targets are met: this is a report.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from sparse_metrics import MatryoshkaReconstructionLoss, SparseAutoencoderLoss
+from sparse_metrics import DeadFeatures, FeatureDensity, MatryoshkaReconstructionLoss, SparseAutoencoderLoss
+from sparse_metrics._distributed import synced_states
 
 RESULT_TAG = "BENCH_COMPILED_RESULT "
 COMPILED_ROW = "2b compiled=True forward vs floor f.sum()"
@@ -406,6 +415,119 @@ def bench_matryoshka(args: argparse.Namespace, x, f, generator: torch.Generator)
 
 
 # --------------------------------------------------------------------------------------------------------------
+# 4. Bytes and memory of compute()'s sync on gloo ranks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _plain_gather(tensor: torch.Tensor, group: object = None) -> list[torch.Tensor]:
+    """A custom ``dist_sync_fn``: every state then travels by gathers, as before the all_reduce sync (for contrast)."""
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, tensor, group=group)
+    return gathered
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def _sync_worker(rank: int, world_size: int, directory: str, d_sae: int, path: str) -> None:
+    """One rank: FeatureDensity and DeadFeatures at ``d_sae``, one batch, then one sync of both, measured."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{directory}/rendezvous",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    try:
+        kwargs = {"dist_sync_fn": _plain_gather} if path == "gather" else {}
+        metrics = [FeatureDensity(d_sae, **kwargs), DeadFeatures(d_sae, window=1000, **kwargs)]
+        activations = torch.rand(4, d_sae, generator=torch.Generator().manual_seed(rank)) < 0.01
+        for metric in metrics:
+            metric.update(activations.float())
+        state_bytes = sum(
+            value.numel() * value.element_size()
+            for metric in metrics
+            for value in metric.metric_state.values()
+            if isinstance(value, torch.Tensor)
+        )
+        calls: list[tuple[str, int]] = []
+        originals = {name: getattr(dist, name) for name in ("all_gather", "all_reduce")}
+
+        def recording(name: str):
+            def collective(*args, **kwargs):
+                tensor = args[1] if name == "all_gather" else args[0]
+                calls.append((name, tensor.numel() * tensor.element_size()))
+                return originals[name](*args, **kwargs)
+
+            return collective
+
+        for name in originals:
+            setattr(dist, name, recording(name))
+        dist.barrier()
+        if os.path.exists("/proc/self/clear_refs"):
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # reset the peak RSS to the current RSS
+        before = _rss_kib("VmRSS")
+        start = time.perf_counter()
+        with synced_states(metrics):
+            pass
+        elapsed = time.perf_counter() - start
+        peak = _rss_kib("VmHWM") - before
+        for name, original in originals.items():
+            setattr(dist, name, original)
+        # Ring algorithms: an all_gather of N bytes sends and receives (W - 1) N a rank, an all_reduce 2 (W - 1) N / W.
+        wire = sum(
+            (world_size - 1) * n if name == "all_gather" else 2 * (world_size - 1) * n / world_size for name, n in calls
+        )
+        received = sum(world_size * n if name == "all_gather" else n for name, n in calls)
+        if rank == 0:
+            result = {
+                "path": path,
+                "world_size": world_size,
+                "d_sae": d_sae,
+                "state_bytes": state_bytes,
+                "calls": len(calls),
+                "received": received,
+                "wire": wire,
+                "peak_kib": peak,
+                "ms": 1e3 * elapsed,
+            }
+            with open(os.path.join(directory, "result.json"), "w") as out:
+                json.dump(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_sync(args: argparse.Namespace) -> None:
+    """Print what one compute() of FeatureDensity + DeadFeatures exchanges and holds, on 2 and 4 gloo ranks."""
+    print(
+        f"\n4. compute() sync of FeatureDensity + DeadFeatures, d_sae {args.sync_d_sae}, gloo (CPU) ranks; per rank 0: "
+        "calls, buffers received (an all_gather's output, an all_reduce's result), ring wire bytes sent = received, "
+        "peak extra RSS during the sync"
+    )
+    header = f"{'path':<28} {'ranks':>5} {'state MiB':>9} {'calls':>5} {'received MiB':>12} {'wire MiB':>9} "
+    header += f"{'peak MiB':>9} {'ms':>8}"
+    print(header)
+    print("-" * len(header))
+    mib = 1 << 20
+    for path, label in (("all_reduce", "all_reduce (default)"), ("gather", "gather (custom dist_sync_fn)")):
+        for world_size in args.sync_ranks:
+            with tempfile.TemporaryDirectory() as directory:
+                mp.spawn(
+                    _sync_worker, args=(world_size, directory, args.sync_d_sae, path), nprocs=world_size, join=True
+                )
+                with open(os.path.join(directory, "result.json")) as out:
+                    r = json.load(out)
+            print(
+                f"{label:<28} {world_size:>5} {r['state_bytes'] / mib:>9.2f} {r['calls']:>5} "
+                f"{r['received'] / mib:>12.2f} {r['wire'] / mib:>9.2f} {r['peak_kib'] / 1024:>9.1f} {r['ms']:>8.1f}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------------------
 
@@ -433,6 +555,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--compile-timeout", type=float, default=100.0, help="seconds allowed for the compile row")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run of seconds")
+    parser.add_argument(
+        "--sync",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run section 4, the bytes and memory of compute()'s sync on 2 and 4 gloo ranks (default: on)",
+    )
+    parser.add_argument(
+        "--sync-d-sae", type=int, default=None, help="d_sae of section 4 (default 2**20; --quick: 2**12)"
+    )
     parser.add_argument("--compiled-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     full = {"batch": 4096, "d_model": 512, "d_sae": 16384, "repeats": 11, "matryoshka_repeats": 9}
@@ -442,6 +573,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.saelens_repeats is None:
         args.saelens_repeats = 1
+    if args.sync_d_sae is None:
+        args.sync_d_sae = 2**12 if args.quick else 2**20
+    args.sync_ranks = [2] if args.quick else [2, 4]
     if args.compile is None:
         args.compile = not args.quick
     if min(args.batch, args.d_model, args.d_sae, args.repeats, args.matryoshka_repeats, args.prefixes) < 1:
@@ -475,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print_table(rows, judge=not args.quick)
+    if args.sync:
+        bench_sync(args)
     if args.quick:
         # Ratios at toy sizes measure Python overhead, not the passes over memory that the targets are about.
         print(f"\nSMOKE RUN (--quick): targets are judged at full size only; total {time.perf_counter() - began:.0f} s")

@@ -97,20 +97,24 @@ def _failing_second_collective(rank: int, world_size: int) -> dict[str, Any]:
     loss_fn = _collection(keep_batch_dim=True)
     loss_fn.update(**_inputs(rank, batch=3 + rank))
     local = {key: dict(member.metric_state) for key, member in loss_fn.items()}
-    original, calls = _distributed._all_gather, []
+    originals, calls = (_distributed._all_gather, _distributed._all_reduce), []
 
-    def fail_on_the_second(buffer: torch.Tensor, group: Any, gather: Any) -> list[torch.Tensor]:
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated collective failure")
-        return original(buffer, group, gather)
+    def failing_on_the_second(original: Any) -> Any:
+        def collective(*args: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("simulated collective failure")
+            return original(*args)
 
-    _distributed._all_gather = fail_on_the_second  # type: ignore[assignment]
+        return collective
+
+    _distributed._all_gather = failing_on_the_second(originals[0])  # type: ignore[assignment]
+    _distributed._all_reduce = failing_on_the_second(originals[1])  # type: ignore[assignment]
     try:
         with pytest.raises(RuntimeError, match="simulated"):
             loss_fn.compute()
     finally:
-        _distributed._all_gather = original
+        _distributed._all_gather, _distributed._all_reduce = originals  # type: ignore[assignment]
     same = all(
         all(
             (torch.equal(value, local[key][name]) if torch.is_tensor(value) else value == local[key][name])

@@ -35,7 +35,7 @@ def _synced_in_threads(rank_metrics: list[Any]) -> None:
     """Reduce the states of one metric (or collection) per simulated rank, in place, as ``compute()`` would.
 
     Each rank runs :func:`sync_states` in its own thread; the stand-in ``all_gather`` hands every rank the buffers of
-    all ranks, in rank order, as gloo does.
+    all ranks, in rank order, as gloo does, and the stand-in ``all_reduce`` their sum or maximum.
     """
     world_size = len(rank_metrics)
     barrier = threading.Barrier(world_size)
@@ -49,7 +49,20 @@ def _synced_in_threads(rank_metrics: list[Any]) -> None:
             gathered[index].copy_(slot)
         barrier.wait()  # nobody overwrites a slot before every rank has read it
 
-    fake_dist = SimpleNamespace(get_world_size=lambda group: world_size, all_gather=all_gather)
+    def all_reduce(buffer: torch.Tensor, op: str, group: int) -> None:
+        slots[group] = buffer.clone()
+        barrier.wait()
+        stacked = torch.stack(slots)
+        buffer.copy_(stacked.amax(dim=0) if op == "max" else stacked.sum(dim=0))  # the same order on every rank
+        barrier.wait()
+
+    fake_dist = SimpleNamespace(
+        get_world_size=lambda group: world_size,
+        get_rank=lambda group: group,
+        all_gather=all_gather,
+        all_reduce=all_reduce,
+        ReduceOp=SimpleNamespace(MAX="max", SUM="sum"),
+    )
 
     def run(rank: int) -> None:
         try:  # the "process group" is the rank: the stand-in needs it

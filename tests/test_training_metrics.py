@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 import sparse_metrics as sm
 from sparse_metrics import functional
-from sparse_metrics.metrics.dead_features import _reduce_counters
+from sparse_metrics.metrics.dead_features import _LockstepCounters
 from tests import reference, tester
 from tests.tester import D_MODEL, D_SAE
 
@@ -175,7 +175,7 @@ def test_dead_features_combine_processes_by_the_lockstep_rule(generator):
         metric = sm.DeadFeatures(D_SAE, 2, window=4)
         metric.update(stream)
         metrics.append(metric)
-    combined = _reduce_counters(torch.stack([m.dead_counters for m in metrics]))
+    combined = _LockstepCounters()(torch.stack([m.dead_counters for m in metrics]))
     assert torch.equal(combined[:, :-1], reference.lockstep_items_since_fired(streams))
     assert torch.equal(combined[:, -1], torch.full((2,), 19))
 

@@ -137,8 +137,8 @@ class SaeMetric(Metric):
     - ``update(*inputs, **inputs)`` and ``forward`` take the SAE inputs by keyword (or positionally, in the order of
       the class's ``update``); a keyword that is not an SAE input raises ``TypeError``, an input that the metric does
       not read is accepted and ignored, so one ``**inputs`` dict feeds any metric.
-    - ``compute()`` syncs every state in at most two collective calls (see :mod:`sparse_metrics._distributed`), with
-      the metric's ``dist_sync_fn`` as the gather where one is given.
+    - ``compute()`` syncs every state by ``all_reduce`` in at most three collective calls, two without a max stage
+      (see :mod:`sparse_metrics._distributed`); with a custom ``dist_sync_fn``, by two calls of that gather.
     - An ``update`` or ``forward`` that raises leaves the metric exactly as it was.
     - ``dist_sync_on_step=True`` is refused: ``forward`` returns this process's batch value.
     """
@@ -328,7 +328,7 @@ class SaeMetric(Metric):
         return compute_keeping_axis
 
     def _sync_dist(self, dist_sync_fn: Any = gather_all_tensors, process_group: Any | None = None) -> None:
-        """Sync every state in at most two collective calls (see :mod:`sparse_metrics._distributed`).
+        """Sync every state in at most three collective calls (see :mod:`sparse_metrics._distributed`).
 
         If a collective fails halfway, the local states are put back before the error propagates.
         """

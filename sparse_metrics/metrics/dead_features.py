@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -15,6 +15,7 @@ from sparse_metrics._config import (
     WindowUnit,
     validate_arguments,
 )
+from sparse_metrics._distributed import NO_KEY, Reduction
 from sparse_metrics.functional.dead_features import (
     _advance,
     _advance_steps,
@@ -28,18 +29,54 @@ from sparse_metrics.metrics._activity import ActivityMetric
 __all__ = ["DeadFeatures"]
 
 
-def _reduce_counters(stacked: Tensor) -> Tensor:
-    """Packed-sync reduction of the ``[process, component, num_features + 1]`` counters (lockstep rule)."""
-    since, seen = stacked[..., :-1], stacked[..., -1:]
-    combined = _combine_processes(since, seen.expand_as(since))
-    return torch.cat([combined, seen.sum(dim=0)], dim=-1)
+class _LockstepCounters(Reduction):
+    """Cross-process reduction of the ``[component, num_features + 1]`` counters (the lockstep rule), in two stages.
+
+    Max stage: the most recent firing anywhere, the minimum of the counts of the processes where the feature fired
+    (the maximum of their complements; a process where it never fired adds the identity). Sum stage: each process's
+    items since then, ``min(most_recent, items_seen)``, and its items seen. Exact int64, and equal to
+    :func:`~sparse_metrics.functional.dead_features._combine_processes` on the stacked counters (``__call__``).
+    """
+
+    def max_part(self, local: Tensor) -> Tensor:
+        since, seen = local[..., :-1], local[..., -1:]
+        return torch.where(since < seen, ~since, NO_KEY)
+
+    def sum_part(self, local: Tensor, maxed: Tensor | None) -> Tensor:
+        most_recent = ~cast(Tensor, maxed)  # the identity's complement is int64's max: never fired anywhere
+        seen = local[..., -1:]
+        return torch.cat([torch.minimum(most_recent, seen), seen], dim=-1)
+
+    def finish(self, local: Tensor, maxed: Tensor | None, summed: Tensor | None) -> Tensor:
+        return cast(Tensor, summed)
+
+    def __call__(self, stacked: Tensor) -> Tensor:
+        since, seen = stacked[..., :-1], stacked[..., -1:]
+        combined = _combine_processes(since, seen.expand_as(since))
+        return torch.cat([combined, seen.sum(dim=0)], dim=-1)
 
 
-def _reduce_step_counters(stacked: Tensor) -> Tensor:
-    """Packed-sync reduction of the step counters: a step is global (every process takes it), counted once."""
-    since, seen = stacked[..., :-1], stacked[..., -1:]
-    combined = _combine_processes_steps(since, seen.expand_as(since))
-    return torch.cat([combined, seen.amax(dim=0)], dim=-1)
+class _LockstepStepCounters(Reduction):
+    """Cross-process reduction of the step counters, in one max stage: a step is global, counted once.
+
+    The most recent firing anywhere is the smallest count of the processes where the feature fired (the maximum of
+    their complements); the steps seen, the most any process saw. Equal to
+    :func:`~sparse_metrics.functional.dead_features._combine_processes_steps` on the stacked counters (``__call__``).
+    """
+
+    def max_part(self, local: Tensor) -> Tensor:
+        since, seen = local[..., :-1], local[..., -1:]
+        return torch.cat([torch.where(since < seen, ~since, NO_KEY), seen], dim=-1)
+
+    def finish(self, local: Tensor, maxed: Tensor | None, summed: Tensor | None) -> Tensor:
+        keys = cast(Tensor, maxed)
+        most_recent, seen = ~keys[..., :-1], keys[..., -1:]  # never fired anywhere: the complement is int64's max
+        return torch.cat([torch.minimum(most_recent, seen), seen], dim=-1)
+
+    def __call__(self, stacked: Tensor) -> Tensor:
+        since, seen = stacked[..., :-1], stacked[..., -1:]
+        combined = _combine_processes_steps(since, seen.expand_as(since))
+        return torch.cat([combined, seen.amax(dim=0)], dim=-1)
 
 
 class DeadFeatures(ActivityMetric):
@@ -141,7 +178,7 @@ class DeadFeatures(ActivityMetric):
         self.add_state(
             self._counter_state,
             torch.zeros(num_components, num_features + 1, dtype=torch.int64),
-            dist_reduce_fx=_reduce_step_counters if window_unit == "steps" else _reduce_counters,
+            dist_reduce_fx=_LockstepStepCounters() if window_unit == "steps" else _LockstepCounters(),
             persistent=True,
         )
         self._add_configuration_marker()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
 from torch import Tensor
 
 from sparse_metrics._batch import SaeBatch
 from sparse_metrics._config import NumComponents, PositiveInt, Reconstruction, validate_arguments
+from sparse_metrics._distributed import NO_KEY, Reduction, from_order_key, order_key
 from sparse_metrics.functional.explained_variance import (
     VarianceStatistics,
     _batch_centred_fvu,
@@ -54,21 +55,68 @@ def _merge_packed(first: Tensor, second: Tensor, d_model: int) -> Tensor:
     return _pack(source, _merge_statistics(residual_a, residual_b))
 
 
-class _MergeProcesses:
-    """Packed-sync reduction of the ``[process, component, width]`` statistics: Chan's merge in rank order.
+def _about(statistics: VarianceStatistics, shift: Tensor) -> VarianceStatistics:
+    """The statistics about ``shift`` instead of their mean: ``n``, ``n δ`` and ``M2 + n‖δ‖²`` with ``δ = mean - c``."""
+    count = statistics.item_count.unsqueeze(-1)
+    delta = torch.where(count > 0, statistics.mean - shift, 0.0)
+    moment = statistics.m2 + statistics.item_count * delta.square().sum(dim=-1)
+    return VarianceStatistics(statistics.item_count, count * delta, moment, statistics.squared_error)
 
-    Every process folds the same per-process rows in the same order, so all get bitwise identical statistics; a
-    process that saw no item (count 0) is the identity. A class, not a closure, so that the metric pickles.
+
+def _from_about(shifted: VarianceStatistics, shift: Tensor) -> VarianceStatistics:
+    """The inverse of :func:`_about` for summed statistics: the pooled mean and M2."""
+    safe_count = shifted.item_count.clamp(min=1)
+    mean = shift + shifted.mean / safe_count.unsqueeze(-1)
+    m2 = (shifted.m2 - shifted.mean.square().sum(dim=-1) / safe_count).clamp(min=0)
+    return VarianceStatistics(shifted.item_count, mean, m2, shifted.squared_error)
+
+
+class _ChanMerge(Reduction):
+    r"""Cross-process reduction of the packed statistics (see :func:`_pack`), exact at any offset, in two stages.
+
+    Max stage: a shift :math:`c`, per dimension the largest mean of the processes that saw items (0 if none did), for
+    the source and, when kept, the residual. Sum stage: each process's statistics about :math:`c`, :math:`n_r`,
+    :math:`n_r \delta_r` and :math:`M_{2,r} + n_r \lVert\delta_r\rVert^2` with :math:`\delta_r = \bar x_r - c`, and its
+    squared error. Then :math:`\bar x = c + \sum_r n_r \delta_r / n` and
+    :math:`M_2 = \sum_r (M_{2,r} + n_r \lVert\delta_r\rVert^2) - \lVert\sum_r n_r \delta_r\rVert^2 / n`: an offset
+    common to all items cancels in :math:`\delta_r` exactly, as in Chan's merge, and with one process that saw items
+    its statistics come back unchanged. ``__call__`` is Chan's merge of stacked statistics in rank order. A class, not a
+    closure, so that the metric pickles.
     """
 
     def __init__(self, d_model: int) -> None:
         self.d_model = d_model
+
+    def _groups(self, packed: Tensor) -> list[VarianceStatistics]:
+        source, residual = _unpack(packed, self.d_model)
+        return [source] if residual is None else [source, residual]
+
+    def max_part(self, local: Tensor) -> Tensor:
+        return torch.cat(
+            [torch.where(g.item_count.unsqueeze(-1) > 0, order_key(g.mean), NO_KEY) for g in self._groups(local)], -1
+        )
+
+    def _shifts(self, maxed: Tensor | None) -> tuple[Tensor, ...]:
+        keys = cast(Tensor, maxed)
+        shift = torch.where(keys == NO_KEY, 0.0, from_order_key(keys, torch.float64))
+        return tuple(torch.split(shift, self.d_model, dim=-1))
+
+    def sum_part(self, local: Tensor, maxed: Tensor | None) -> Tensor:
+        shifted = [_about(g, c) for g, c in zip(self._groups(local), self._shifts(maxed), strict=True)]
+        return _pack(*shifted)
+
+    def finish(self, local: Tensor, maxed: Tensor | None, summed: Tensor | None) -> Tensor:
+        groups = self._groups(cast(Tensor, summed))
+        return _pack(*[_from_about(g, c) for g, c in zip(groups, self._shifts(maxed), strict=True)])
 
     def __call__(self, stacked: Tensor) -> Tensor:
         merged = stacked[0]
         for statistics in stacked[1:]:
             merged = _merge_packed(merged, statistics, self.d_model)
         return merged
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(d_model={self.d_model})"
 
 
 class _VarianceContribution(NamedTuple):
@@ -155,7 +203,7 @@ class FractionOfVarianceUnexplained(SaeMetric):
         self.add_state(
             self._state_name,
             torch.zeros(num_components, width, dtype=ACCUMULATOR_DTYPE),
-            dist_reduce_fx=_MergeProcesses(d_model),
+            dist_reduce_fx=_ChanMerge(d_model),
             persistent=True,
         )
         self._add_configuration_marker()
