@@ -160,13 +160,14 @@ class SaeBatch:
 
     def _validate_decoder(self) -> None:
         given, views = self._given, self._views
-        learned = views.get("learned_activations")
+        # The AuxK loss reads the decoder with the pre-activations alone: either gives d_sae.
+        learned = views.get("learned_activations", views.get("pre_activations"))
         model_input = views.get("source_activations", views.get("decoded_activations"))
         weight = given["decoder_weight"]
         if learned is None:
             raise ValueError(
-                f"{self.owner}: `decoder_weight` was given without `learned_activations`, whose last axis (d_sae) it "
-                "must match."
+                f"{self.owner}: `decoder_weight` was given without `learned_activations` or `pre_activations`, whose "
+                "last axis (d_sae) it must match."
             )
         d_sae = learned.shape[-1]
         d_model = model_input.shape[-1] if model_input is not None else infer_d_model(weight, d_sae)
