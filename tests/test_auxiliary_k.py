@@ -393,5 +393,9 @@ def test_functional_keep_batch_dim_and_its_errors():
     torch.testing.assert_close(rows.mean(), _peer("saev", step, 3), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="`keep_batch_dim=True`"):
         auxiliary_k_loss(**_inputs(step), k_aux=3, convention="openai", keep_batch_dim=True)
-    with pytest.raises(ValueError, match="`dead_mask` must have shape"):
-        auxiliary_k_loss(**{**_inputs(step), "dead_mask": step["dead_mask"][:5]}, convention="saelens")
+    metric = _metric("saelens", 3)
+    with pytest.raises(ValueError, match=r"`dead_mask` must have shape \[\*component, d_sae\] = \[14\]"):
+        metric(**{**_inputs(step), "dead_mask": step["dead_mask"][:5]})
+    with pytest.raises(TypeError, match="`dead_mask` must be a torch\\.bool tensor"):
+        metric(**{**_inputs(step), "dead_mask": step["dead_mask"].float()})
+    assert metric.update_count == 0
