@@ -135,10 +135,8 @@ def _auxiliary_decode(
     k = min(k_aux, width)
     if not rule.grad_to_pre_activations:
         pre = pre.detach()
-    if rule.cap:
-        masked = torch.where(dead, pre, -torch.inf)
-    else:  # OpenAI multiplies the live latents' pre-activations by 0 (a NaN there stays NaN)
-        masked = pre * dead
+    # OpenAI multiplies the live latents' pre-activations by 0 (a NaN there stays NaN); the others mask them to -inf
+    masked = torch.where(dead, pre, -torch.inf) if rule.cap else pre * dead
     values, indices = masked.topk(k, dim=-1, sorted=False)
     if rule.cap:  # fewer dead latents than k: the live picks (at -inf) are not picks
         picked_dead = dead.unsqueeze(0).expand(pre.shape[0], -1, -1).gather(-1, indices)
@@ -268,8 +266,11 @@ def batch_ratio(terms: AuxiliaryKTerms, rule: _Rule) -> Float[Tensor, " componen
 
 
 def finish_ratio(numerator: Tensor, variance: Tensor, rule: _Rule) -> Tensor:
-    """Numerator over the normaliser, with the peer's ``nan_to_num`` where the normaliser is 0 (x/0 becomes float32's
-    max, 0/0 becomes 0); a NaN or infinite input still shows (the peers' ``nan_to_num`` would hide it as 0)."""
+    """Numerator over the normaliser, with the peer's ``nan_to_num`` where both are finite.
+
+    A zero normaliser gives float32's max (x/0) or 0 (0/0), as the peers; a NaN or infinite input still shows (the
+    peers' ``nan_to_num`` would hide it as 0).
+    """
     ratio = numerator / variance
     if not rule.nan_to_num:
         return ratio
