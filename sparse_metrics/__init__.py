@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from sparse_metrics.collection import SparseAutoencoderLoss
 from sparse_metrics.metrics import (
+    AuxiliaryKLoss,
     BatchTopKThreshold,
     DeadFeatures,
     DerivedOutput,
@@ -31,6 +32,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "AuxiliaryKLoss",
     "BatchTopKThreshold",
     "DeadFeatures",
     "DerivedOutput",
