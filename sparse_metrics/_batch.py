@@ -179,13 +179,14 @@ class SaeBatch:
 
     def _validate_decoder(self) -> None:
         given, views = self._given, self._views
-        learned = views.get("learned_activations")
+        # The pre-activations have the activations' shape: either gives d_sae (the pre-activation terms read no f).
+        learned = views.get("learned_activations", views.get("pre_activations"))
         model_input = views.get("source_activations", views.get("decoded_activations"))
         weight = given["decoder_weight"]
         if learned is None:
             raise ValueError(
-                f"{self.owner}: `decoder_weight` was given without `learned_activations`, whose last axis (d_sae) it "
-                "must match."
+                f"{self.owner}: `decoder_weight` was given without `learned_activations` or `pre_activations`, whose "
+                "last axis (d_sae) it must match."
             )
         d_sae = learned.shape[-1]
         d_model = model_input.shape[-1] if model_input is not None else infer_d_model(weight, d_sae)
@@ -340,5 +341,7 @@ class SaeBatch:
     def decoder_row_norms(self, owner: str, why: str = "") -> Tensor:
         """L2 norm of each feature-major decoder row, ``[component, d_sae]``, differentiable, float32/64."""
         weight = self.require("decoder_weight", owner, why)
-        learned = self.require("learned_activations", owner)
-        return self.memo("decoder_row_norms", lambda: _decoder_row_norms(weight, computation_dtype(learned, weight)))
+        features = self._views.get("learned_activations", self._views.get("pre_activations"))
+        if features is None:
+            features = self.require("learned_activations", owner)
+        return self.memo("decoder_row_norms", lambda: _decoder_row_norms(weight, computation_dtype(features, weight)))

@@ -1,0 +1,79 @@
+"""tanh sparsity penalty metric (Anthropic; SAELens' ``"tanh"`` sparsity mode)."""
+
+from typing import Annotated, Any, ClassVar
+
+from pydantic import Field
+from torch import Tensor
+
+from sparse_metrics._batch import SaeBatch
+from sparse_metrics._config import NumComponents, validate_arguments
+from sparse_metrics.functional.tanh_sparsity import _tanh_penalty
+from sparse_metrics.metrics._base import ItemMeanMetric
+
+__all__ = ["TanhSparsityLoss"]
+
+
+class TanhSparsityLoss(ItemMeanMetric):
+    r"""The tanh sparsity penalty, a smooth L0: averaged over items.
+
+    .. math:: \mathrm{tanh\_sparsity}_c = \frac{1}{N} \sum_{b=1}^{N} \sum_{i=1}^{d_{sae}}
+       \tanh\!\big(s\, f_{bci}\, \lVert W_{ci} \rVert_2\big)
+
+    ``update(learned_activations, decoder_weight=None)`` takes the activations ``[batch, *component, d_sae]`` and,
+    with ``decoder_norm_weighting=True`` (the default, as SAELens), the feature-major decoder
+    ``[*component, d_sae, d_model]``. As in SAELens there is no absolute value (JumpReLU activations are
+    non-negative): the gradient at :math:`f = 0` is :math:`s \lVert W_i \rVert_2 / N`. ``forward`` is
+    differentiable with respect to the activations and the decoder.
+
+    Args:
+        num_components: Number of SAEs trained side by side (the ``component`` axis).
+        scale: The scale ``s`` (SAELens' ``jumprelu_tanh_scale``).
+        decoder_norm_weighting: Weight each activation by its decoder row's L2 norm.
+        keep_batch_dim: Keep per-item values.
+        kwargs: Passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> from sparse_metrics import TanhSparsityLoss
+        >>> metric = TanhSparsityLoss()
+        >>> decoder_weight = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # row norms 5, 1
+        >>> metric(learned_activations=torch.tensor([[0.0, 0.25], [1.0, 0.0]]), decoder_weight=decoder_weight)
+        tensor(0.8808)
+    """
+
+    _state_prefix: ClassVar[str] = "tanh_sparsity"
+    _positional_inputs: ClassVar[tuple[str, ...]] = ("learned_activations", "decoder_weight")
+
+    @validate_arguments
+    def __init__(
+        self,
+        num_components: NumComponents = 1,
+        *,
+        scale: Annotated[float, Field(gt=0)] = 4.0,
+        decoder_norm_weighting: bool = True,
+        keep_batch_dim: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_components, keep_batch_dim=keep_batch_dim, **kwargs)
+        self.scale = float(scale)
+        self.decoder_norm_weighting = decoder_norm_weighting
+        self._add_configuration_marker()
+
+    def _configuration(self) -> dict[str, Any]:
+        return {**super()._configuration(), "scale": self.scale, "decoder_norm_weighting": self.decoder_norm_weighting}
+
+    def _per_item(self, batch: SaeBatch) -> Tensor:
+        owner = type(self).__name__
+        learned = batch.require("learned_activations", owner)
+        row_norms = None
+        if self.decoder_norm_weighting:
+            why = "It is required with `decoder_norm_weighting=True`: the feature-major decoder [*component, d_sae, "
+            row_norms = batch.decoder_row_norms(owner, why + "d_model].")
+        return _tanh_penalty(learned, row_norms, self.scale)
+
+    def extra_repr(self) -> str:
+        """Show the options in ``repr``."""
+        return (
+            f"num_components={self.num_components}, scale={self.scale}, "
+            f"decoder_norm_weighting={self.decoder_norm_weighting}"
+        )
