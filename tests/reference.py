@@ -211,3 +211,69 @@ def without_component_axis(inputs: dict[str, Tensor], component: int = 0) -> dic
 def as_dict(value: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
     """A metric's or a collection's compute() result as a dict, to compare both the same way."""
     return value if isinstance(value, dict) else {"value": value}
+
+
+class StraightThroughStep(torch.autograd.Function):
+    """H(x - t) forward; backward -(1/eps) 1[|x - t| < eps/2] to t summed over items (+ the negation to x if asked)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, t: Tensor, eps: float, to_x: bool) -> Tensor:
+        ctx.save_for_backward(x, t)
+        ctx.eps, ctx.to_x = eps, to_x
+        return torch.heaviside(x - t, torch.zeros((), dtype=x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Any:
+        x, t = ctx.saved_tensors
+        kernel = ((x - t).abs() / ctx.eps < 0.5).to(grad.dtype) / ctx.eps
+        return (kernel * grad if ctx.to_x else None), -(kernel * grad).sum(0), None, None
+
+
+def per_item_jumprelu_l0(
+    pre: Tensor,
+    threshold: Tensor,
+    bandwidth: float,
+    convention: str = "saelens",
+    ste_to_input: bool = False,
+    target_l0: float | None = None,
+) -> Tensor:
+    """Per-item straight-through L0; SAELens' quadratic ``2/T (L0 - T)^2`` with a SAELens target.
+
+    dictionary_learning's step reads the JumpReLU output ``f = h 1[h > t]`` (no gradient to it); its batch target is
+    applied to the mean by the caller.
+    """
+    h, t = pre.double(), threshold.double()
+    if convention == "dictionary_learning":
+        h = torch.where(h.detach() > t.detach(), h.detach(), torch.zeros((), dtype=h.dtype))
+    l0 = StraightThroughStep.apply(h, t, bandwidth, ste_to_input).sum(-1)
+    if target_l0 is not None and convention == "saelens":
+        return 2.0 * (l0 - target_l0) ** 2 / target_l0
+    return l0
+
+
+def per_item_tanh_sparsity(learned: Tensor, decoder_weight: Tensor | None, scale: float) -> Tensor:
+    """``sum_i tanh(scale f_i ||W_i||)`` per item (no absolute value)."""
+    weights = decoder_weight.double().norm(dim=-1) if decoder_weight is not None else 1.0
+    return torch.tanh(scale * learned.double() * weights).sum(-1)
+
+
+def per_item_pre_activation(
+    pre: Tensor, threshold: Tensor, decoder_weight: Tensor | None, dead_mask: Tensor | None
+) -> Tensor:
+    """``sum_i relu(t_i - h_i) dead_i ||W_i||`` per item (every latent without a mask, weight 1 without a decoder)."""
+    weights = decoder_weight.double().norm(dim=-1) if decoder_weight is not None else 1.0
+    dead = dead_mask.double() if dead_mask is not None else 1.0
+    return (torch.clamp(threshold.double() - pre.double(), min=0) * dead * weights).sum(-1)
+
+
+def per_item_lp(learned: Tensor, decoder_weight: Tensor | None, p: float, root: bool) -> Tensor:
+    """``(sum_i a_i^p)^(1/p)`` or ``sum_i a_i^p`` of ``a_i = |f_i| ||W_i||``, item by item; a zero term has gradient 0."""
+    weights = decoder_weight.double().norm(dim=-1) if decoder_weight is not None else 1.0
+    a = learned.double().abs() * weights
+    nonzero = a != 0
+    terms = torch.where(nonzero, torch.where(nonzero, a, 1.0) ** p, 0.0)
+    total = terms.sum(-1)
+    if not root:
+        return total
+    some = total != 0
+    return torch.where(some, torch.where(some, total, 1.0) ** (1 / p), 0.0)

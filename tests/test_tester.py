@@ -428,6 +428,8 @@ def test_a_missing_required_input_raises_naming_it_and_changes_nothing(case, mis
 BAD_ITEMS = (1, 4)
 #: Cases whose value counts non-zero activations: a NaN activation counts as active, the value stays finite.
 COUNTING = {"l0", "feature_density", "dead_features"}
+#: The JumpReLU L0 counts pre-activations above threshold: a NaN one is not above, the value stays finite.
+COUNTING |= {"jumprelu_l0", "jumprelu_l0_ste_to_input_quadratic", "jumprelu_l0_dictionary_learning_target"}
 
 
 def _poisoned(step: tester.Batch, name: str, *, infinite: bool = True) -> tester.Batch:

@@ -142,6 +142,47 @@ def sparsity(coefficient: float | Callable[[int], Tensor], decoder_norm_weightin
     return per_item
 
 
+def jumprelu_l0(
+    bandwidth: float, convention: str = "saelens", ste_to_input: bool = False, target_l0: float | None = None
+) -> PerItem:
+    return lambda b: reference.per_item_jumprelu_l0(
+        b["pre_activations"], b["threshold"], bandwidth, convention, ste_to_input, target_l0
+    )
+
+
+def _mean_l0_target(bandwidth: float, target_l0: float) -> Callable[[Ranks, bool], dict[str, Tensor]]:
+    """dictionary_learning's ``(mean L0 / T - 1)^2`` of the mean over every item (no per-item value)."""
+    per_item = jumprelu_l0(bandwidth, "dictionary_learning")
+
+    def expected(ranks: Ranks, keep_batch_dim: bool) -> dict[str, Tensor]:
+        assert not keep_batch_dim
+        mean = _per_item(per_item, ranks).mean(0)
+        return {"value": _squeeze((mean / target_l0 - 1) ** 2, 0)}
+
+    return expected
+
+
+def tanh_sparsity(scale: float, decoder_norm_weighting: bool = True) -> PerItem:
+    return lambda b: reference.per_item_tanh_sparsity(
+        b["learned_activations"], b["decoder_weight"] if decoder_norm_weighting else None, scale
+    )
+
+
+def pre_activation(dead_only: bool = True, decoder_norm_weighting: bool = True) -> PerItem:
+    return lambda b: reference.per_item_pre_activation(
+        b["pre_activations"],
+        b["threshold"],
+        b["decoder_weight"] if decoder_norm_weighting else None,
+        b["dead_mask"] if dead_only else None,
+    )
+
+
+def lp_sparsity(coefficient: float, p: float, root: bool, decoder_norm_weighting: bool) -> PerItem:
+    return lambda b: coefficient * reference.per_item_lp(
+        b["learned_activations"], b["decoder_weight"] if decoder_norm_weighting else None, p, root
+    )
+
+
 def matryoshka_prefixes(prefix_sizes: Sequence[int], feature_reduction: str, reuse: bool) -> PerItem:
     """Per-item error of every prefix, ``[batch, component, prefix]``."""
     return lambda b: reference.per_item_matryoshka_prefixes(
@@ -319,6 +360,7 @@ _TRAINING = {
     "num_features": D_SAE,
 }
 _RECONSTRUCTION = ("source_activations", "decoded_activations")
+JUMPRELU_INPUTS = ("pre_activations", "threshold")
 _COLLECTION_INPUTS = ("source_activations", "learned_activations", "decoded_activations")
 
 _CASES = [
@@ -350,6 +392,68 @@ _CASES = [
         lambda c, **kw: sm.SparsityLoss(_coefficients(c), c, decoder_norm_weighting=True, **kw),
         _item_mean(sparsity(_coefficients, decoder_norm_weighting=True)),
         ("learned_activations", "decoder_weight"),
+        keep_batch_dim=True,
+    ),
+    Case(
+        "sparsity_lp_norm",
+        lambda c, **kw: sm.SparsityLoss(0.3, c, decoder_norm_weighting=True, p=1.5, **kw),
+        _item_mean(lp_sparsity(0.3, 1.5, root=True, decoder_norm_weighting=True)),
+        ("learned_activations", "decoder_weight"),
+        keep_batch_dim=True,
+    ),
+    Case(
+        "sparsity_lp_power",
+        lambda c, **kw: sm.SparsityLoss(0.3, c, p=0.5, p_root=False, **kw),
+        _item_mean(lp_sparsity(0.3, 0.5, root=False, decoder_norm_weighting=False)),
+        ("learned_activations",),
+        keep_batch_dim=True,
+    ),
+    Case(
+        "jumprelu_l0",
+        lambda c, **kw: sm.JumpReLUL0Loss(c, **kw),
+        _item_mean(jumprelu_l0(0.05)),
+        JUMPRELU_INPUTS,
+        keep_batch_dim=True,
+    ),
+    Case(
+        "jumprelu_l0_ste_to_input_quadratic",
+        lambda c, **kw: sm.JumpReLUL0Loss(c, bandwidth=0.1, target_l0=4.0, ste_to_input=True, **kw),
+        _item_mean(jumprelu_l0(0.1, ste_to_input=True, target_l0=4.0)),
+        JUMPRELU_INPUTS,
+        keep_batch_dim=True,
+    ),
+    Case(
+        "jumprelu_l0_dictionary_learning_target",
+        lambda c, **kw: sm.JumpReLUL0Loss(c, bandwidth=0.05, target_l0=4.0, convention="dictionary_learning", **kw),
+        _mean_l0_target(float(torch.tensor(0.05, dtype=torch.float32)), 4.0),  # dictionary_learning rounds it
+        JUMPRELU_INPUTS,
+    ),
+    Case(
+        "tanh_sparsity",
+        lambda c, **kw: sm.TanhSparsityLoss(c, scale=3.0, **kw),
+        _item_mean(tanh_sparsity(3.0)),
+        ("learned_activations", "decoder_weight"),
+        keep_batch_dim=True,
+    ),
+    Case(
+        "tanh_sparsity_unweighted",
+        lambda c, **kw: sm.TanhSparsityLoss(c, decoder_norm_weighting=False, **kw),
+        _item_mean(tanh_sparsity(4.0, decoder_norm_weighting=False)),
+        ("learned_activations",),
+        keep_batch_dim=True,
+    ),
+    Case(
+        "pre_activation",
+        lambda c, **kw: sm.PreActivationLoss(c, **kw),
+        _item_mean(pre_activation()),
+        ("pre_activations", "threshold", "decoder_weight", "dead_mask"),
+        keep_batch_dim=True,
+    ),
+    Case(
+        "pre_activation_every_latent",
+        lambda c, **kw: sm.PreActivationLoss(c, dead_only=False, decoder_norm_weighting=False, **kw),
+        _item_mean(pre_activation(dead_only=False, decoder_norm_weighting=False)),
+        JUMPRELU_INPUTS,
         keep_batch_dim=True,
     ),
     Case(

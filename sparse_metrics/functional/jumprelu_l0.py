@@ -16,7 +16,8 @@ Two conventions:
   :math:`\frac{2}{T}(\mathrm{L0}_b - T)^2`.
 - ``"dictionary_learning"`` (its ``StepFunction``, bandwidth 0.001): the step acts on the JumpReLU output
   :math:`f = h\,\mathbb{1}[h > \theta]`, so the kernel is evaluated at :math:`(f - \theta)/\varepsilon` (an inactive
-  latent sits at :math:`-\theta/\varepsilon`); only the threshold gets a gradient. With ``target_l0`` the value is
+  latent sits at :math:`-\theta/\varepsilon`); only the threshold gets a gradient. The bandwidth is rounded to
+  float32, as its ``StepFunction`` stores it. With ``target_l0`` the value is
   :math:`(\overline{\mathrm{L0}} / T - 1)^2` of the batch-mean L0 (its trainer multiplies it by its coefficient).
 """
 
@@ -139,7 +140,11 @@ def check_jumprelu_options(
     for name, value in (("bandwidth", bandwidth), ("target_l0", target_l0)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
             raise ValueError(f"`{name}` must be a number > 0 (or None), got {value!r}.")
-    return float(DEFAULT_BANDWIDTH[convention] if bandwidth is None else bandwidth)
+    width = float(DEFAULT_BANDWIDTH[convention] if bandwidth is None else bandwidth)
+    if convention == "dictionary_learning":
+        # Its StepFunction keeps the bandwidth in a float32 tensor and reads it back: 0.001 becomes 0.0010000000475.
+        width = float(torch.tensor(width, dtype=torch.float32))
+    return width
 
 
 def jumprelu_l0_loss(

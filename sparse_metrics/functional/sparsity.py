@@ -51,6 +51,33 @@ def _weighted_l1(
         return torch.einsum("bcf,cf->bc", learned.to(row_norms.dtype).abs(), row_norms)
 
 
+def check_p(p: object) -> float:
+    """The exponent of the Lp penalty: a finite number > 0."""
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p < float("inf"):
+        raise ValueError(f"`p` must be a finite number > 0, got {p!r}.")
+    return float(p)
+
+
+def _lp(
+    learned: Float[Tensor, "batch component d_sae"], row_norms: Tensor | None, p: float, p_root: bool
+) -> Float[Tensor, "batch component"]:
+    """Per-item Lp penalty of the (weighted) activations ``a_i = |f_i| ||W_i||``, in float32/64.
+
+    With ``p_root`` the p-norm ``(sum_i a_i^p)^(1/p)`` (``torch.linalg.vector_norm``, as SAELens' ``lp_norm``
+    computes it); without, ``sum_i a_i^p``, whose gradient is 0 (not infinite) at an exact zero for ``p < 1``.
+    """
+    dtype = row_norms.dtype if row_norms is not None else computation_dtype(learned)
+    with autocast_disabled(learned.device):
+        weighted = learned.to(dtype) if row_norms is None else learned.to(dtype) * row_norms
+        if p_root:
+            norm: Tensor = torch.linalg.vector_norm(weighted, ord=p, dim=-1)
+            return norm
+        magnitude = weighted.abs()
+        zero = magnitude == 0
+        powered = torch.where(zero, 1.0, magnitude).pow(p)  # no 0 ** (p - 1) in the backward pass
+        return torch.where(zero, 0.0, powered).sum(dim=-1)
+
+
 def _decoder_weighted_l1_update(
     learned_activations: Tensor, decoder_weight: Tensor, num_components: int | None = None
 ) -> Float[Tensor, "batch component"]:
@@ -73,6 +100,8 @@ def _sparsity_update(
     sparsity_coefficient: float | Tensor,
     num_components: int | None = None,
     decoder_weight: Tensor | None = None,
+    p: float = 1.0,
+    p_root: bool = True,
 ) -> Float[Tensor, "batch component"]:
     """Validate the inputs and return the per-item penalty, ``[batch, component]``.
 
@@ -80,7 +109,21 @@ def _sparsity_update(
     shape and type are checked here; its sign only where it is a Python number, since reading a tensor's values
     would synchronise with the device on every call (the metric checks them once, when set).
     """
-    if decoder_weight is None:
+    if p != 1:
+        learned = to_components("learned_activations", learned_activations, num_components)
+        norms = None
+        if decoder_weight is not None:
+            weight, _ = check_decoder(
+                decoder_weight,
+                None,
+                num_components=learned.shape[1],
+                source_is_batched_by_component=learned_activations.ndim == 3,
+                d_sae=learned.shape[-1],
+                d_model=infer_d_model(decoder_weight, learned.shape[-1]),
+            )
+            norms = _decoder_row_norms(weight, computation_dtype(learned, weight))
+        l1_per_item = _lp(learned, norms, p, p_root)
+    elif decoder_weight is None:
         l1_per_item = _l1_absolute_update(learned_activations, num_components)
     else:
         l1_per_item = _decoder_weighted_l1_update(learned_activations, decoder_weight, num_components)
@@ -93,15 +136,22 @@ def sparsity_loss(
     sparsity_coefficient: float | Float[Tensor, "*component"] = 1e-3,
     *,
     decoder_weight: Float[Tensor, "*component d_sae d_model"] | None = None,
+    p: float = 1.0,
+    p_root: bool = True,
     keep_batch_dim: bool = False,
 ) -> Float[Tensor, "..."]:
-    """Sparsity penalty of a batch: ``sparsity_coefficient`` times the (decoder-norm weighted) L1 absolute loss.
+    r"""Sparsity penalty of a batch: ``sparsity_coefficient`` times the (decoder-norm weighted) L1 absolute loss.
 
     Args:
         learned_activations: The SAE's feature activations, ``[batch, d_sae]`` or ``[batch, component, d_sae]``.
         sparsity_coefficient: A non-negative number, or a ``[component]`` tensor (one coefficient per component).
         decoder_weight: If given, the feature-major decoder ``[*component, d_sae, d_model]``: each ``|f_i|`` is
             weighted by the L2 norm of row ``i`` (SAELens style); the result is differentiable with respect to it.
+        p: The exponent of an Lp penalty (``p > 0``; 1: the L1). With ``p_root`` the p-norm of the (weighted)
+            activations, :math:`(\sum_i (|f_i| \lVert W_i \rVert)^p)^{1/p}` (SAELens' ``lp_norm``,
+            dictionary_learning's ``"Lp"``); without, :math:`\sum_i (|f_i| \lVert W_i \rVert)^p`
+            (dictionary_learning's ``"Lp^p"``).
+        p_root: Take the p-th root (see ``p``; no effect for ``p == 1``).
         keep_batch_dim: Return the per-item values ``[batch, *component]`` instead of their batch mean.
 
     Example:
@@ -112,6 +162,8 @@ def sparsity_loss(
         >>> decoder_weight = torch.tensor([[3.0, 4.0], [0.0, 1.0], [2.0, 0.0]])  # row norms 5, 1, 2
         >>> sparsity_loss(torch.tensor([[1.0, -2.0, 0.0]]), 0.5, decoder_weight=decoder_weight)
         tensor(3.5000)
+        >>> sparsity_loss(torch.tensor([[3.0, -4.0, 0.0]]), 1.0, p=2.0)  # the L2 norm
+        tensor(5.)
     """
-    per_item = _sparsity_update(learned_activations, sparsity_coefficient, None, decoder_weight)
+    per_item = _sparsity_update(learned_activations, sparsity_coefficient, None, decoder_weight, check_p(p), p_root)
     return batch_output(per_item, learned_activations.ndim == 3, keep_batch_dim)

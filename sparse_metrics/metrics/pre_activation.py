@@ -84,6 +84,12 @@ class PreActivationLoss(ItemMeanMetric):
             dead_mask = batch.require("dead_mask", owner, why)
         return _pre_activation_penalty(pre_activations, threshold, row_norms, dead_mask)
 
+    def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:
+        """Items with a finite value and finite `pre_activations` (the penalty saturates or vanishes at an infinite one)."""
+        finite = super()._finite_items(batch, contribution)
+        assert finite is not None
+        return finite & batch.finite_items("pre_activations", type(self).__name__)
+
     def extra_repr(self) -> str:
         """Show the options in ``repr``."""
         return (

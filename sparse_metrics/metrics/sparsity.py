@@ -8,7 +8,7 @@ from torch import Tensor
 from sparse_metrics._batch import SaeBatch
 from sparse_metrics._config import NumComponents, validate_arguments
 from sparse_metrics._validation import check_sparsity_coefficient
-from sparse_metrics.functional.sparsity import _sparsity_from_l1, _weighted_l1
+from sparse_metrics.functional.sparsity import _lp, _sparsity_from_l1, _weighted_l1, check_p
 from sparse_metrics.metrics._base import ItemMeanMetric
 
 __all__ = ["SparsityLoss"]
@@ -37,6 +37,12 @@ class SparsityLoss(ItemMeanMetric):
         num_components: Number of SAEs trained side by side (the ``component`` axis).
         keep_batch_dim: Keep per-item values.
         decoder_norm_weighting: Weight each activation by its decoder row's L2 norm.
+        p: The exponent of an Lp penalty (``p > 0``; 1, the default: the L1 above, bit for bit). With ``p_root``
+            the per-item value is the p-norm :math:`\lambda_c (\sum_i (|f_{bci}| \lVert W_{ci} \rVert_2)^p)^{1/p}`
+            (SAELens' ``lp_norm``, which always weights by the decoder norms; dictionary_learning's p-annealing
+            ``"Lp"``), without it :math:`\lambda_c \sum_i (|f_{bci}| \lVert W_{ci} \rVert_2)^p`
+            (dictionary_learning's ``"Lp^p"``); the weight is 1 without ``decoder_norm_weighting``.
+        p_root: Take the p-th root (see ``p``).
         kwargs: Passed to :class:`torchmetrics.Metric`.
 
     Example:
@@ -69,10 +75,15 @@ class SparsityLoss(ItemMeanMetric):
         *,
         keep_batch_dim: bool = False,
         decoder_norm_weighting: bool = False,
+        p: float = 1.0,
+        p_root: bool = True,
         **kwargs: Any,
     ) -> None:
+        p = check_p(p)
         super().__init__(num_components, keep_batch_dim=keep_batch_dim, **kwargs)
         self.decoder_norm_weighting = decoder_norm_weighting
+        self.p = p
+        self.p_root = p_root
         # A tensor coefficient lives in a (non-persistent) buffer so that it follows the metric across devices.
         self.register_buffer("_coefficient_tensor", None, persistent=False)
         self._coefficient_number = 0.0
@@ -80,7 +91,10 @@ class SparsityLoss(ItemMeanMetric):
         self._add_configuration_marker()
 
     def _configuration(self) -> dict[str, Any]:
-        return {**super()._configuration(), "decoder_norm_weighting": self.decoder_norm_weighting}
+        configuration = {**super()._configuration(), "decoder_norm_weighting": self.decoder_norm_weighting}
+        if self.p != 1:  # the L1's configuration (and so its checkpoints and compute groups) stays as it was
+            configuration |= {"p": self.p, "p_root": self.p_root}
+        return configuration
 
     def _merge_guard(self) -> Any:
         """The initial coefficient: a schedule may change it, so checkpoints do not compare it, compute groups do."""
@@ -105,13 +119,16 @@ class SparsityLoss(ItemMeanMetric):
 
     def _per_item(self, batch: SaeBatch) -> Tensor:
         owner = type(self).__name__
-        if not self.decoder_norm_weighting:
-            return self._from_l1(batch.l1(owner))
+        if not self.decoder_norm_weighting and self.p == 1:
+            return self._from_l1(batch.l1(owner))  # the batch's shared L1
         why = (
             "It is required with `decoder_norm_weighting=True`: the feature-major decoder [*component, d_sae, d_model]."
         )
-        row_norms = batch.decoder_row_norms(owner, why)
+        row_norms = batch.decoder_row_norms(owner, why) if self.decoder_norm_weighting else None
         learned = batch.require("learned_activations", owner)
+        if self.p != 1:
+            return self._from_l1(_lp(learned, row_norms, self.p, self.p_root))
+        assert row_norms is not None
         return self._from_l1(batch.memo("weighted_l1", lambda: _weighted_l1(learned, row_norms)))
 
     def _from_l1(self, l1_per_item: Tensor) -> Tensor:
@@ -123,4 +140,5 @@ class SparsityLoss(ItemMeanMetric):
         coefficient = self.sparsity_coefficient
         shown = coefficient.tolist() if isinstance(coefficient, torch.Tensor) else coefficient
         weighting = ", decoder_norm_weighting=True" if self.decoder_norm_weighting else ""
-        return f"sparsity_coefficient={shown}, num_components={self.num_components}{weighting}"
+        lp = f", p={self.p}" + ("" if self.p_root else ", p_root=False") if self.p != 1 else ""
+        return f"sparsity_coefficient={shown}, num_components={self.num_components}{weighting}{lp}"

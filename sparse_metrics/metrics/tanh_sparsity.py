@@ -71,6 +71,12 @@ class TanhSparsityLoss(ItemMeanMetric):
             row_norms = batch.decoder_row_norms(owner, why + "d_model].")
         return _tanh_penalty(learned, row_norms, self.scale)
 
+    def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:
+        """Items with a finite value and finite `learned_activations` (the penalty saturates or vanishes at an infinite one)."""
+        finite = super()._finite_items(batch, contribution)
+        assert finite is not None
+        return finite & batch.finite_items("learned_activations", type(self).__name__)
+
     def extra_repr(self) -> str:
         """Show the options in ``repr``."""
         return (
