@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from sparse_metrics.collection import SparseAutoencoderLoss
 from sparse_metrics.metrics import (
+    AuxiliaryKLoss,
     DeadFeatures,
     DerivedOutput,
     ExplainedVariance,
@@ -26,6 +27,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "AuxiliaryKLoss",
     "DeadFeatures",
     "DerivedOutput",
     "ExplainedVariance",

@@ -179,7 +179,8 @@ class SaeBatch:
 
     def _validate_decoder(self) -> None:
         given, views = self._given, self._views
-        # The pre-activations have the activations' shape: either gives d_sae (the pre-activation terms read no f).
+        # The pre-activations have the activations' shape: either gives d_sae (the pre-activation terms and the AuxK
+        # loss read the decoder without f).
         learned = views.get("learned_activations", views.get("pre_activations"))
         model_input = views.get("source_activations", views.get("decoded_activations"))
         weight = given["decoder_weight"]

@@ -4,6 +4,7 @@ The metric classes in :mod:`sparse_metrics` accumulate what these functions comp
 state across batches or processes is wanted.
 """
 
+from sparse_metrics.functional.auxiliary_k import auxiliary_k_loss
 from sparse_metrics.functional.dead_features import dead_feature_mask, items_since_fired
 from sparse_metrics.functional.explained_variance import explained_variance, fraction_of_variance_unexplained
 from sparse_metrics.functional.feature_density import DENSITY_EPSILON, feature_density, mean_log10_feature_density
@@ -22,6 +23,7 @@ from sparse_metrics.functional.tanh_sparsity import tanh_sparsity_loss
 
 __all__ = [
     "DENSITY_EPSILON",
+    "auxiliary_k_loss",
     "dead_feature_mask",
     "explained_variance",
     "feature_density",

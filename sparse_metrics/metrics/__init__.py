@@ -1,6 +1,7 @@
 """The metric classes (state and validation); the math they accumulate lives in :mod:`sparse_metrics.functional`."""
 
 from sparse_metrics.metrics._base import DerivedOutput
+from sparse_metrics.metrics.auxiliary_k import AuxiliaryKLoss
 from sparse_metrics.metrics.dead_features import DeadFeatures
 from sparse_metrics.metrics.explained_variance import ExplainedVariance, FractionOfVarianceUnexplained
 from sparse_metrics.metrics.feature_density import FeatureDensity
@@ -15,6 +16,7 @@ from sparse_metrics.metrics.tanh_sparsity import TanhSparsityLoss
 from sparse_metrics.metrics.total_loss import TotalLoss
 
 __all__ = [
+    "AuxiliaryKLoss",
     "DeadFeatures",
     "DerivedOutput",
     "ExplainedVariance",

@@ -1,0 +1,379 @@
+r"""The auxiliary-K (AuxK) loss of TopK / BatchTopK SAEs: dead latents reconstruct the residual of the live ones.
+
+.. math:: \hat e = \operatorname{act}\big(\operatorname{topk}_{k_{aux}}(h \text{ over dead latents})\big)\, W_{dec}
+   \;(+\, b_{dec}), \qquad \mathrm{AuxK} = s \cdot \frac{\operatorname{reduce}\,(\hat e - r)^2}{\text{normaliser}}
+
+with :math:`r = x - \hat x` detached. Each convention reproduces one peer's value and gradients (its outer
+coefficient left out):
+
+- ``"openai"`` (``sparse_autoencoder/train.py``): ``k_aux`` 256 over every latent with live ones set to 0, ReLU,
+  ``b_dec`` added to the decode and (detached) to the target, normalised by the target's batch variance, means over
+  ``(batch, d)``; ``nan_to_num`` (a zero-variance batch gives float32's max). No gradient to the source.
+- ``"sparsify"`` (``sparse_coder.py``): ReLU'd pre-activations, ``k = min(d_model // 2, n_dead)``, scale
+  ``min(n_dead / k_aux, 1)``, no ``b_dec``, sums over ``(batch, d)`` over the source's total variance
+  :math:`\sum (y - \bar y)^2`. Its fused encoder drops the auxiliary gradient: none reaches ``pre_activations``.
+- ``"dictionary_learning"`` (``trainers/top_k.py``): ReLU, ``k = min(d_model // 2, n_dead)``, no scale, no
+  ``b_dec``, ``mean_b Σ_d`` over the residual's variance ``mean_b Σ_d (r - r̄)²``, ``nan_to_num``; 0 without dead.
+- ``"saelens"`` (``topk_sae.py``): raw pre-activations, ``k = min(d_model // 2, n_dead)``, scale, no ``b_dec``,
+  ``mean_b Σ_d``, no normaliser; with ``prefix_sizes`` the Matryoshka sum over levels.
+- ``"saev"`` (``nn/modeling.py AuxK``): raw pre-activations, ``k = min(512, n_dead)``, no scale, ``b_dec`` in the
+  decode, mean over ``(batch, d)``, no normaliser.
+
+The top-k runs over a fixed ``min(k_aux, d_sae)`` latents with the live ones masked; the picks that are not dead are
+then zeroed, so a varying number of dead latents never changes a shape nor synchronises with the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal, NamedTuple, get_args
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+from torch.nn.functional import embedding_bag
+
+# A module, not its class: _batch imports this package's modules (read at call time, not while importing).
+from sparse_metrics import _batch as batch_module
+from sparse_metrics._validation import autocast_disabled, check_prefix_sizes, computation_dtype
+
+__all__ = ["AUXILIARY_K_CONVENTIONS", "AuxiliaryKConvention", "auxiliary_k_loss"]
+
+AuxiliaryKConvention = Literal["openai", "sparsify", "dictionary_learning", "saelens", "saev"]
+#: The conventions, each a peer's AuxK.
+AUXILIARY_K_CONVENTIONS: tuple[str, ...] = get_args(AuxiliaryKConvention)
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """How one peer forms its AuxK."""
+
+    relu: bool  # ReLU the picked pre-activations
+    cap: bool  # pick min(k_aux, n_dead) dead latents (OpenAI: k_aux latents, the live ones at 0)
+    scale: bool  # times min(n_dead / k_aux, 1)
+    bias_in_decode: bool  # b_dec added to the auxiliary decode (with its gradient)
+    normaliser: Literal["residual", "source"] | None
+    feature_mean: bool  # mean over d (else sum)
+    nan_to_num: bool  # the peer's .nan_to_num(0): NaN -> 0, inf -> float32 max
+    zero_without_dead: bool  # the peer returns 0 when no latent is dead
+    grad_to_pre_activations: bool
+    default_k_aux: int | None  # None: d_model // 2
+    sparse_decode: bool  # decode the picks alone (an embedding bag), as sparsify and OpenAI's kernel do
+
+
+RULES: dict[str, _Rule] = {
+    "openai": _Rule(True, False, False, True, "residual", True, True, False, True, 256, True),
+    "sparsify": _Rule(True, True, True, False, "source", False, False, True, False, None, True),
+    "dictionary_learning": _Rule(True, True, False, False, "residual", False, True, True, True, None, False),
+    "saelens": _Rule(False, True, True, False, None, False, False, True, True, None, False),
+    "saev": _Rule(False, True, False, True, None, True, False, True, True, 512, False),
+}
+#: The conventions whose value is a batch-level ratio (no per-item value).
+NORMALISED = tuple(name for name, rule in RULES.items() if rule.normaliser is not None)
+#: The conventions that define a Matryoshka AuxK (``prefix_sizes``).
+MATRYOSHKA_CONVENTIONS = ("saelens",)
+
+
+class AuxiliaryKTerms(NamedTuple):
+    """One batch's AuxK, per item.
+
+    Attributes:
+        squared_error: ``[batch, component]``: each item's (scaled) squared error of the auxiliary decode, reduced
+            over ``d`` as the convention does, differentiable; the convention's value is its batch mean (per-item
+            conventions) or its batch sum over the normaliser (normalised ones).
+        normaliser_input: ``[batch, component, d_model]``: the values whose spread normalises (the residual or the
+            source), or None.
+    """
+
+    squared_error: Tensor
+    normaliser_input: Tensor | None
+    any_dead: Tensor | None = None
+
+
+def check_convention(convention: object, prefix_sizes: Sequence[int] | None) -> _Rule:
+    """The rule of ``convention``; ``ValueError`` naming the valid ones, or where ``prefix_sizes`` is undefined."""
+    if convention not in RULES:
+        raise ValueError(f"`convention` must be one of {list(AUXILIARY_K_CONVENTIONS)}, got {convention!r}.")
+    if prefix_sizes is not None:
+        if convention not in MATRYOSHKA_CONVENTIONS:
+            raise ValueError(
+                "`prefix_sizes` (a Matryoshka AuxK) is defined only by the convention(s) "
+                f"{list(MATRYOSHKA_CONVENTIONS)} (SAELens' matryoshka_batchtopk), got convention={convention!r}."
+            )
+        check_prefix_sizes(prefix_sizes)
+    return RULES[str(convention)]
+
+
+def resolve_k_aux(rule: _Rule, k_aux: int | None, d_model: int, d_sae: int, convention: str) -> int:
+    """The convention's ``k_aux`` (its default where None), checked against the widths."""
+    value = k_aux if k_aux is not None else rule.default_k_aux if rule.default_k_aux is not None else d_model // 2
+    if value < 1:
+        raise ValueError(
+            f"`k_aux` must be at least 1; convention={convention!r} defaults to d_model // 2 = {value} for "
+            f"d_model={d_model}: pass `k_aux`."
+        )
+    if not rule.cap and value > d_sae:
+        raise ValueError(
+            f"`k_aux`={value} exceeds d_sae={d_sae}: convention={convention!r} takes the top k_aux of every latent "
+            "(torch.topk fails there); pass a smaller `k_aux`."
+        )
+    return value
+
+
+def _auxiliary_decode(
+    pre: Float[Tensor, "batch component width"],
+    dead: Bool[Tensor, "component width"],
+    weight: Float[Tensor, "component width d_model"],
+    k_aux: int,
+    rule: _Rule,
+) -> Tensor:
+    """``[batch, component, d_model]``: the decode of the picked dead latents' activations (no bias)."""
+    width = pre.shape[-1]
+    k = min(k_aux, width)
+    if not rule.grad_to_pre_activations:
+        pre = pre.detach()
+    if rule.cap:
+        masked = torch.where(dead, pre, -torch.inf)
+    else:  # OpenAI multiplies the live latents' pre-activations by 0
+        masked = torch.where(dead, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+    values, indices = masked.topk(k, dim=-1, sorted=False)
+    if rule.cap:  # fewer dead latents than k: the live picks (at -inf) are not picks
+        picked_dead = dead.unsqueeze(0).expand(pre.shape[0], -1, -1).gather(-1, indices)
+        values = torch.where(picked_dead, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    if rule.relu:
+        values = values.relu()
+    if not rule.sparse_decode:  # a dense product, as the peer's: every decoder row gets a (zero) gradient
+        return _decode(torch.zeros_like(pre).scatter(-1, indices, values), weight)
+    batch, components = pre.shape[:2]
+    offsets = torch.arange(components, device=pre.device).mul_(width).view(1, components, 1)
+    bags = embedding_bag(
+        (indices + offsets).reshape(batch * components, k),
+        weight.reshape(components * width, weight.shape[-1]),
+        per_sample_weights=values.reshape(batch * components, k),
+        mode="sum",
+    )
+    return bags.view(batch, components, weight.shape[-1])
+
+
+def _decode(activations: Tensor, weight: Tensor) -> Tensor:
+    return torch.einsum("bcf,cfd->bcd", activations, weight)
+
+
+def _scale(dead: Tensor, k_aux: int, rule: _Rule, dtype: torch.dtype) -> Tensor | None:
+    """``[component]``: ``min(n_dead / k_aux, 1)`` where the convention scales, 0 where none is dead and it says so."""
+    n_dead = dead.sum(dim=-1, dtype=dtype)
+    scale = (n_dead / k_aux).clamp(max=1) if rule.scale else None
+    if rule.zero_without_dead:
+        live_only = n_dead == 0
+        scale = torch.where(live_only, 0.0, 1.0 if scale is None else scale).to(dtype)
+    return scale
+
+
+def _squared(auxiliary: Tensor, target: Tensor, scale: Tensor | None, rule: _Rule) -> Tensor:
+    squared = (auxiliary - target).square()
+    per_item = squared.mean(dim=-1) if rule.feature_mean else squared.sum(dim=-1)
+    if scale is None:
+        return per_item
+    # where, not a product: a 0 scale must give 0 even for an infinite error, as the peers' early return does
+    return torch.where(scale > 0, per_item * scale, torch.zeros((), dtype=per_item.dtype, device=per_item.device))
+
+
+def auxiliary_k_terms(
+    source: Tensor,
+    decoded: Tensor | None,
+    pre_activations: Tensor,
+    decoder_weight: Tensor,
+    dead_mask: Tensor,
+    decoder_bias: Tensor | None,
+    *,
+    rule: _Rule,
+    k_aux: int,
+    learned: Tensor | None = None,
+    prefix_sizes: Sequence[int] | None = None,
+) -> AuxiliaryKTerms:
+    """The per-item terms of validated ``[batch, component, ...]`` inputs (decoder ``[component, d_sae, d_model]``)."""
+    tensors = [t for t in (source, decoded, pre_activations, decoder_weight, decoder_bias, learned) if t is not None]
+    dtype = computation_dtype(*tensors)
+    with autocast_disabled(source.device):
+        source = source.to(dtype)
+        pre = pre_activations.to(dtype)
+        weight = decoder_weight.to(dtype)
+        bias = None if decoder_bias is None else decoder_bias.to(dtype)
+        if prefix_sizes is not None:
+            return _matryoshka_terms(source, pre, weight, dead_mask, bias, learned, rule, k_aux, prefix_sizes)
+        assert decoded is not None
+        residual = (source - decoded.to(dtype)).detach()
+        auxiliary = _auxiliary_decode(pre, dead_mask, weight, k_aux, rule)
+        target = residual
+        if rule.bias_in_decode:
+            assert bias is not None
+            auxiliary = auxiliary + bias
+            if rule.normaliser is not None:  # OpenAI: x - x̂.detach() + b_dec.detach(), b_dec cancels in the value
+                target = residual + bias.detach()
+        squared = _squared(auxiliary, target, _scale(dead_mask, k_aux, rule, dtype), rule)
+        normaliser_input = {"residual": target, "source": source, None: None}[rule.normaliser]
+        any_dead = dead_mask.any(dim=-1) if rule.zero_without_dead else None
+        return AuxiliaryKTerms(squared, normaliser_input, any_dead)
+
+
+def _matryoshka_terms(
+    source: Tensor,
+    pre: Tensor,
+    weight: Tensor,
+    dead: Tensor,
+    bias: Tensor | None,
+    learned: Tensor | None,
+    rule: _Rule,
+    k_aux: int,
+    prefix_sizes: Sequence[int],
+) -> AuxiliaryKTerms:
+    """SAELens' Matryoshka AuxK: per level, its dead latents reconstruct the residual of the prefix through it."""
+    assert learned is not None
+    assert bias is not None
+    d_sae = pre.shape[-1]
+    widths = [*prefix_sizes] if prefix_sizes[-1] == d_sae else [*prefix_sizes, d_sae]
+    features = learned.to(pre.dtype)
+    prefix_decoded = bias  # decoded = f_level W_level + decoded, level by level, as SAELens' _iterable_decode
+    total: Tensor | None = None
+    start = 0
+    for end in widths:
+        level_weight = weight[:, start:end]
+        prefix_decoded = _decode(features[..., start:end], level_weight) + prefix_decoded
+        residual = (source - prefix_decoded).detach()
+        level_dead = dead[:, start:end]
+        auxiliary = _auxiliary_decode(pre[..., start:end], level_dead, level_weight, k_aux, rule)
+        squared = _squared(auxiliary, residual, _scale(level_dead, k_aux, rule, pre.dtype), rule)
+        total = squared if total is None else total + squared
+        start = end
+    assert total is not None
+    return AuxiliaryKTerms(total, None)
+
+
+def batch_ratio(terms: AuxiliaryKTerms, rule: _Rule) -> Float[Tensor, " component"]:
+    """The normalised conventions' batch value ``[component]``, differentiable as the peer's."""
+    assert terms.normaliser_input is not None
+    values = terms.normaliser_input
+    deviation = (values - values.mean(dim=0)).square()
+    if rule.normaliser == "source":  # sparsify: sums over (batch, d)
+        ratio = finish_ratio(terms.squared_error.sum(dim=0), deviation.sum(dim=(0, 2)), rule)
+    else:  # means over the batch of means (OpenAI) or sums (dictionary_learning) over d
+        per_item = deviation.mean(dim=-1) if rule.feature_mean else deviation.sum(dim=-1)
+        ratio = finish_ratio(terms.squared_error.mean(dim=0), per_item.mean(dim=0), rule)
+    if terms.any_dead is None:
+        return ratio
+    return torch.where(terms.any_dead, ratio, torch.zeros((), dtype=ratio.dtype, device=ratio.device))
+
+
+def finish_ratio(numerator: Tensor, variance: Tensor, rule: _Rule) -> Tensor:
+    """Numerator over the normaliser, with the peer's ``nan_to_num`` (inf becomes float32's max, NaN 0)."""
+    ratio = numerator / variance
+    return ratio.nan_to_num(0.0, posinf=_FLOAT32_MAX) if rule.nan_to_num else ratio
+
+
+def auxiliary_k_loss(
+    source_activations: Float[Tensor, "batch *component d_model"],
+    decoded_activations: Float[Tensor, "batch *component d_model"] | None,
+    pre_activations: Float[Tensor, "batch *component d_sae"],
+    decoder_weight: Float[Tensor, "*component d_sae d_model"],
+    dead_mask: Bool[Tensor, "*component d_sae"],
+    decoder_bias: Float[Tensor, "*component d_model"] | None = None,
+    *,
+    k_aux: int | None = None,
+    convention: AuxiliaryKConvention = "openai",
+    learned_activations: Float[Tensor, "batch *component d_sae"] | None = None,
+    prefix_sizes: Sequence[int] | None = None,
+    keep_batch_dim: bool = False,
+) -> Float[Tensor, "*component"]:
+    """The AuxK loss of one batch, as the convention's peer computes it (without its outer coefficient).
+
+    Args:
+        source_activations: The SAE's input ``x``, ``[batch, d_model]`` or ``[batch, component, d_model]``.
+        decoded_activations: Its reconstruction ``x̂`` (same shape); unused with ``prefix_sizes``.
+        pre_activations: The encoder's pre-activations ``h`` (before TopK and ReLU), ``[batch, *component, d_sae]``.
+        decoder_weight: Feature-major ``W_dec`` ``[*component, d_sae, d_model]``. SAELens' TopK SAEs decode
+            ``f / ‖W_dec,i‖`` by default: pass ``W_dec / W_dec.norm(dim=-1, keepdim=True)`` to reproduce them.
+        dead_mask: ``[*component, d_sae]`` booleans, True for a dead latent.
+        decoder_bias: ``b_dec`` ``[*component, d_model]``; required by ``"openai"``, ``"saev"`` and Matryoshka.
+        k_aux: How many dead latents decode; None takes the convention's default (256; ``d_model // 2``; 512).
+        convention: ``"openai"``, ``"sparsify"``, ``"dictionary_learning"``, ``"saelens"`` or ``"saev"``.
+        learned_activations: The SAE's activations ``f``, required with ``prefix_sizes``.
+        prefix_sizes: SAELens' Matryoshka widths (cumulative, global feature indices; d_sae appended when
+            missing): the sum over levels of each level's AuxK. ``"saelens"`` only.
+        keep_batch_dim: Per-item values ``[batch, *component]`` (``"saelens"`` and ``"saev"`` only).
+
+    Returns:
+        ``[*component]`` (0-d without a component axis), differentiable as the peer's loss.
+
+    Example:
+        >>> import torch
+        >>> from sparse_metrics.functional import auxiliary_k_loss
+        >>> source = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> decoded = torch.zeros(2, 2)  # the residual is the source
+        >>> pre = torch.tensor([[3.0, 1.0, -1.0], [0.0, 2.0, 5.0]])
+        >>> decoder = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        >>> dead = torch.tensor([False, True, True])
+        >>> auxiliary_k_loss(source, decoded, pre, decoder, dead, k_aux=1, convention="saelens")
+        tensor(18.)
+    """
+    rule = check_convention(convention, prefix_sizes)
+    inputs = {
+        "source_activations": source_activations,
+        "decoded_activations": decoded_activations,
+        "pre_activations": pre_activations,
+        "decoder_weight": decoder_weight,
+        "dead_mask": dead_mask,
+        "decoder_bias": decoder_bias,
+        "learned_activations": learned_activations,
+    }
+    batch = batch_module.SaeBatch(inputs, num_components=None, owner="auxiliary_k_loss")
+    terms = batch_terms(batch, rule, str(convention), k_aux, prefix_sizes, "auxiliary_k_loss")
+    if keep_batch_dim and rule.normaliser is not None:
+        raise ValueError(
+            f"`keep_batch_dim=True` needs a per-item value, which convention={convention!r} (a batch ratio) lacks; "
+            "it is defined for 'saelens' and 'saev'."
+        )
+    if rule.normaliser is not None:
+        value = batch_ratio(terms, rule)
+    else:
+        value = terms.squared_error if keep_batch_dim else terms.squared_error.mean(dim=0)
+    return value if batch.has_component_axis else value.squeeze(-1)
+
+
+def batch_terms(
+    batch: batch_module.SaeBatch,
+    rule: _Rule,
+    convention: str,
+    k_aux: int | None,
+    prefix_sizes: Sequence[int] | None,
+    owner: str,
+) -> AuxiliaryKTerms:
+    """Read and check the inputs of a :class:`~sparse_metrics._batch.SaeBatch`; the per-item terms."""
+    source = batch.require("source_activations", owner)
+    pre = batch.require("pre_activations", owner)
+    weight = batch.require("decoder_weight", owner)
+    dead = batch.require("dead_mask", owner)
+    learned = decoded = None
+    needs_bias = rule.bias_in_decode or prefix_sizes is not None
+    why = (
+        "It enters the value and gradient of the Matryoshka AuxK (each level's prefix decode)."
+        if prefix_sizes is not None
+        else f"It enters the auxiliary decode of convention={convention!r}."
+    )
+    bias = batch.require("decoder_bias", owner, why) if needs_bias else None
+    if prefix_sizes is not None:
+        learned = batch.require("learned_activations", owner, "It gives each Matryoshka level's residual.")
+        check_prefix_sizes(prefix_sizes, pre.shape[-1])
+    else:
+        decoded = batch.require("decoded_activations", owner)
+    if weight.shape[-1] != source.shape[-1]:
+        raise ValueError(
+            f"`decoder_weight` must have d_model={source.shape[-1]} (the width of `source_activations`) in its last "
+            f"axis, got shape {batch.shape('decoder_weight')}."
+        )
+    resolved = resolve_k_aux(rule, k_aux, source.shape[-1], pre.shape[-1], convention)
+    return auxiliary_k_terms(
+        source, decoded, pre, weight, dead, bias, rule=rule, k_aux=resolved, learned=learned, prefix_sizes=prefix_sizes
+    )
