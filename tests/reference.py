@@ -267,7 +267,7 @@ def per_item_pre_activation(
 
 
 def per_item_lp(learned: Tensor, decoder_weight: Tensor | None, p: float, root: bool) -> Tensor:
-    """``(sum_i a_i^p)^(1/p)`` or ``sum_i a_i^p`` of ``a_i = |f_i| ||W_i||``, item by item; a zero term has gradient 0."""
+    """``(sum_i a_i^p)^(1/p)`` or ``sum_i a_i^p`` of ``a_i = |f_i| ||W_i||`` per item; a zero term has gradient 0."""
     weights = decoder_weight.double().norm(dim=-1) if decoder_weight is not None else 1.0
     a = learned.double().abs() * weights
     nonzero = a != 0

@@ -442,7 +442,7 @@ _CASES = [
     ),
     Case(
         "jumprelu_l0",
-        lambda c, **kw: sm.JumpReLUL0Loss(c, **kw),
+        sm.JumpReLUL0Loss,
         _item_mean(jumprelu_l0(0.05)),
         JUMPRELU_INPUTS,
         keep_batch_dim=True,
@@ -476,7 +476,7 @@ _CASES = [
     ),
     Case(
         "pre_activation",
-        lambda c, **kw: sm.PreActivationLoss(c, **kw),
+        sm.PreActivationLoss,
         _item_mean(pre_activation()),
         ("pre_activations", "threshold", "decoder_weight", "dead_mask"),
         keep_batch_dim=True,

@@ -58,7 +58,7 @@ class _StraightThroughStep(torch.autograd.Function):
         ctx.to_input = to_input
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor, None, None]:
         x, threshold = ctx.saved_tensors
         estimate = (1.0 / ctx.bandwidth) * _rectangle((x - threshold) / ctx.bandwidth) * grad_output
         threshold_grad = -estimate.sum(dim=0)  # the threshold is shared by every item

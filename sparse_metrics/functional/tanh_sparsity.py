@@ -68,7 +68,7 @@ def tanh_sparsity_loss(
     scale: float = 4.0,
     keep_batch_dim: bool = False,
 ) -> Float[Tensor, "..."]:
-    """tanh sparsity penalty of a batch: the mean over items of ``sum_i tanh(scale * f_i * ||W_dec,i||)``.
+    """Tanh sparsity penalty of a batch: the mean over items of ``sum_i tanh(scale * f_i * ||W_dec,i||)``.
 
     Args:
         learned_activations: The SAE's feature activations, ``[batch, d_sae]`` or ``[batch, component, d_sae]``.

@@ -80,12 +80,12 @@ class PreActivationLoss(ItemMeanMetric):
             row_norms = batch.decoder_row_norms(owner, why + "d_model].")
         dead_mask = None
         if self.dead_only:
-            why = "It is required with `dead_only=True` (True for a dead latent); `dead_only=False` counts every latent."
+            why = "It is required with `dead_only=True` (True for a dead latent); `dead_only=False` counts all latents."
             dead_mask = batch.require("dead_mask", owner, why)
         return _pre_activation_penalty(pre_activations, threshold, row_norms, dead_mask)
 
     def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:
-        """Items with a finite value and finite `pre_activations` (the penalty saturates or vanishes at an infinite one)."""
+        """Items with a finite value and a finite `pre_activations` (an infinite one can give a finite penalty)."""
         finite = super()._finite_items(batch, contribution)
         assert finite is not None
         return finite & batch.finite_items("pre_activations", type(self).__name__)

@@ -72,7 +72,7 @@ class TanhSparsityLoss(ItemMeanMetric):
         return _tanh_penalty(learned, row_norms, self.scale)
 
     def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:
-        """Items with a finite value and finite `learned_activations` (the penalty saturates or vanishes at an infinite one)."""
+        """Items with a finite value and a finite `learned_activations` (an infinite one can give a finite penalty)."""
         finite = super()._finite_items(batch, contribution)
         assert finite is not None
         return finite & batch.finite_items("learned_activations", type(self).__name__)
