@@ -15,6 +15,8 @@ processes sharing the machine). Absolute medians are reported too. Rows:
    Informational rows: ``reuse_decoded_activations=True``, which takes the SAE's own ``x_hat`` (decoded before the
    loss, untimed) as the whole dictionary's reconstruction and so decodes only the smaller prefixes, and the
    SAELens way (one decode per prefix).
+4. ``AuxiliaryKLoss`` (dictionary_learning convention) on a TopK step, forward and forward+backward, vs the peer's
+   formula written here (which reads the dead count on the host); target <= 1.5 for forward+backward.
 
 Usage::
 
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_metrics import MatryoshkaReconstructionLoss, SparseAutoencoderLoss
+from sparse_metrics import AuxiliaryKLoss, MatryoshkaReconstructionLoss, SparseAutoencoderLoss
 
 RESULT_TAG = "BENCH_COMPILED_RESULT "
 COMPILED_ROW = "2b compiled=True forward vs floor f.sum()"
@@ -405,6 +407,52 @@ def bench_matryoshka(args: argparse.Namespace, x, f, generator: torch.Generator)
     return rows
 
 
+def bench_auxk(args: argparse.Namespace, x, generator: torch.Generator) -> list[Row]:
+    """A TopK step's AuxK (dictionary_learning convention): the metric alone vs the peer's formula written here."""
+    d_sae, d_model = args.d_sae, args.d_model
+    pre = torch.randn(args.batch, d_sae, generator=generator).requires_grad_()
+    weight = (torch.randn(d_sae, d_model, generator=generator) / d_sae**0.5).requires_grad_()
+    dead = torch.rand(d_sae, generator=generator) < 0.25
+    with torch.no_grad():  # the SAE's x_hat, decoded before the loss (untimed)
+        top = pre.relu().topk(min(32, d_sae), dim=-1)
+        decoded = torch.zeros_like(pre).scatter(-1, top.indices, top.values) @ weight
+    metric = AuxiliaryKLoss(convention="dictionary_learning", d_model=d_model)
+
+    def clear_grads():
+        pre.grad = None
+        weight.grad = None
+
+    def ours_forward() -> torch.Tensor:
+        return metric(x, decoded, pre, weight, dead)
+
+    def hand_written_forward() -> torch.Tensor:  # trainers/top_k.py get_auxiliary_loss, as the peer writes it
+        residual = (x - decoded).detach()
+        k_aux = min(d_model // 2, int(dead.sum()))  # the peer's host sync
+        acts, indices = torch.where(dead[None], pre.relu(), -torch.inf).topk(k_aux, sorted=False)
+        reconstruction = torch.zeros_like(pre).scatter(-1, indices, acts) @ weight
+        l2 = (residual - reconstruction).pow(2).sum(dim=-1).mean()
+        denominator = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
+        return (l2 / denominator).nan_to_num(0.0)
+
+    difference = abs(ours_forward().item() - hand_written_forward().item())
+    print(f"check: |AuxK metric - hand-written| = {difference:.3g}")
+    metric.reset()
+    start = time.perf_counter()
+    forward = measure({"ours": ours_forward, "hand": hand_written_forward}, args.repeats)
+    step = measure(
+        {"ours": lambda: ours_forward().backward(), "hand": lambda: hand_written_forward().backward()},
+        args.repeats,
+        before=clear_grads,
+    )
+    print(f"[AuxK section: {time.perf_counter() - start:.1f} s]")
+    clear_grads()
+    note = f"{int(dead.sum())} dead of {d_sae}, k_aux {d_model // 2}"
+    return [
+        row_from("4a AuxK (dictionary_learning) forward vs hand-written", forward, "ours", "hand", None, note),
+        row_from("4b AuxK (dictionary_learning) fwd+bwd vs hand-written", step, "ours", "hand", 1.5, note),
+    ]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------------------
@@ -466,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     x, x_hat, f = make_inputs(args)
     rows = bench_sae_loss(args, x, x_hat, f)
     rows += bench_matryoshka(args, x, f, torch.Generator().manual_seed(args.seed + 1))
+    rows += bench_auxk(args, x, torch.Generator().manual_seed(args.seed + 2))
     del f, x_hat
     if args.compile:
         rows += bench_compiled(args)

@@ -277,3 +277,91 @@ def per_item_lp(learned: Tensor, decoder_weight: Tensor | None, p: float, root: 
         return total
     some = total != 0
     return torch.where(some, torch.where(some, total, 1.0) ** (1 / p), 0.0)
+# --- the TopK auxiliary loss (AuxK), one peer at a time ------------------------------------------------------------
+
+#: convention -> (ReLU the picks, pick min(k_aux, n_dead) dead latents, scale min(n_dead / k_aux, 1), b_dec in the
+#: auxiliary decode, normaliser, mean over d, gradient to the pre-activations, default k_aux (None: d_model // 2)).
+AUXK = {
+    "openai": (True, False, False, True, "residual", True, True, 256),
+    "sparsify": (True, True, True, False, "source", False, False, None),
+    "dictionary_learning": (True, True, False, False, "residual", False, True, None),
+    "saelens": (False, True, True, False, None, False, True, None),
+    "saev": (False, True, False, True, None, True, True, 512),
+}
+
+
+def auxk_activations(pre: Tensor, dead: Tensor, k: int, relu: bool, cap: bool) -> Tensor:
+    """``[batch, component, d_sae]``: the top-``k`` dead latents' pre-activations (``min(k, n_dead)`` of them with
+    ``cap``; else OpenAI's top-``k`` of ``h * dead``), ReLU'd with ``relu``, 0 elsewhere; one component at a time."""
+    out = []
+    for c in range(pre.shape[1]):
+        dense = torch.zeros_like(pre[:, c])
+        if cap:
+            candidates = dead[c].nonzero().squeeze(-1)
+            count = min(k, candidates.numel())
+            if count:
+                top = pre[:, c, candidates].topk(count, dim=-1)
+                values = top.values.relu() if relu else top.values
+                dense = dense.scatter(-1, candidates[top.indices], values)
+        else:
+            top = (pre[:, c] * dead[c]).topk(k, dim=-1)
+            dense = dense.scatter(-1, top.indices, top.values.relu() if relu else top.values)
+        out.append(dense)
+    return torch.stack(out, dim=1)
+
+
+def auxk_terms(
+    step: dict[str, Tensor], convention: str, k_aux: int | None = None, prefix_sizes: Sequence[int] | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """A step's per-item AuxK numerator ``[batch, component]`` (scaled, 0 without a dead latent where the peer returns
+    0) and the values whose variance normalises it (None for the per-item conventions), float64, differentiable."""
+    relu, cap, scaled, bias_in_decode, normaliser, feature_mean, grad_to_pre, default_k = AUXK[convention]
+    source = step["source_activations"].double()
+    pre = step["pre_activations"].double()
+    weight = step["decoder_weight"].double()
+    dead = step["dead_mask"]
+    bias = step["decoder_bias"].double() if bias_in_decode or prefix_sizes is not None else None
+    k = k_aux if k_aux is not None else default_k if default_k is not None else source.shape[-1] // 2
+    pre = pre if grad_to_pre else pre.detach()
+
+    def squared(auxiliary: Tensor, target: Tensor, level_dead: Tensor) -> Tensor:
+        error = (auxiliary - target) ** 2
+        per_item = error.mean(-1) if feature_mean else error.sum(-1)
+        n_dead = level_dead.sum(-1).double()
+        if scaled:
+            per_item = per_item * torch.clamp(n_dead / k, max=1.0)
+        return per_item if convention == "openai" else torch.where(n_dead > 0, per_item, 0.0)
+
+    if prefix_sizes is not None:  # SAELens' Matryoshka: one AuxK per level, on the residual of the prefix through it
+        learned = step["learned_activations"].double()
+        d_sae = pre.shape[-1]
+        widths = list(prefix_sizes) if prefix_sizes[-1] == d_sae else [*prefix_sizes, d_sae]
+        total, start = torch.zeros(source.shape[:2], dtype=torch.float64), 0
+        for end in widths:
+            prefix = torch.einsum("bcf,cfd->bcd", learned[..., :end], weight[:, :end]) + bias
+            residual = (source - prefix).detach()
+            picks = auxk_activations(pre[..., start:end], dead[:, start:end], k, relu, cap)
+            auxiliary = torch.einsum("bcf,cfd->bcd", picks, weight[:, start:end])
+            total = total + squared(auxiliary, residual, dead[:, start:end])
+            start = end
+        return total, None
+    residual = (source - step["decoded_activations"].double()).detach()
+    auxiliary = torch.einsum("bcf,cfd->bcd", auxk_activations(pre, dead, k, relu, cap), weight)
+    target = residual
+    if bias_in_decode:
+        auxiliary = auxiliary + bias
+        if convention == "openai":  # x - x̂.detach() + b_pre.detach()
+            target = residual + bias.detach()
+    return squared(auxiliary, target, dead), {"residual": target, "source": source, None: None}[normaliser]
+
+
+def auxk_pooled_ratio(numerators: Tensor, values: Tensor, convention: str) -> Tensor:
+    """``[component]``: the numerators of every item over the variance of every item's ``values`` (the batch ratio
+    for one batch); OpenAI's means over ``(b, d)`` make it ``Σ e² / Σ (v - v̄)²`` too."""
+    numerator = numerators.sum(0) * (values.shape[-1] if convention == "openai" else 1)
+    variance = ((values - values.mean(0)) ** 2).sum((0, 2))
+    ratio = numerator / variance
+    if convention in ("openai", "dictionary_learning"):  # .nan_to_num(0) (in float32, as the peers compute) of x/0
+        degenerate = numerator.isfinite() & variance.isfinite()
+        ratio = torch.where(degenerate, ratio.nan_to_num(0.0, posinf=torch.finfo(torch.float32).max), ratio)
+    return ratio

@@ -241,6 +241,22 @@ def _fvu(explained: bool) -> Callable[[Ranks, bool], dict[str, Tensor]]:
     return expected
 
 
+def _auxk(
+    convention: str, k_aux: int | None = None, prefix_sizes: Sequence[int] | None = None
+) -> Callable[[Ranks, bool], dict[str, Tensor]]:
+    """The AuxK reference: per-item means, or the ratio pooled over every item of every rank."""
+
+    def expected(ranks: Ranks, keep_batch_dim: bool) -> dict[str, Tensor]:
+        terms = [reference.auxk_terms(step, convention, k_aux, prefix_sizes) for step in _all_items(ranks)]
+        numerators = torch.cat([numerator for numerator, _ in terms])
+        if terms[0][1] is None:
+            return {"value": _squeeze(numerators, 1) if keep_batch_dim else _squeeze(numerators.mean(0), 0)}
+        values = torch.cat([value for _, value in terms if value is not None])
+        return {"value": _squeeze(reference.auxk_pooled_ratio(numerators, values, convention), 0)}
+
+    return expected
+
+
 def _density(ranks: Ranks, keep_batch_dim: bool) -> dict[str, Tensor]:
     density = reference.feature_density(torch.cat(_streams(ranks)))
     return {"value": _squeeze(density, 0), "mean_log10_density": _squeeze(reference.mean_log10_density(density), 0)}
@@ -394,6 +410,14 @@ _TRAINING = {
 _RECONSTRUCTION = ("source_activations", "decoded_activations")
 JUMPRELU_INPUTS = ("pre_activations", "threshold")
 _COLLECTION_INPUTS = ("source_activations", "learned_activations", "decoded_activations")
+_AUXK_INPUTS = (
+    "source_activations",
+    "decoded_activations",
+    "pre_activations",
+    "decoder_weight",
+    "dead_mask",
+    "decoder_bias",
+)
 
 _CASES = [
     Case(
@@ -532,6 +556,53 @@ _CASES = [
         ("learned_activations",),
         methods=("items_since_fired", "dead_mask"),
         lifetime=frozenset({"value", "items_since_fired", "dead_mask"}),
+    ),
+    # AuxK: k_aux above the ~5 dead latents of 12 (the cap and the scale apply), or OpenAI's top-3 of every latent.
+    Case(
+        "auxk_openai",
+        lambda c, **kw: sm.AuxiliaryKLoss(c, k_aux=3, convention="openai", d_model=D_MODEL, **kw),
+        _auxk("openai", 3),
+        _AUXK_INPUTS,
+    ),
+    Case(
+        "auxk_sparsify",
+        lambda c, **kw: sm.AuxiliaryKLoss(c, k_aux=8, convention="sparsify", d_model=D_MODEL, **kw),
+        _auxk("sparsify", 8),
+        _AUXK_INPUTS[:-1],
+    ),
+    Case(
+        "auxk_dictionary_learning",
+        lambda c, **kw: sm.AuxiliaryKLoss(c, k_aux=7, convention="dictionary_learning", d_model=D_MODEL, **kw),
+        _auxk("dictionary_learning", 7),
+        _AUXK_INPUTS[:-1],
+    ),
+    Case(
+        "auxk_saelens",
+        lambda c, **kw: sm.AuxiliaryKLoss(c, k_aux=6, convention="saelens", **kw),
+        _auxk("saelens", 6),
+        _AUXK_INPUTS[:-1],
+        keep_batch_dim=True,
+    ),
+    Case(
+        "auxk_saelens_default_k",
+        lambda c, **kw: sm.AuxiliaryKLoss(c, convention="saelens", **kw),
+        _auxk("saelens"),
+        _AUXK_INPUTS[:-1],
+        keep_batch_dim=True,
+    ),
+    Case(
+        "auxk_saelens_matryoshka",
+        lambda c, **kw: sm.AuxiliaryKLoss(c, k_aux=3, convention="saelens", prefix_sizes=[4, 9], **kw),
+        _auxk("saelens", 3, [4, 9]),
+        ("source_activations", "learned_activations", "pre_activations", "decoder_weight", "dead_mask", "decoder_bias"),
+        keep_batch_dim=True,
+    ),
+    Case(
+        "auxk_saev",
+        lambda c, **kw: sm.AuxiliaryKLoss(c, k_aux=4, convention="saev", **kw),
+        _auxk("saev", 4),
+        _AUXK_INPUTS,
+        keep_batch_dim=True,
     ),
     Case(
         "collection",

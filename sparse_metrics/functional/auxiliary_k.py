@@ -135,10 +135,8 @@ def _auxiliary_decode(
     k = min(k_aux, width)
     if not rule.grad_to_pre_activations:
         pre = pre.detach()
-    if rule.cap:
-        masked = torch.where(dead, pre, -torch.inf)
-    else:  # OpenAI multiplies the live latents' pre-activations by 0
-        masked = torch.where(dead, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
+    # OpenAI multiplies the live latents' pre-activations by 0 (a NaN there stays NaN); the others mask them to -inf
+    masked = torch.where(dead, pre, -torch.inf) if rule.cap else pre * dead
     values, indices = masked.topk(k, dim=-1, sorted=False)
     if rule.cap:  # fewer dead latents than k: the live picks (at -inf) are not picks
         picked_dead = dead.unsqueeze(0).expand(pre.shape[0], -1, -1).gather(-1, indices)
@@ -259,18 +257,25 @@ def batch_ratio(terms: AuxiliaryKTerms, rule: _Rule) -> Float[Tensor, " componen
     deviation = (values - values.mean(dim=0)).square()
     if rule.normaliser == "source":  # sparsify: sums over (batch, d)
         ratio = finish_ratio(terms.squared_error.sum(dim=0), deviation.sum(dim=(0, 2)), rule)
-    else:  # means over the batch of means (OpenAI) or sums (dictionary_learning) over d
+    else:  # batch means of means (OpenAI) or sums (dictionary_learning) over d: summed, so 0/0 for no item
         per_item = deviation.mean(dim=-1) if rule.feature_mean else deviation.sum(dim=-1)
-        ratio = finish_ratio(terms.squared_error.mean(dim=0), per_item.mean(dim=0), rule)
+        ratio = finish_ratio(terms.squared_error.sum(dim=0), per_item.sum(dim=0), rule)
     if terms.any_dead is None:
         return ratio
     return torch.where(terms.any_dead, ratio, torch.zeros((), dtype=ratio.dtype, device=ratio.device))
 
 
 def finish_ratio(numerator: Tensor, variance: Tensor, rule: _Rule) -> Tensor:
-    """Numerator over the normaliser, with the peer's ``nan_to_num`` (inf becomes float32's max, NaN 0)."""
+    """Numerator over the normaliser, with the peer's ``nan_to_num`` where both are finite.
+
+    A zero normaliser gives float32's max (x/0) or 0 (0/0), as the peers; a NaN or infinite input still shows (the
+    peers' ``nan_to_num`` would hide it as 0).
+    """
     ratio = numerator / variance
-    return ratio.nan_to_num(0.0, posinf=_FLOAT32_MAX) if rule.nan_to_num else ratio
+    if not rule.nan_to_num:
+        return ratio
+    finite_parts = numerator.isfinite() & variance.isfinite()
+    return torch.where(finite_parts, ratio.nan_to_num(0.0, posinf=_FLOAT32_MAX), ratio)
 
 
 def auxiliary_k_loss(
@@ -286,7 +291,7 @@ def auxiliary_k_loss(
     learned_activations: Float[Tensor, "batch *component d_sae"] | None = None,
     prefix_sizes: Sequence[int] | None = None,
     keep_batch_dim: bool = False,
-) -> Float[Tensor, "*component"]:
+) -> Float[Tensor, "..."]:
     """The AuxK loss of one batch, as the convention's peer computes it (without its outer coefficient).
 
     Args:
@@ -305,7 +310,8 @@ def auxiliary_k_loss(
         keep_batch_dim: Per-item values ``[batch, *component]`` (``"saelens"`` and ``"saev"`` only).
 
     Returns:
-        ``[*component]`` (0-d without a component axis), differentiable as the peer's loss.
+        ``[*component]`` (0-d without a component axis), ``[batch, *component]`` with ``keep_batch_dim``,
+        differentiable as the peer's loss.
 
     Example:
         >>> import torch

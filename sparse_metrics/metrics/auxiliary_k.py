@@ -189,10 +189,17 @@ class AuxiliaryKLoss(SaeMetric):
         return _Contribution(terms, statistics)
 
     def _finite_items(self, batch: SaeBatch, contribution: _Contribution) -> Tensor | None:
+        """The items whose inputs are all finite (a live latent's NaN included: the peers' masks may hide it)."""
+        owner = type(self).__name__
         finite = contribution.terms.squared_error.detach().isfinite().all(dim=1)
-        if contribution.terms.normaliser_input is not None:
-            finite = finite & contribution.terms.normaliser_input.detach().isfinite().flatten(1).all(dim=1)
+        for name in self._batched_inputs():
+            finite = finite & batch.finite_items(name, owner)
         return finite
+
+    def _batched_inputs(self) -> tuple[str, ...]:
+        if self.prefix_sizes is not None:
+            return ("source_activations", "learned_activations", "pre_activations")
+        return ("source_activations", "decoded_activations", "pre_activations")
 
     def _record(self, contribution: _Contribution) -> None:
         squared = contribution.terms.squared_error
