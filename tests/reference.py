@@ -277,6 +277,8 @@ def per_item_lp(learned: Tensor, decoder_weight: Tensor | None, p: float, root: 
         return total
     some = total != 0
     return torch.where(some, torch.where(some, total, 1.0) ** (1 / p), 0.0)
+
+
 # --- the TopK auxiliary loss (AuxK), one peer at a time ------------------------------------------------------------
 
 #: convention -> (ReLU the picks, pick min(k_aux, n_dead) dead latents, scale min(n_dead / k_aux, 1), b_dec in the
