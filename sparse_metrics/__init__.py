@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from sparse_metrics import presets
 from sparse_metrics.collection import SparseAutoencoderLoss
 from sparse_metrics.metrics import (
     AuxiliaryKLoss,
@@ -54,4 +55,5 @@ __all__ = [
     "TanhSparsityLoss",
     "TotalLoss",
     "__version__",
+    "presets",
 ]

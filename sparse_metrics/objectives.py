@@ -32,6 +32,7 @@ from jaxtyping import Float
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
+from sparse_metrics import presets
 from sparse_metrics._validation import check_prefix_sizes, check_same_shape
 from sparse_metrics.collection import SparseAutoencoderLoss
 from sparse_metrics.functional.l2_reconstruction import _elementwise_squared_error
@@ -239,8 +240,9 @@ class Objective(nn.Module):
 
     def __init__(self, sparsity_coeff: float) -> None:
         super().__init__()
-        # saev's mse is an element mean over (batch, d_model): the per-item mean over d_model, then the batch mean.
-        self.collection = SparseAutoencoderLoss(sparsity_coefficient=sparsity_coeff, feature_reduction="mean")
+        # saev's mse is an element mean over (batch, d_model): the per-item mean over d_model, then the batch mean;
+        # the preset of saev's ReLU loss (mse + sparsity_coeff * l1) is that collection.
+        self.collection: SparseAutoencoderLoss = presets.saev("relu", sparsity_coeff=sparsity_coeff)
 
     def forward(self, x: Tensor, f_x: Tensor, x_hat: Tensor, *args: Any, **kwargs: Any) -> Loss:
         """The batch's loss terms; the batch is also accumulated for :meth:`compute`. Defined by each objective."""

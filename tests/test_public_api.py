@@ -13,7 +13,13 @@ from torchmetrics import Metric, MetricCollection
 import sparse_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC_MODULES = ["sparse_metrics", "sparse_metrics.functional", "sparse_metrics.metrics", "sparse_metrics.objectives"]
+PUBLIC_MODULES = [
+    "sparse_metrics",
+    "sparse_metrics.functional",
+    "sparse_metrics.metrics",
+    "sparse_metrics.objectives",
+    "sparse_metrics.presets",
+]
 #: Optional extras (plot, lightning, docs): never imported by `import sparse_metrics`.
 OPTIONAL_MODULES = ["matplotlib", "lightning", "pytorch_lightning", "mkdocs", "mkdocstrings"]
 

@@ -360,6 +360,35 @@ def collection_reference(
     return expected
 
 
+def saelens_jumprelu_preset_reference(
+    l0_coefficient: float, pre_act_loss_coefficient: float, bandwidth: float = 0.05
+) -> Callable[[Ranks, bool], dict[str, Tensor]]:
+    """``presets.saelens("jumprelu", ...)``: summed-over-d MSE + l0_coefficient * L0 + pre_act coefficient * pre-act."""
+
+    def expected(ranks: Ranks, keep_batch_dim: bool) -> dict[str, Tensor]:
+        assert not keep_batch_dim
+        terms: dict[str, PerItem] = {
+            "l2": l2("sum"),
+            "l0": l0,
+            "l1": l1,
+            "sparsity": sparsity(0.0),
+            "l0_loss": jumprelu_l0(bandwidth),
+            "pre_act_loss": pre_activation(),
+        }
+        out = {key: _squeeze(_per_item(fn, ranks).mean(0), 0) for key, fn in terms.items()}
+        # the collection's sparsity term (coefficient 0) stays in the loss: a NaN in f propagates through it
+        total = (
+            out["l2"]
+            + out["sparsity"]
+            + l0_coefficient * out["l0_loss"]
+            + pre_act_loss_coefficient * out["pre_act_loss"]
+        )
+        out["loss"] = total.mean()
+        return out
+
+    return expected
+
+
 # --- the registry -------------------------------------------------------------------------------------------------
 
 
@@ -712,6 +741,14 @@ _CASES = [
         (*_COLLECTION_INPUTS, "decoder_weight"),
         keep_batch_dim=True,
         lifetime=frozenset({"dead_features", "dead_feature_fraction"}),
+    ),
+    Case(
+        "collection_preset_saelens_jumprelu",
+        lambda c, **kw: sm.presets.saelens(
+            "jumprelu", l0_coefficient=0.3, pre_act_loss_coefficient=0.7, num_components=c, **kw
+        ),
+        saelens_jumprelu_preset_reference(0.3, 0.7),
+        (*_COLLECTION_INPUTS, *JUMPRELU_INPUTS, "decoder_weight", "dead_mask"),
     ),
 ]
 
