@@ -21,6 +21,9 @@ SMALL = ["--epochs", "3", "--num-samples", "2048", "--batch-size", "128", "--d-s
 # The scalars of the collection's compute(): the loss terms, then the values watched besides them.
 LOSS_KEYS = {"loss", "l2", "l0", "l1", "sparsity"}
 WATCHED_KEYS = {"fvu", "explained_variance", "mean_log10_feature_density", "dead_features", "dead_feature_fraction"}
+# The density bands the collection reports with feature_density=True (fractions of the features).
+WATCHED_KEYS |= {f"feature_density_{band}" for band in ("above_1e-1", "above_1e-2", "below_1e-5", "below_1e-6")}
+WATCHED_KEYS |= {"feature_density_never_fired"}
 EPOCH_KEYS = LOSS_KEYS | WATCHED_KEYS
 TABLE_HEADER = ["epoch", "loss", "l2", "l0", "l1", "sparsity", "expl_var", "dead", "dead_frac"]
 
