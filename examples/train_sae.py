@@ -74,7 +74,7 @@ NOISE_STD = 0.05  # relative to an item's signal, which is scaled to unit varian
 RECOVERY_COSINE = 0.9  # a true direction counts as recovered if some decoder row is at least this close
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 JUMPRELU_BANDWIDTH = 0.05  # SAELens' default ε of the straight-through estimators
-JUMPRELU_INITIAL_THRESHOLD = 0.05
+JUMPRELU_INITIAL_THRESHOLD = 0.2  # above most early pre-activations: L0 starts low
 
 # Columns of the per-epoch table, in order, with their headers; Matryoshka runs append one column per prefix.
 TABLE_COLUMNS = {
@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sparsity-coefficient",
         type=float,
         default=None,
-        help="weight of the L1 penalty (relu, default 2e-2) or of the L0 penalty (jumprelu, default 1e-3)",
+        help="weight of the L1 penalty (relu) or of the L0 penalty (jumprelu); default 2e-2",
     )
     parser.add_argument(
         "--matryoshka",
@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.sparsity_coefficient is None:
-        args.sparsity_coefficient = 1e-3 if args.architecture == "jumprelu" else 2e-2
+        args.sparsity_coefficient = 2e-2
     elif args.architecture in ("topk", "batchtopk"):
         parser.error(f"--sparsity-coefficient: a {args.architecture} SAE has no sparsity penalty (its k sets the L0)")
     if args.k is not None and args.architecture not in ("topk", "batchtopk"):
@@ -287,7 +287,7 @@ def make_loss(args: argparse.Namespace, dead_window: int) -> sm.SparseAutoencode
     coefficients: dict[str, float] = {}
     sparsity_coefficient = args.sparsity_coefficient
     if args.architecture in ("topk", "batchtopk"):
-        terms["auxk"] = sm.AuxiliaryKLoss(k_aux=D_MODEL // 2, convention="dictionary_learning")
+        terms["auxk"] = sm.AuxiliaryKLoss(k_aux=D_MODEL // 2, convention="dictionary_learning", d_model=D_MODEL)
         coefficients["auxk"] = 1 / 32
         sparsity_coefficient = 0.0
     elif args.architecture == "jumprelu":

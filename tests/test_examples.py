@@ -345,3 +345,44 @@ def test_optional_parts_degrade_without_their_packages(
         assert bar is None
     with pytest.raises(SystemExit, match="--plot needs matplotlib"):
         train_sae.plot_training(tmp_path / "curves.png", [{"loss": 1.0}], [1.0], 1)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "terms"),
+    [("topk", {"auxk"}), ("batchtopk", {"auxk", "threshold"}), ("jumprelu", {"l0_loss"})],
+)
+def test_architecture_trains_with_its_loss(
+    train_sae: ModuleType, capsys: pytest.CaptureFixture[str], architecture: str, terms: set[str]
+) -> None:
+    # A short dead window: latents die, and AuxK has dead latents to revive.
+    result = train_sae.main([*SMALL, "--architecture", architecture, "--dead-window", "64"])
+    check_trained(result, EPOCH_KEYS | terms)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{architecture} SAE")
+    header = lines[1].split()
+    assert {"auxk": "auxk" in header, "l0_loss": "l0_loss" in header, "threshold": "threshold" in header} == {
+        key: key in terms for key in ("auxk", "l0_loss", "threshold")
+    }
+    # The epoch loss is the sum of its terms with their coefficients: no L1 penalty but for ReLU.
+    assert result["sparsity"] == 0.0
+    if architecture == "jumprelu":
+        assert result["loss"] == pytest.approx(result["l2"] + 2e-2 * result["l0_loss"], rel=1e-9)
+    else:
+        assert result["l0"] == pytest.approx(8.0)  # k active latents per item (on average, for BatchTopK)
+        assert result["auxk"] > 0.0
+        assert result["loss"] == pytest.approx(result["l2"] + result["auxk"] / 32, rel=1e-9)
+    if architecture == "batchtopk":
+        assert result["threshold"] > 0.0  # the running minimum positive activation
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--k", "4"],
+        ["--architecture", "topk", "--sparsity-coefficient", "0.1"],
+        ["--architecture", "topk", "--k", "999"],
+    ],
+)
+def test_architecture_options_that_cannot_apply_are_refused(train_sae: ModuleType, extra: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        train_sae.main([*SMALL, *extra])
