@@ -286,11 +286,6 @@ def _auxk(
     return expected
 
 
-def _density(ranks: Ranks, keep_batch_dim: bool) -> dict[str, Tensor]:
-    density = reference.feature_density(torch.cat(_streams(ranks)))
-    return {"value": _squeeze(density, 0), "mean_log10_density": _squeeze(reference.mean_log10_density(density), 0)}
-
-
 def _dead(threshold: float | None = None, steps: bool = False) -> Callable[[Ranks, bool], dict[str, Tensor]]:
     window = WINDOW_STEPS if steps else WINDOW
 
