@@ -596,7 +596,7 @@ def saev(
 
     ``mse`` is the element mean of the squared error over ``(batch, d_model)`` (``feature_reduction="mean"``);
     with fixed Matryoshka ``prefix_sizes`` the element mean over ``(batch, prefix, d_model)``, the ``"matryoshka"``
-    member with weights ``1/P`` (:mod:`sparse_metrics.objectives` samples the widths per step).
+    member with weights ``1/P`` (``sparse_metrics.objectives`` samples the widths per step).
     ``sparsity = sparsity_coeff * mean_b ||f||_1`` (``L1Sparsity``; the activation's default: ``Relu`` 4e-4, the
     TopK ones none). ``aux`` (``saev/nn/modeling.py``): ``"auxk"`` (the TopK ones' default) is
     ``alpha * mean((decode(aux_acts) - (x - x_hat).detach())^2)``, the top ``min(k_aux, n_dead)`` dead

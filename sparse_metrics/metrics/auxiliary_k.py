@@ -40,7 +40,7 @@ class AuxiliaryKLoss(SaeMetric):
 
     Each ``convention`` reproduces one peer's value and gradients, including its own scale
     :math:`s = \min(n_{dead}/k_{aux}, 1)` and normaliser, without its outer coefficient (weight it in
-    :class:`TotalLoss`); see :mod:`sparse_metrics.functional.auxiliary_k` and ``docs/metrics/auxk.md``:
+    :class:`TotalLoss`); see :func:`~sparse_metrics.functional.auxiliary_k_loss` and ``docs/metrics/auxk.md``:
 
     ======================= ======== ============== ===================== ======= ====================== ==============
     convention              ReLU(h)  ``b_dec``      ``k_aux`` (default)   scale   normaliser             reduce

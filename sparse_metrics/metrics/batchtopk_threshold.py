@@ -39,7 +39,7 @@ class BatchTopKThreshold(SaeMetric):
     .. math:: \theta_t = (1 - \mu)\, \theta_{t-1} + \mu\, m_t
 
     ``convention`` picks a peer's defaults and arithmetic (bitwise its value; see
-    :mod:`sparse_metrics.functional.batchtopk_threshold`):
+    :func:`~sparse_metrics.functional.batchtopk_threshold.batchtopk_threshold`):
 
     - ``"saelens"``: ``momentum`` 0.01 (``topk_threshold_lr``), float64, :math:`\theta_0 = 0`, every step; no
       update on a step with no positive activation.

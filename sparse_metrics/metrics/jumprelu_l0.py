@@ -28,7 +28,7 @@ class JumpReLUL0Loss(ItemMeanMetric):
     ``update(pre_activations, threshold)`` takes the encoder's pre-activations ``[batch, *component, d_sae]`` and the
     threshold ``[*component, d_sae]``. ``forward`` is differentiable with respect to the threshold through the
     rectangle-kernel straight-through estimator of the convention (see
-    :mod:`sparse_metrics.functional.jumprelu_l0`), and with respect to the pre-activations as well with
+    :func:`~sparse_metrics.functional.jumprelu_l0_loss`), and with respect to the pre-activations as well with
     ``ste_to_input=True`` (SAELens' ``jumprelu_ste_to_input``).
 
     - ``convention="saelens"`` (SAELens ``Step``): bandwidth 0.05 by default; with ``target_l0`` :math:`T` each
