@@ -246,7 +246,11 @@ class SparseAutoencoder(nn.Module):
         """The JumpReLU threshold ``θ = exp(log θ)``, positive."""
         return self.log_threshold.exp()
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, x: Tensor) -> Tensor:
+        """The feature activations ``f``."""
+        return self.encode_with_pre_activations(x)[0]
+
+    def encode_with_pre_activations(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The feature activations ``f`` and the pre-activations ``h``."""
         pre_activations = (x - self.b_dec) @ self.W_enc + self.b_enc
         if self.architecture == "relu":
@@ -263,9 +267,10 @@ class SparseAutoencoder(nn.Module):
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        f, pre_activations = self.encode(x)
-        return f, self.decode(f), pre_activations
+    def forward(self, x: Tensor, *, with_pre_activations: bool = False) -> tuple[Tensor, ...]:
+        """``(f, x_hat)``, and ``h`` after them with ``with_pre_activations`` (what AuxK and JumpReLU's L0 read)."""
+        f, pre_activations = self.encode_with_pre_activations(x)
+        return (f, self.decode(f), pre_activations) if with_pre_activations else (f, self.decode(f))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -422,7 +427,7 @@ def _train(rank: int, world_size: int, args: argparse.Namespace) -> list[dict[st
         with _progress(steps_per_epoch, f"epoch {epoch}", enabled=is_printer) as recorder.bar:
             for indices in shard.split(local_batch):
                 x = activations[indices]
-                out = loss_fn(**step_inputs(args, sae, loss_fn, x, *model(x)))
+                out = loss_fn(**step_inputs(args, sae, loss_fn, x, *model(x, with_pre_activations=True)))
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()  # DDP averages the gradients over the ranks here
                 optimizer.step()

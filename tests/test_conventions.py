@@ -599,9 +599,15 @@ def test_lm_saes_density_bands(generator):
 
 
 def test_the_conventions_page_names_exactly_these_tests():
+    """Every test of this file is on the page, and every test the page names exists: a bare name is one of this file's,
+    ``file.py::name`` one of that file's."""
     page = (Path(__file__).resolve().parents[1] / "docs" / "conventions.md").read_text(encoding="utf-8")
-    named = set(re.findall(r"`(test_[a-z0-9_]+)(?:\[[a-z]+\])?`", page))
+    qualified = re.findall(r"`(test_[a-z0-9_]+)\.py::(test_[a-z0-9_]+)", page)
+    bare = set(re.findall(r"(?<![:\w])`(test_[a-z0-9_]+)(?:\[[a-z0-9_*-]+\])?`", page))
     here = {name for name in globals() if name.startswith("test_")} - {
         "test_the_conventions_page_names_exactly_these_tests"
     }
-    assert named == here
+    assert bare == here
+    for module, name in qualified:
+        source = (Path(__file__).resolve().parent / f"{module}.py").read_text(encoding="utf-8")
+        assert re.search(rf"^def {name}\(", source, flags=re.MULTILINE), f"{module}.py::{name}"

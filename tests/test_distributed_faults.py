@@ -43,7 +43,7 @@ def _rank_batches(sizes: list[Any], seed: int) -> list[dict[str, torch.Tensor]]:
     batches = _batches([3 if size == "nan" else size for size in sizes], seed)
     for size, batch in zip(sizes, batches, strict=True):
         if size == "nan":  # every item non-finite: all dropped under nan_strategy="ignore"
-            for key in ("source_activations", "decoded_activations", "learned_activations"):
+            for key in tester.ACTIVATIONS:  # every input with a batch axis
                 batch[key] = torch.full_like(batch[key], float("nan"))
     return batches
 
