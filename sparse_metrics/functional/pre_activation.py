@@ -12,14 +12,12 @@ from torch import Tensor
 
 from sparse_metrics._validation import (
     autocast_disabled,
-    check_decoder,
     check_floating,
     computation_dtype,
-    infer_d_model,
     to_components,
 )
 from sparse_metrics.functional._output import batch_output
-from sparse_metrics.functional.sparsity import _decoder_row_norms
+from sparse_metrics.functional.sparsity import _checked_row_norms
 
 __all__ = ["pre_activation_loss"]
 
@@ -69,15 +67,7 @@ def _pre_activation_update(
         mask = _feature_input("dead_mask", dead_mask, expected, axis)
     norms = None
     if decoder_weight is not None:
-        weight, _ = check_decoder(
-            decoder_weight,
-            None,
-            num_components=h.shape[1],
-            source_is_batched_by_component=axis,
-            d_sae=h.shape[-1],
-            d_model=infer_d_model(decoder_weight, h.shape[-1]),
-        )
-        norms = _decoder_row_norms(weight, computation_dtype(h, weight))
+        norms = _checked_row_norms(decoder_weight, h, axis)
     return _pre_activation_penalty(h, theta, norms, mask)
 
 

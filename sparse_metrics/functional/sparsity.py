@@ -40,6 +40,22 @@ def _decoder_row_norms(weight: Float[Tensor, "component d_sae d_model"], dtype: 
     return norms
 
 
+def _checked_row_norms(decoder_weight: object, activations: Tensor, batched_by_component: bool) -> Tensor:
+    """Row norms ``[component, d_sae]`` of a feature-major decoder checked against the activations' shape.
+
+    ``activations`` are ``[batch, component, d_sae]``; ``batched_by_component``: whether they had a component axis.
+    """
+    weight, _ = check_decoder(
+        decoder_weight,
+        None,
+        num_components=activations.shape[1],
+        source_is_batched_by_component=batched_by_component,
+        d_sae=activations.shape[-1],
+        d_model=infer_d_model(decoder_weight, activations.shape[-1]),
+    )
+    return _decoder_row_norms(weight, computation_dtype(activations, weight))
+
+
 def _weighted_l1(
     learned: Float[Tensor, "batch component d_sae"], row_norms: Float[Tensor, "component d_sae"]
 ) -> Float[Tensor, "batch component"]:
@@ -83,16 +99,7 @@ def _decoder_weighted_l1_update(
 ) -> Float[Tensor, "batch component"]:
     """Validate the inputs; per-item sum of ``|f_i|`` times the L2 norm of decoder row ``i``, ``[batch, component]``."""
     learned = to_components("learned_activations", learned_activations, num_components)
-    d_model = infer_d_model(decoder_weight, learned.shape[-1])
-    weight, _ = check_decoder(
-        decoder_weight,
-        None,
-        num_components=learned.shape[1],
-        source_is_batched_by_component=learned_activations.ndim == 3,
-        d_sae=learned.shape[-1],
-        d_model=d_model,
-    )
-    return _weighted_l1(learned, _decoder_row_norms(weight, computation_dtype(learned, weight)))
+    return _weighted_l1(learned, _checked_row_norms(decoder_weight, learned, learned_activations.ndim == 3))
 
 
 def _sparsity_update(
@@ -113,15 +120,7 @@ def _sparsity_update(
         learned = to_components("learned_activations", learned_activations, num_components)
         norms = None
         if decoder_weight is not None:
-            weight, _ = check_decoder(
-                decoder_weight,
-                None,
-                num_components=learned.shape[1],
-                source_is_batched_by_component=learned_activations.ndim == 3,
-                d_sae=learned.shape[-1],
-                d_model=infer_d_model(decoder_weight, learned.shape[-1]),
-            )
-            norms = _decoder_row_norms(weight, computation_dtype(learned, weight))
+            norms = _checked_row_norms(decoder_weight, learned, learned_activations.ndim == 3)
         l1_per_item = _lp(learned, norms, p, p_root)
     elif decoder_weight is None:
         l1_per_item = _l1_absolute_update(learned_activations, num_components)

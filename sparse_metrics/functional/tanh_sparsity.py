@@ -13,13 +13,11 @@ from torch import Tensor
 
 from sparse_metrics._validation import (
     autocast_disabled,
-    check_decoder,
     computation_dtype,
-    infer_d_model,
     to_components,
 )
 from sparse_metrics.functional._output import batch_output
-from sparse_metrics.functional.sparsity import _decoder_row_norms
+from sparse_metrics.functional.sparsity import _checked_row_norms
 
 __all__ = ["tanh_sparsity_loss"]
 
@@ -50,15 +48,7 @@ def _tanh_sparsity_update(
     learned = to_components("learned_activations", learned_activations, num_components)
     if decoder_weight is None:
         return _tanh_penalty(learned, None, scale)
-    weight, _ = check_decoder(
-        decoder_weight,
-        None,
-        num_components=learned.shape[1],
-        source_is_batched_by_component=learned_activations.ndim == 3,
-        d_sae=learned.shape[-1],
-        d_model=infer_d_model(decoder_weight, learned.shape[-1]),
-    )
-    return _tanh_penalty(learned, _decoder_row_norms(weight, computation_dtype(learned, weight)), scale)
+    return _tanh_penalty(learned, _checked_row_norms(decoder_weight, learned, learned_activations.ndim == 3), scale)
 
 
 def tanh_sparsity_loss(
