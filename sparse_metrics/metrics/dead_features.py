@@ -98,7 +98,7 @@ class DeadFeatures(ActivityMetric):
         # component). One state, so that the cross-process reduction sees both together.
         self.add_state(
             self._counter_state,
-            torch.zeros(num_components, num_features + 1, dtype=torch.int64),
+            torch.zeros(num_components, self.local_features + 1, dtype=torch.int64),
             dist_reduce_fx=_reduce_counters,
             persistent=True,
         )
@@ -112,8 +112,8 @@ class DeadFeatures(ActivityMetric):
         self.dead_counters = torch.cat([_advance(since, contribution), seen + contribution.batch_size], dim=-1)
 
     def _value(self, contribution: FeatureActivity) -> Tensor:
-        """Dead features on this process after the batch (forward's value)."""
-        return self._squeeze(self._mask().sum(dim=-1))
+        """Dead features on this process after the batch (forward's value), of the whole dictionary when sharded."""
+        return self._squeeze(self._sum_over_shards(self._mask().sum(dim=-1)))
 
     def _derived_outputs(self) -> dict[str, bool | None]:
         """``dead_feature_fraction``: the dead features' share of the dictionary."""
@@ -133,16 +133,22 @@ class DeadFeatures(ActivityMetric):
         return _dead_compute(self.dead_counters[:, :-1], self.window)
 
     def compute(self) -> Tensor:
-        """Number of dead features, int64 ``[*component]`` (0-d for one component), synced across processes."""
-        return self._squeeze(self._mask().sum(dim=-1))
+        """Number of dead features, int64 ``[*component]`` (0-d for one component), synced across processes.
+
+        With a feature sharding, of the whole dictionary (the shards' counts summed over the feature group).
+        """
+        return self._squeeze(self._sum_over_shards(self._mask().sum(dim=-1)))
 
     def dead_mask(self) -> Tensor:
-        """Boolean mask of dead features, ``[*component, num_features]``, synced (identical on every process)."""
+        """Boolean mask of dead features, ``[*component, num_features]``, synced (identical on every process).
+
+        With a feature sharding, this shard's features (see :func:`sparse_metrics.gather_features`).
+        """
         with self._synced():
             return self._squeeze(self._mask())
 
     def items_since_fired(self) -> Tensor:
-        """Global items since each feature fired, int64 ``[*component, num_features]``, synced."""
+        """Global items since each feature fired, int64 ``[*component, num_features]``, synced (a shard's slice)."""
         with self._synced():
             return self._squeeze(self.dead_counters[:, :-1].clone())
 

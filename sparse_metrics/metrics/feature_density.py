@@ -69,7 +69,7 @@ class FeatureDensity(ActivityMetric):
         super().__init__(num_features, num_components, **kwargs)
         self.add_state(
             self._fire_count_state,
-            torch.zeros(num_components, num_features, dtype=torch.int64),
+            torch.zeros(num_components, self.local_features, dtype=torch.int64),
             dist_reduce_fx="sum",
             persistent=True,
         )
@@ -96,7 +96,12 @@ class FeatureDensity(ActivityMetric):
     def _derived_value(self, name: str, contribution: FeatureActivity) -> Tensor:
         if name != "mean_log10_feature_density":
             raise KeyError(name)
-        return self._squeeze(_mean_log10(self._batch_density(contribution), DENSITY_EPSILON))
+        return self._squeeze(self._global_mean(_mean_log10(self._batch_density(contribution), DENSITY_EPSILON)))
+
+    def _global_mean(self, local_mean: Tensor) -> Tensor:
+        """The mean over the whole dictionary of a per-shard mean over its (equal) slice of features."""
+        shards = 1 if self.feature_sharding is None else self.feature_sharding.size
+        return self._sum_over_shards(local_mean) / shards if shards > 1 else local_mean
 
     def _derived_compute(self, name: str) -> Tensor:
         if name != "mean_log10_feature_density":
@@ -112,7 +117,11 @@ class FeatureDensity(ActivityMetric):
         return ACCUMULATOR_DTYPE if _base.supports_float64(self.device) else torch.float32
 
     def compute(self) -> Tensor:
-        """Density of every feature, float64 ``[*component, num_features]``, synced across processes."""
+        """Density of every feature, float64 ``[*component, num_features]``, synced across processes.
+
+        With a feature sharding, this shard's features ``[*component, num_features / shards]``: the whole array is
+        ``sparse_metrics.gather_features(density, metric)``.
+        """
         return self._squeeze(self._density())
 
     def mean_log10_density(self, epsilon: float = DENSITY_EPSILON) -> Tensor:
@@ -124,7 +133,7 @@ class FeatureDensity(ActivityMetric):
         if not (0.0 < epsilon < float("inf")):
             raise ValueError(f"`epsilon` must be a finite positive number, got {epsilon}.")
         with self._synced():
-            return self._squeeze(_mean_log10(self._density(), epsilon))
+            return self._squeeze(self._global_mean(_mean_log10(self._density(), epsilon)))
 
     def plot(self, val: Any = None, ax: Any = None) -> Any:
         """Histogram of ``log10(density + 1e-10)`` over features (one per component); needs matplotlib.

@@ -8,7 +8,7 @@ from torch import Tensor
 from sparse_metrics._batch import SaeBatch
 from sparse_metrics._config import NumComponents, validate_arguments
 from sparse_metrics._validation import check_sparsity_coefficient
-from sparse_metrics.functional.sparsity import _sparsity_from_l1, _weighted_l1
+from sparse_metrics.functional.sparsity import _sparsity_from_l1
 from sparse_metrics.metrics._base import ItemMeanMetric
 
 __all__ = ["SparsityLoss"]
@@ -61,6 +61,9 @@ class SparsityLoss(ItemMeanMetric):
 
     _coefficient_tensor: Tensor | None
 
+    def _batch_uses(self) -> frozenset[str]:
+        return frozenset({"weighted_l1" if self.decoder_norm_weighting else "l1"})
+
     @validate_arguments
     def __init__(
         self,
@@ -110,9 +113,7 @@ class SparsityLoss(ItemMeanMetric):
         why = (
             "It is required with `decoder_norm_weighting=True`: the feature-major decoder [*component, d_sae, d_model]."
         )
-        row_norms = batch.decoder_row_norms(owner, why)
-        learned = batch.require("learned_activations", owner)
-        return self._from_l1(batch.memo("weighted_l1", lambda: _weighted_l1(learned, row_norms)))
+        return self._from_l1(batch.weighted_l1(owner, why))
 
     def _from_l1(self, l1_per_item: Tensor) -> Tensor:
         """The per-item penalty from per-item (weighted) L1 values."""
