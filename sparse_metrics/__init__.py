@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from sparse_metrics._sharding import FeatureSharding, gather_features
 from sparse_metrics.collection import SparseAutoencoderLoss
 from sparse_metrics.metrics import (
     DeadFeatures,
@@ -27,6 +28,7 @@ __all__ = [
     "DerivedOutput",
     "ExplainedVariance",
     "FeatureDensity",
+    "FeatureSharding",
     "FractionOfVarianceUnexplained",
     "L0NormMetric",
     "L1AbsoluteLoss",
@@ -36,4 +38,5 @@ __all__ = [
     "SparsityLoss",
     "TotalLoss",
     "__version__",
+    "gather_features",
 ]
