@@ -258,3 +258,17 @@ def test_dtensor_inputs_sharded_on_features() -> None:
         assert out["error"] is not None
         assert "decoded_activations" in out["error"]
         assert "Replicate()" in out["error"]
+
+
+@pytest.mark.slow
+def test_example_sharded_runs() -> None:
+    """``examples/sharded.py`` (a 2 x 2 mesh) runs and agrees with one process on the full dictionary."""
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from tests.processes import run_process_tree  # noqa: PLC0415
+
+    script = Path(__file__).parent.parent / "examples" / "sharded.py"
+    done = run_process_tree([sys.executable, str(script)], timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sharded == one process on the full dictionary" in done.stdout
