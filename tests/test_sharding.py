@@ -102,20 +102,19 @@ def _check_case(case: Case, mesh: Any, keep_batch_dim: bool) -> None:
         assert (start_full is None) == (start_shard is None)
         if start_full is None or start_shard is None or step["learned_activations"].shape[0] == 0:
             continue
-        grads_full = torch.autograd.grad(start_full.sum(), list(full_inputs.values()), allow_unused=True)
-        grads_shard = torch.autograd.grad(start_shard.sum(), list(shard_leaves.values()), allow_unused=True)
-        sliced = shard(
-            {
-                k: (g if g is not None else torch.zeros_like(v))
-                for (k, v), g in zip(full_inputs.items(), grads_full, strict=False)
-            },
-            feature_rank,
-            shards,
-        )
-        for (name, _), grad in zip(shard_leaves.items(), grads_shard, strict=True):
-            if name in DIFFERENTIABLE:
-                got_grad = grad if grad is not None else torch.zeros_like(sliced[name])
-                torch.testing.assert_close(got_grad, sliced[name], msg=f"gradient of {name}", **TOLERANCE)
+        names = [name for name in DIFFERENTIABLE if name in full_inputs]
+        grads_full = torch.autograd.grad(start_full.sum(), [full_inputs[n] for n in names], allow_unused=True)
+        grads_shard = torch.autograd.grad(start_shard.sum(), [shard_leaves[n] for n in names], allow_unused=True)
+        full_grads = {
+            name: grad if grad is not None else torch.zeros_like(full_inputs[name])
+            for name, grad in zip(names, grads_full, strict=True)
+        }
+        sliced = shard(full_grads, feature_rank, shards)
+        for name, grad in zip(names, grads_shard, strict=True):
+            got_grad = grad if grad is not None else torch.zeros_like(sliced[name])
+            torch.testing.assert_close(
+                got_grad, sliced[name], msg=lambda text, n=name: f"gradient of {n}: {text}", **TOLERANCE
+            )
     expected_out = tester.outputs(case, full)
     tester.assert_close(_gathered(tester.outputs(case, sharded), sharded, expected_out), expected_out, **TOLERANCE)
 
