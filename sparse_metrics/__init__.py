@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from sparse_metrics._sharding import FeatureSharding, gather_features
+from sparse_metrics._sharding import gather_features
 from sparse_metrics.collection import SparseAutoencoderLoss
 from sparse_metrics.metrics import (
     DeadFeatures,
@@ -28,7 +28,6 @@ __all__ = [
     "DerivedOutput",
     "ExplainedVariance",
     "FeatureDensity",
-    "FeatureSharding",
     "FractionOfVarianceUnexplained",
     "L0NormMetric",
     "L1AbsoluteLoss",
