@@ -114,7 +114,9 @@ class SparseAutoencoderLoss(MetricCollection):
         loss_coefficients: A coefficient for the reconstruction term or any of ``loss_terms`` (default 1); change
             one between steps with :meth:`set_loss_coefficient`.
         kwargs: Passed to every member (``process_group``, ``sync_on_compute``, ``dist_sync_fn``, ...; not
-            ``dist_sync_on_step``).
+            ``dist_sync_on_step``). A dictionary sharded over features takes ``feature_group=`` beside
+            ``process_group=`` (the data group), or ``device_mesh=`` (2-D, dims ``("data", "feature")``): see the
+            DDP guide's sharding section.
 
     Example:
         >>> import torch

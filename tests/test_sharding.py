@@ -170,6 +170,18 @@ def _explicit_groups(rank: int, world_size: int) -> dict[str, Any]:
     for step in steps:
         expected = full(**step)
     tester.assert_close(tester.forward_outputs(values), tester.forward_outputs(expected), **TOLERANCE)
+    # nan_strategy="ignore": an item non-finite on one shard only is dropped on every shard, as on the full dictionary.
+    poisoned = {k: v.clone() for k, v in steps[0].items()}
+    poisoned["learned_activations"][1, 0, 0] = float("nan")  # a feature of shard 0
+    for strategy in ("ignore", "error"):
+        ignoring = sm.L1AbsoluteLoss(2, nan_strategy=strategy, feature_group=feature_group)
+        reference = sm.L1AbsoluteLoss(2, nan_strategy=strategy, sync_on_compute=False)
+        try:
+            got = ignoring(**shard(poisoned, rank, 2))
+            tester.assert_close({"value": got}, {"value": reference(**poisoned)}, **TOLERANCE)
+            out[f"nan_{strategy}"] = "ok"
+        except ValueError as error:
+            out[f"nan_{strategy}"] = str(error)
     # feature_group only (no data group): compute() syncs over the default group, here the two shards of one replica,
     # which would count each item twice; a data group of one process each is the unsharded data layout.
     out["errors"] = {}
@@ -214,6 +226,8 @@ def test_explicit_groups_fused_collective_and_errors_on_every_rank() -> None:
     ranks = run_on_ranks(_explicit_groups, world_size=2)
     for out in ranks:
         assert out["all_reduce_per_forward"] == 1
+        assert out["nan_ignore"] == "ok"
+        assert "1 of 4 items have a NaN" in out["nan_error"]
         errors = out["errors"]
         assert "num_features=13" in errors["indivisible"]
         assert "prefix" in errors["prefix"]

@@ -145,6 +145,8 @@ class SaeMetric(Metric):
       the metric's ``dist_sync_fn`` as the gather where one is given.
     - An ``update`` or ``forward`` that raises leaves the metric exactly as it was.
     - ``dist_sync_on_step=True`` is refused: ``forward`` returns this process's batch value.
+    - ``feature_group=`` (beside torchmetrics' ``process_group=``, the data group) or ``device_mesh=`` (2-D, dims
+      ``("data", "feature")``): the dictionary is sharded over features; see :mod:`sparse_metrics._sharding`.
     """
 
     full_state_update = False
