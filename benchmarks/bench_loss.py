@@ -22,6 +22,10 @@ processes sharing the machine). Absolute medians are reported too. Rows:
 5. ``AuxiliaryKLoss`` (dictionary_learning convention) on a TopK step, forward and forward+backward, vs the peer's
    formula written here (which reads the dead count on the host); target <= 1.5 for forward+backward.
 
+Sharding section (bytes, not time; ``--no-sharding`` skips it): on 4 gloo processes, the bytes each process sends
+per ``forward`` and per ``compute()`` of the training collection (every term, feature density, dead features) on a
+2 x 2 mesh (2 data replicas x 2 feature shards) against the unsharded run on 2 data-parallel processes.
+
 Usage::
 
     python benchmarks/bench_loss.py            # full size (batch 4096, d_model 512, d_sae 16384), < 3 min
@@ -45,6 +49,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -586,6 +591,113 @@ def bench_sync(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# --- sharding: bytes sent per forward and per compute() ------------------------------------------------------------
+
+
+def _count_sent_bytes(counter: dict[str, int]) -> Callable[[], None]:
+    """Wrap torch.distributed's collectives to add the bytes this process sends to ``counter``; returns the undo."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    names = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter")
+    originals = {name: getattr(dist, name) for name in names}
+
+    def wrap(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            tensor = args[1] if name in ("all_gather", "all_gather_into_tensor") else args[0]
+            if isinstance(tensor, torch.Tensor):
+                counter["bytes"] += tensor.numel() * tensor.element_size()
+            counter["calls"] += 1
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in names:
+        setattr(dist, name, wrap(name))
+
+    def undo() -> None:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+    return undo
+
+
+def _sharding_worker(rank: int, directory: str, sizes: dict[str, int], results: Any) -> None:
+    import datetime  # noqa: PLC0415
+
+    import torch.distributed as dist  # noqa: PLC0415
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=4,
+        timeout=datetime.timedelta(seconds=300),
+    )  # fmt: skip
+    batch, d_model, d_sae = sizes["batch"], sizes["d_model"], sizes["d_sae"]
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("data", "feature"))
+    shard = mesh.get_local_rank("feature")
+    generator = torch.Generator().manual_seed(rank)
+    x = torch.randn(batch, d_model, generator=generator)
+    f = make_activations(batch, d_sae, 0.02, generator)
+    decoder = torch.randn(d_sae, d_model, generator=generator)
+    training = {"feature_density": True, "dead_feature_window": 1000, "num_features": d_sae, "explained_variance": True}
+    inputs = {"source_activations": x, "learned_activations": f, "decoded_activations": x, "decoder_weight": decoder}
+    width = d_sae // 2
+    owned = slice(shard * width, (shard + 1) * width)
+    sharded_inputs = {**inputs, "learned_activations": f[:, owned], "decoder_weight": decoder[owned]}
+    runs = {
+        "2 x 2 mesh (sharded)": (
+            SparseAutoencoderLoss(1, 0.1, d_model=d_model, device_mesh=mesh, **training),
+            sharded_inputs,
+        ),
+        # The unsharded run: every process holds the full dictionary, items split over 2 data-parallel processes.
+        "2 data ranks (unsharded)": (
+            SparseAutoencoderLoss(1, 0.1, d_model=d_model, process_group=mesh.get_group("data"), **training),
+            inputs,
+        ),
+    }
+    out = {}
+    for name, (loss_fn, given) in runs.items():
+        loss_fn(**given)  # the first batch of a shape checks the shards' shapes (once): not a per-step cost
+        counter = {"bytes": 0, "calls": 0}
+        undo = _count_sent_bytes(counter)
+        try:
+            loss_fn(**given)
+            forward = dict(counter)
+            counter.update(bytes=0, calls=0)
+            loss_fn.compute()
+            out[name] = (forward, dict(counter))
+        finally:
+            undo()
+    if rank == 0:
+        results.put(out)
+    dist.destroy_process_group()
+
+
+def bench_sharding_bytes(args: argparse.Namespace) -> None:
+    """Print the bytes each process sends per forward and per compute(), sharded (2 x 2) vs unsharded."""
+    import tempfile  # noqa: PLC0415
+
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    start = time.perf_counter()
+    sizes = {"batch": min(args.batch, 256), "d_model": args.d_model, "d_sae": args.d_sae - args.d_sae % 2}
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    with tempfile.TemporaryDirectory() as directory:
+        mp.start_processes(
+            _sharding_worker, args=(directory, sizes, results), nprocs=4, join=True, start_method="spawn"
+        )
+    out = results.get()
+    print(
+        f"\nsharding: bytes sent by each process (rank 0), training collection, batch {sizes['batch']} per data rank, "
+        f"d_sae {sizes['d_sae']} (features split over 2 shards when sharded)"
+    )
+    print(f"{'run':<28} {'forward bytes':>14} {'calls':>6} {'compute() bytes':>16} {'calls':>6}")
+    for name, (forward, compute) in out.items():
+        print(f"{name:<28} {forward['bytes']:>14} {forward['calls']:>6} {compute['bytes']:>16} {compute['calls']:>6}")
+    print(f"[sharding section: {time.perf_counter() - start:.1f} s]")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=None, help="items per batch (default 4096; --quick: 64)")
@@ -619,6 +731,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sync-d-sae", type=int, default=None, help="d_sae of section 4 (default 2**20; --quick: 2**12)"
     )
     parser.add_argument("--compiled-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--sharding",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the sharding bytes section (4 gloo processes)",
+    )
     args = parser.parse_args(argv)
     full = {"batch": 4096, "d_model": 512, "d_sae": 16384, "repeats": 11, "matryoshka_repeats": 9}
     quick = {"batch": 64, "d_model": 32, "d_sae": 256, "repeats": 3, "matryoshka_repeats": 3}
@@ -666,6 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, judge=not args.quick)
     if args.sync:
         bench_sync(args)
+    if args.sharding:
+        bench_sharding_bytes(args)
     if args.quick:
         # Ratios at toy sizes measure Python overhead, not the passes over memory that the targets are about.
         print(f"\nSMOKE RUN (--quick): targets are judged at full size only; total {time.perf_counter() - began:.0f} s")

@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from sparse_metrics import presets
+from sparse_metrics._sharding import gather_features
 from sparse_metrics.collection import SparseAutoencoderLoss
 from sparse_metrics.metrics import (
     AuxiliaryKLoss,
@@ -55,5 +56,6 @@ __all__ = [
     "TanhSparsityLoss",
     "TotalLoss",
     "__version__",
+    "gather_features",
     "presets",
 ]

@@ -10,6 +10,7 @@ that several members need is computed once; a metric used alone builds its own.
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from sparse_metrics._compile import CompiledWithFallback
+from sparse_metrics._sharding import FeatureSharding
 from sparse_metrics._validation import (
     check_batch_size,
     check_decoder,
@@ -32,7 +34,7 @@ from sparse_metrics.functional.l0_norm import _count_active
 from sparse_metrics.functional.l1_absolute import _absolute_sum
 from sparse_metrics.functional.l2_reconstruction import _squared_error_sum
 from sparse_metrics.functional.reconstruction_quality import _inner_product, _item_norm
-from sparse_metrics.functional.sparsity import _decoder_row_norms
+from sparse_metrics.functional.sparsity import _decoder_row_norms, _weighted_l1
 
 if TYPE_CHECKING:
     from sparse_metrics.metrics._base import SaeMetric
@@ -40,8 +42,10 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCHED_INPUTS",
     "FEATURE_INPUTS",
+    "FEATURE_SUMS",
     "RECONSTRUCTIONS",
     "SAE_INPUTS",
+    "SHARDED_INPUTS",
     "SaeBatch",
     "check_input_names",
     "inputs_of",
@@ -73,6 +77,15 @@ BATCHED_INPUTS = (
 RECONSTRUCTIONS = ("decoded_activations", "multi_topk_decoded_activations")
 #: The per-feature inputs ``[*component, d_sae]`` (a JumpReLU threshold, a dead-latent mask).
 FEATURE_INPUTS = ("threshold", "dead_mask")
+
+#: The inputs that a feature-sharded SAE holds one slice of, and the axis of that slice (counted from the end).
+SHARDED_INPUTS = {
+    "learned_activations": -1,
+    "pre_activations": -1,
+    "threshold": -1,
+    "dead_mask": -1,
+    "decoder_weight": -2,
+}
 
 # Shared by every batch of a collection built with compiled=True; compiled at its first call.
 _compiled_sae_loss_statistics = CompiledWithFallback(_sae_loss_statistics)
@@ -139,12 +152,18 @@ class SaeBatch:
         owner: str,
         uses: frozenset[str] = frozenset(),
         compiled: bool = False,
+        sharding: FeatureSharding | None = None,
     ) -> None:
         check_input_names(inputs, owner)
         self.owner = owner
         self.uses = uses
         self.compiled = compiled
-        self._given = {name: _check_dtype(name, value) for name, value in inputs.items() if value is not None}
+        self.sharding = sharding
+        self._given = {
+            name: _check_dtype(name, _local_of(name, value, sharding, owner))
+            for name, value in inputs.items()
+            if value is not None
+        }
         self._views: dict[str, Tensor] = {}
         self._memo: dict[Hashable, Any] = {}
         self._validate(num_components)
@@ -177,6 +196,18 @@ class SaeBatch:
             if name in given:
                 self._validate_feature_input(name)
         self._check_devices()
+        if self.sharding is not None:
+            self._check_shards()
+
+    def _check_shards(self) -> None:
+        """Under sharding, check once per shape that every feature shard holds the same items and as many features."""
+        assert self.sharding is not None
+        learned = self._views.get("pre_activations", self._views.get("learned_activations"))
+        if learned is None:
+            return
+        self.sharding.check_shapes(
+            self.owner, [*learned.shape[:2], learned.shape[-1]], ["batch", "num_components", "d_sae (local)"]
+        )
 
     def _validate_decoder(self) -> None:
         given, views = self._given, self._views
@@ -274,7 +305,12 @@ class SaeBatch:
         """The batch of the items where the ``[batch]`` mask ``items`` is True (nan_strategy="ignore")."""
         rows = {name: value[items] if name in BATCHED_INPUTS else value for name, value in self._given.items()}
         return SaeBatch(
-            rows, num_components=self.num_components, owner=self.owner, uses=self.uses, compiled=self.compiled
+            rows,
+            num_components=self.num_components,
+            owner=self.owner,
+            uses=self.uses,
+            compiled=self.compiled,
+            sharding=self.sharding,
         )
 
     # Shared statistics, each computed at most once.
@@ -323,21 +359,69 @@ class SaeBatch:
 
     def l0(self, owner: str) -> Tensor:
         """Per-item number of non-zero features, ``[batch, component]`` (float32/64, no graph)."""
-        learned = self.require("learned_activations", owner)
-        if "activity" in self.uses:  # the activity mask is formed anyway: count it instead of reading f again
-            return self.memo("l0", lambda: self.active(owner).sum(dim=-1, dtype=computation_dtype(learned)))
+        self.require("learned_activations", owner)
         self._compiled_loss_statistics(owner)
-        return self.memo("l0", lambda: _count_active(learned))
+        return self.sum_over_features("l0", owner)
 
     def l1(self, owner: str) -> Tensor:
         """Per-item sum of ``|f|``, ``[batch, component]``, differentiable, float32/64."""
-        learned = self.require("learned_activations", owner)
+        self.require("learned_activations", owner)
         self._compiled_loss_statistics(owner)
-        return self.memo("l1", lambda: _absolute_sum(learned))
+        return self.sum_over_features("l1", owner)
+
+    def weighted_l1(self, owner: str, why: str = "") -> Tensor:
+        """Per-item sum of ``|f_i|`` times decoder row ``i``'s L2 norm, ``[batch, component]``, differentiable."""
+        self.decoder_row_norms(owner, why)
+        return self.sum_over_features("weighted_l1", owner)
+
+    def sum_over_features(self, key: Hashable, owner: str, partial: Callable[[], Tensor] | None = None) -> Tensor:
+        """A statistic that sums over the dictionary's features, over the WHOLE dictionary, computed once.
+
+        ``partial()`` computes it over the features this process holds (any shape, differentiable); a ``key``
+        registered in :data:`FEATURE_SUMS` needs no ``partial``. Unsharded, that is the value. Under a feature
+        sharding the shards' partial values are summed over the feature group, differentiably (each shard gets the
+        unsharded gradient of its slice): the first statistic asked for also computes every other registered one
+        this batch will need (those named in ``uses``) and all of them cross in one all-reduce.
+        """
+        if key in self._memo:
+            return self._memo[key]  # type: ignore[no-any-return]
+        compute = partial if partial is not None else functools.partial(FEATURE_SUMS[key], self, owner)
+        if self.sharding is None:
+            return self.memo(key, compute)
+        partials = {key: compute()}
+        for name in sorted(self.uses & FEATURE_SUMS.keys()):
+            if name not in self._memo and name not in partials:
+                partials[name] = FEATURE_SUMS[name](self, owner)
+        self._memo.update(self.sharding.sum(partials))
+        return self._memo[key]  # type: ignore[no-any-return]
+
+    def gather_top_k(self, values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The top ``k`` of ``values`` ``[..., d_sae]`` over the whole dictionary: values and global feature indices.
+
+        The hook for a global top-k (AuxK) under sharding (see :meth:`FeatureSharding.gather_top_k`); unsharded, the
+        plain ``topk``. Not differentiable.
+        """
+        if self.sharding is None:
+            top_values, top_indices = values.detach().topk(min(k, values.shape[-1]), dim=-1)
+            return top_values, top_indices
+        return self.sharding.gather_top_k(values, k)
+
+    @property
+    def feature_offset(self) -> int:
+        """The global index of this process's first feature (0 unsharded)."""
+        learned = self._views.get("pre_activations", self._views.get("learned_activations"))
+        if self.sharding is None or learned is None:
+            return 0
+        return self.sharding.offset(learned.shape[-1])
+
+    @property
+    def num_shards(self) -> int:
+        """The number of feature shards (1 unsharded)."""
+        return 1 if self.sharding is None else self.sharding.size
 
     def _compiled_loss_statistics(self, owner: str) -> None:
         """With ``compiled``, memoise the squared error, L0 and L1 from one compiled function (one fused pass)."""
-        if not self.compiled or "activity" in self.uses or "squared_error" in self._memo:
+        if not self.compiled or "activity" in self.uses or "squared_error" in self._memo or self.sharding is not None:
             return
         source, learned, decoded = (
             self.require(name, owner) for name in ("source_activations", "learned_activations", "decoded_activations")
@@ -368,3 +452,67 @@ class SaeBatch:
         if features is None:
             features = self.require("learned_activations", owner)
         return self.memo("decoder_row_norms", lambda: _decoder_row_norms(weight, computation_dtype(features, weight)))
+
+
+def _partial_l0(batch: SaeBatch, owner: str) -> Tensor:
+    learned = batch.require("learned_activations", owner)
+    if "activity" in batch.uses:  # the activity mask is formed anyway: count it instead of reading f again
+        return batch.active(owner).sum(dim=-1, dtype=computation_dtype(learned))
+    return _count_active(learned)
+
+
+def _partial_l1(batch: SaeBatch, owner: str) -> Tensor:
+    return _absolute_sum(batch.require("learned_activations", owner))
+
+
+def _partial_weighted_l1(batch: SaeBatch, owner: str) -> Tensor:
+    return _weighted_l1(batch.require("learned_activations", owner), batch.decoder_row_norms(owner))
+
+
+#: The per-item statistics that sum over features, by name: ``fn(batch, owner)`` computes one over the features this
+#: process holds. A member that names one in its ``_uses`` has it computed (and, under sharding, all-reduced together
+#: with the others) the first time any of them is asked for. Register a new one here and read it with
+#: ``batch.sum_over_features(name, owner)``; a statistic with parameters passes its own ``partial`` instead.
+FEATURE_SUMS: dict[Hashable, Callable[[SaeBatch, str], Tensor]] = {
+    "l0": _partial_l0,
+    "l1": _partial_l1,
+    "weighted_l1": _partial_weighted_l1,
+}
+
+
+def _local_of(name: str, value: object, sharding: FeatureSharding | None, owner: str) -> object:
+    """A DTensor input as this process's local tensor, checked against the feature sharding; others as they are.
+
+    A feature input (:data:`SHARDED_INPUTS`) must be sharded on its feature axis over the feature group and
+    replicated otherwise; every other input replicated. Anything else (a ``Partial`` decode, a shard on another axis)
+    is refused: its local value is not what the metric must read.
+    """
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - torch without distributed
+        return value
+    if not isinstance(value, DTensor):
+        return value
+    if sharding is None:
+        raise TypeError(
+            f"{owner}: `{name}` is a DTensor but the metric has no `feature_group`/`device_mesh`: its local value "
+            "would be read as the whole. Construct the metric with `device_mesh=` (or `feature_group=`), or pass "
+            f"`{name}.full_tensor()`."
+        )
+    axis = SHARDED_INPUTS.get(name)
+    shards = 1
+    for dim_size, placement in zip(value.device_mesh.shape, value.placements, strict=True):
+        if isinstance(placement, Shard) and axis is not None and placement.dim % value.ndim == axis % value.ndim:
+            shards *= dim_size
+        elif not isinstance(placement, Replicate):
+            expected = f"Shard({axis % value.ndim}) or Replicate()" if axis is not None else "Replicate()"
+            raise ValueError(
+                f"{owner}: DTensor `{name}` has placements {tuple(value.placements)}; each must be {expected}. Call "
+                f"`.redistribute(...)` first (or pass `.full_tensor()`)."
+            )
+    if axis is not None and shards != sharding.size:
+        raise ValueError(
+            f"{owner}: DTensor `{name}` is split into {shards} shards but `feature_group` has {sharding.size} "
+            "processes; shard it over the mesh's 'feature' dim only."
+        )
+    return value.to_local()

@@ -22,6 +22,7 @@ from sparse_metrics._config import (
     validate_arguments,
 )
 from sparse_metrics._distributed import synced_states
+from sparse_metrics._sharding import resolve_sharding
 from sparse_metrics.metrics._base import DerivedOutput, SaeMetric, batch_contributions, recording
 from sparse_metrics.metrics.dead_features import DeadFeatures
 from sparse_metrics.metrics.explained_variance import FractionOfVarianceUnexplained
@@ -122,7 +123,9 @@ class SparseAutoencoderLoss(MetricCollection):
         loss_coefficients: A coefficient for the reconstruction term or any of ``loss_terms`` (default 1); change
             one between steps with :meth:`set_loss_coefficient`.
         kwargs: Passed to every member (``process_group``, ``sync_on_compute``, ``dist_sync_fn``, ...; not
-            ``dist_sync_on_step``).
+            ``dist_sync_on_step``). A dictionary sharded over features takes ``feature_group=`` beside
+            ``process_group=`` (the data group), or ``device_mesh=`` (2-D, dims ``("data", "feature")``): see the
+            DDP guide's sharding section.
 
     Example:
         >>> import torch
@@ -186,6 +189,9 @@ class SparseAutoencoderLoss(MetricCollection):
             num_features=num_features,
             dist_sync_on_step=bool(kwargs.get("dist_sync_on_step")),
         )
+        sharding = resolve_sharding(kwargs, type(self).__name__)  # one feature sharding shared by every member
+        if sharding is not None:
+            kwargs["feature_group"] = sharding
         common: dict[str, Any] = {"nan_strategy": nan_strategy, **kwargs}
         term_options: dict[str, Any] = {"keep_batch_dim": keep_batch_dim, **common}
         members: dict[str, SaeMetric] = {
@@ -246,6 +252,7 @@ class SparseAutoencoderLoss(MetricCollection):
         self.num_components = num_components
         self.nan_strategy = nan_strategy
         self.compiled = compiled
+        self.__dict__["feature_sharding"] = sharding
 
     @property
     def sparsity_coefficient(self) -> float | Tensor:
@@ -357,7 +364,12 @@ class SparseAutoencoderLoss(MetricCollection):
         own, foreign = self._members()
         uses = frozenset().union(*(member._batch_uses() for _, member in own))
         batch = SaeBatch(
-            inputs, num_components=self.num_components, owner=type(self).__name__, uses=uses, compiled=self.compiled
+            inputs,
+            num_components=self.num_components,
+            owner=type(self).__name__,
+            uses=uses,
+            compiled=self.compiled,
+            sharding=self.__dict__.get("feature_sharding"),
         )
         members = [member for _, member in own]
         if forward:

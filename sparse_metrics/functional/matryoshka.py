@@ -157,6 +157,54 @@ def _prefix_errors(
     return torch.stack(errors, dim=-1)
 
 
+def _local_prefix_widths(prefix_sizes: Sequence[int], offset: int, local_features: int) -> list[int]:
+    """The number of its features a shard (global features from ``offset``) puts in each prefix."""
+    return [min(max(size - offset, 0), local_features) for size in prefix_sizes]
+
+
+def _partial_prefix_decodes(
+    learned: Float[Tensor, "batch component d_local"],
+    weight: Float[Tensor, "component d_local d_model"],
+    local_sizes: Sequence[int],
+    bias: Tensor | None,
+) -> Float[Tensor, "prefix batch component d_model"]:
+    """This shard's part of each prefix's decode, without the bias: ``f[:, :w_p] W[:w_p]`` for its local widths."""
+    dtype = computation_dtype(learned, weight, *([] if bias is None else [bias]))
+    widths = [stop - start for start, stop in zip((0, *local_sizes[:-1]), local_sizes, strict=True)]
+    tail = learned.shape[-1] - local_sizes[-1]
+    feature_blocks = torch.split(learned.transpose(0, 1), [*widths, tail], dim=-1)
+    decoder_blocks = torch.split(weight, [*widths, tail], dim=-2)
+    partial: Tensor | None = None
+    partials = []
+    for features, decoder in zip(feature_blocks[: len(widths)], decoder_blocks, strict=False):
+        with autocast_disabled(learned.device):
+            block = torch.matmul(features.to(dtype), decoder.to(dtype))
+        partial = block if partial is None else partial + block
+        partials.append(partial.transpose(0, 1))
+    return torch.stack(partials)
+
+
+def _prefix_errors_from_partials(
+    source: Float[Tensor, "batch component d_model"],
+    decodes: Float[Tensor, "prefix batch component d_model"] | None,
+    bias: Float[Tensor, "component d_model"] | None,
+    feature_reduction: FeatureReduction,
+    full_dictionary_error: Float[Tensor, "batch component"] | None = None,
+) -> Float[Tensor, "batch component prefix"]:
+    """Per-item error of every prefix from the prefixes' decodes summed over the shards (bias not yet added)."""
+    dtype = source.dtype if decodes is None else torch.promote_types(source.dtype, decodes.dtype)
+    target = source.to(dtype)
+    errors = []
+    if decodes is not None:
+        reconstructions = decodes if bias is None else decodes + bias.to(decodes.dtype)
+        errors = [
+            _reduce_squared_error(reconstruction - target, feature_reduction) for reconstruction in reconstructions
+        ]
+    if full_dictionary_error is not None:
+        errors.append(_reduce_over_model(full_dictionary_error.to(target.dtype), source.shape[-1], feature_reduction))
+    return torch.stack(errors, dim=-1)
+
+
 def _combine_prefixes(
     prefix_errors: Float[Tensor, "batch component prefix"], prefix_weights: Float[Tensor, " prefix"]
 ) -> Float[Tensor, "batch component"]:

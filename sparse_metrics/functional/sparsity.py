@@ -74,24 +74,43 @@ def check_p(p: object) -> float:
     return float(p)
 
 
+def _lp_power_sum(
+    learned: Float[Tensor, "batch component d_sae"], row_norms: Tensor | None, p: float
+) -> Float[Tensor, "batch component"]:
+    """Per-item ``sum_i a_i^p`` of the (weighted) activations ``a_i = |f_i| ||W_i||``, in float32/64.
+
+    Its gradient is 0 (not infinite) at an exact zero for ``p < 1``.
+    """
+    dtype = row_norms.dtype if row_norms is not None else computation_dtype(learned)
+    with autocast_disabled(learned.device):
+        weighted = learned.to(dtype) if row_norms is None else learned.to(dtype) * row_norms
+        magnitude = weighted.abs()
+        zero = magnitude == 0
+        powered = torch.where(zero, 1.0, magnitude).pow(p)  # no 0 ** (p - 1) in the backward pass
+        return torch.where(zero, 0.0, powered).sum(dim=-1)
+
+
+def _p_root(power_sum: Tensor, p: float) -> Tensor:
+    """``power_sum ** (1 / p)``, with value and gradient 0 where the sum is 0 (an item with no active feature)."""
+    zero = power_sum == 0
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, power_sum).pow(1.0 / p))
+
+
 def _lp(
     learned: Float[Tensor, "batch component d_sae"], row_norms: Tensor | None, p: float, p_root: bool
 ) -> Float[Tensor, "batch component"]:
     """Per-item Lp penalty of the (weighted) activations ``a_i = |f_i| ||W_i||``, in float32/64.
 
     With ``p_root`` the p-norm ``(sum_i a_i^p)^(1/p)`` (``torch.linalg.vector_norm``, as SAELens' ``lp_norm``
-    computes it); without, ``sum_i a_i^p``, whose gradient is 0 (not infinite) at an exact zero for ``p < 1``.
+    computes it); without, :func:`_lp_power_sum`.
     """
+    if not p_root:
+        return _lp_power_sum(learned, row_norms, p)
     dtype = row_norms.dtype if row_norms is not None else computation_dtype(learned)
     with autocast_disabled(learned.device):
         weighted = learned.to(dtype) if row_norms is None else learned.to(dtype) * row_norms
-        if p_root:
-            norm: Tensor = torch.linalg.vector_norm(weighted, ord=p, dim=-1)
-            return norm
-        magnitude = weighted.abs()
-        zero = magnitude == 0
-        powered = torch.where(zero, 1.0, magnitude).pow(p)  # no 0 ** (p - 1) in the backward pass
-        return torch.where(zero, 0.0, powered).sum(dim=-1)
+        norm: Tensor = torch.linalg.vector_norm(weighted, ord=p, dim=-1)
+        return norm
 
 
 def _decoder_weighted_l1_update(

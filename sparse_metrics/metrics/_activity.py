@@ -33,6 +33,13 @@ class ActivityMetric(SaeMetric):
         super().__init__(num_components, **kwargs)
         self.num_features = num_features
         self.firing_threshold = None if firing_threshold is None else float(firing_threshold)
+        sharding = self.feature_sharding
+        #: The features this process holds: ``num_features`` (the whole dictionary) over the feature shards.
+        self.local_features = (
+            num_features
+            if sharding is None
+            else sharding.local_features(num_features, "num_features", type(self).__name__)
+        )
 
     def _configuration(self) -> dict[str, Any]:
         configuration = {**super()._configuration(), "num_features": self.num_features}
@@ -42,9 +49,15 @@ class ActivityMetric(SaeMetric):
 
     def _contribution(self, batch: SaeBatch) -> FeatureActivity:
         owner = type(self).__name__
-        batch.require_width("learned_activations", self.num_features, "num_features", owner)
+        setting = "num_features" if self.feature_sharding is None else "num_features / feature shards"
+        batch.require_width("learned_activations", self.local_features, setting, owner)
         self._check_device(batch)
         return batch.activity(owner, self.firing_threshold)
+
+    def _sum_over_shards(self, value: Tensor) -> Tensor:
+        """``value`` summed over the feature shards (a count or sum over features: the whole dictionary's)."""
+        sharding = self.feature_sharding
+        return value if sharding is None else sharding.sum({"value": value})["value"]
 
     def _finite_items(self, batch: SaeBatch, contribution: Any) -> Tensor | None:
         return batch.finite_items("learned_activations", type(self).__name__)

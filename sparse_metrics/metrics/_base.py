@@ -37,6 +37,7 @@ from torchmetrics.utilities.exceptions import TorchMetricsUserError
 from sparse_metrics._batch import SAE_INPUTS, SaeBatch, check_input_names, inputs_of
 from sparse_metrics._config import NanStrategy
 from sparse_metrics._distributed import sync_states
+from sparse_metrics._sharding import FeatureSharding, resolve_sharding
 from sparse_metrics._validation import check_nan_strategy
 
 __all__ = [
@@ -77,6 +78,9 @@ def batch_contributions(
     if not masks:
         return contributions
     finite = torch.stack(masks).all(dim=0)
+    if batch.sharding is not None and batch.sharding.size > 1:
+        # An item non-finite on one shard is dropped (or refused) on every shard: they must keep the same items.
+        finite = batch.sharding.sum({"finite": (~finite).to(torch.float32)})["finite"] == 0
     if not bool(finite.all()):  # the one synchronisation of nan_strategy "error" and "ignore"
         if nan_strategy == "error":
             given = batch.names
@@ -141,6 +145,8 @@ class SaeMetric(Metric):
       (see :mod:`sparse_metrics._distributed`); with a custom ``dist_sync_fn``, by two calls of that gather.
     - An ``update`` or ``forward`` that raises leaves the metric exactly as it was.
     - ``dist_sync_on_step=True`` is refused: ``forward`` returns this process's batch value.
+    - ``feature_group=`` (beside torchmetrics' ``process_group=``, the data group) or ``device_mesh=`` (2-D, dims
+      ``("data", "feature")``): the dictionary is sharded over features; see :mod:`sparse_metrics._sharding`.
     """
 
     full_state_update = False
@@ -157,7 +163,9 @@ class SaeMetric(Metric):
 
     def __init__(self, num_components: int = 1, *, nan_strategy: str = "propagate", **kwargs: Any) -> None:
         check_nan_strategy(nan_strategy)
+        sharding = resolve_sharding(kwargs, type(self).__name__)
         super().__init__(**kwargs)
+        self.__dict__["_feature_sharding"] = sharding
         if self.dist_sync_on_step:
             raise ValueError(
                 f"`dist_sync_on_step=True` is not supported by {type(self).__name__}: its forward returns this "
@@ -167,6 +175,16 @@ class SaeMetric(Metric):
         self.nan_strategy = cast(NanStrategy, nan_strategy)
         # The inputs this metric reads, as the signature torchmetrics inspects (``update`` takes ``*args, **kwargs``).
         self._update_signature = self._inputs_signature()
+
+    @property
+    def feature_sharding(self) -> FeatureSharding | None:
+        """The feature group of a dictionary sharded over features (``feature_group=``/``device_mesh=``), or None.
+
+        Per-item values summed over features (L0, L1, sparsity, Matryoshka decodes) are then summed over the shards;
+        per-feature values (densities, dead masks) are this shard's slice: see :func:`sparse_metrics.gather_features`.
+        """
+        sharding: FeatureSharding | None = self.__dict__.get("_feature_sharding")
+        return sharding
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickle (``clone``, ``deepcopy``), keeping the signature of the inputs this metric reads."""
@@ -212,7 +230,13 @@ class SaeMetric(Metric):
         """The validated batch of one ``update``/``forward`` call."""
         owner = type(self).__name__
         inputs = inputs_of(args, kwargs, self._positional_inputs, owner)
-        return SaeBatch(inputs, num_components=self.num_components, owner=owner, uses=self._batch_uses())
+        return SaeBatch(
+            inputs,
+            num_components=self.num_components,
+            owner=owner,
+            uses=self._batch_uses(),
+            sharding=self.feature_sharding,
+        )
 
     def _batch_uses(self) -> frozenset[str]:
         """The shared statistics this metric reads (see :class:`~sparse_metrics._batch.SaeBatch`)."""

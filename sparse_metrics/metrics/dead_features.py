@@ -177,11 +177,13 @@ class DeadFeatures(ActivityMetric):
         # (repeated per component). One state, so that the cross-process reduction sees both together.
         self.add_state(
             self._counter_state,
-            torch.zeros(num_components, num_features + 1, dtype=torch.int64),
+            torch.zeros(num_components, self.local_features + 1, dtype=torch.int64),
             dist_reduce_fx=_LockstepStepCounters() if window_unit == "steps" else _LockstepCounters(),
             persistent=True,
         )
         self._add_configuration_marker()
+        #: Under a feature sharding, the batch's dead count of the whole dictionary, summed once (see _value).
+        self._sharded_count: tuple[FeatureActivity, Tensor] | None = None
 
     def _configuration(self) -> dict[str, Any]:
         configuration = {**super()._configuration(), "window": self.window}
@@ -198,8 +200,17 @@ class DeadFeatures(ActivityMetric):
         self.dead_counters = torch.cat([advanced, seen], dim=-1)
 
     def _value(self, contribution: FeatureActivity) -> Tensor:
-        """Dead features on this process after the batch (forward's value)."""
-        return self._squeeze(self._mask().sum(dim=-1))
+        """Dead features on this process after the batch (forward's value), of the whole dictionary when sharded."""
+        if self.feature_sharding is None:
+            return self._squeeze(self._mask().sum(dim=-1))
+        # Sharded: one all-reduce per batch, shared with the dead fraction.
+        cached = self._sharded_count
+        if cached is None or cached[0] is not contribution:
+            cached = self._sharded_count = (
+                contribution,
+                self._squeeze(self._sum_over_shards(self._mask().sum(dim=-1))),
+            )
+        return cached[1]
 
     def _derived_outputs(self) -> dict[str, bool | None]:
         """``dead_feature_fraction``: the dead features' share of the dictionary."""
@@ -219,16 +230,22 @@ class DeadFeatures(ActivityMetric):
         return _dead_compute(self.dead_counters[:, :-1], self.window)
 
     def compute(self) -> Tensor:
-        """Number of dead features, int64 ``[*component]`` (0-d for one component), synced across processes."""
-        return self._squeeze(self._mask().sum(dim=-1))
+        """Number of dead features, int64 ``[*component]`` (0-d for one component), synced across processes.
+
+        With a feature sharding, of the whole dictionary (the shards' counts summed over the feature group).
+        """
+        return self._squeeze(self._sum_over_shards(self._mask().sum(dim=-1)))
 
     def dead_mask(self) -> Tensor:
-        """Boolean mask of dead features, ``[*component, num_features]``, synced (identical on every process)."""
+        """Boolean mask of dead features, ``[*component, num_features]``, synced (identical on every process).
+
+        With a feature sharding, this shard's features (see :func:`sparse_metrics.gather_features`).
+        """
         with self._synced():
             return self._squeeze(self._mask())
 
     def items_since_fired(self) -> Tensor:
-        """Global items since each feature fired, int64 ``[*component, num_features]``, synced.
+        """Global items since each feature fired, int64 ``[*component, num_features]``, synced (a shard's slice).
 
         With ``window_unit="steps"`` the counters are steps, not items: read :meth:`steps_since_fired`.
         """
@@ -240,8 +257,8 @@ class DeadFeatures(ActivityMetric):
     def steps_since_fired(self) -> Tensor:
         """Global steps (updates) since each feature fired, int64 ``[*component, num_features]``, synced.
 
-        0 for a feature that fired in the latest step; the steps seen for one that never fired. Only with
-        ``window_unit="steps"``.
+        With a feature sharding, this shard's slice. 0 for a feature that fired in the latest step; the steps seen for
+        one that never fired. Only with ``window_unit="steps"``.
         """
         if self.window_unit != "steps":
             raise TypeError("DeadFeatures(window_unit='items') counts items, not steps: call `items_since_fired()`.")

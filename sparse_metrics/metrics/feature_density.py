@@ -23,6 +23,13 @@ from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE
 __all__ = ["FeatureDensity"]
 
 
+def _feature_summary(density: Tensor, name: str) -> Tensor:
+    """A derived output of the per-feature densities: the mean log10 density or a density band's fraction."""
+    if name == "mean_log10_feature_density":
+        return _mean_log10(density, DENSITY_EPSILON)
+    return _density_band_fraction(density, name)
+
+
 class FeatureDensity(ActivityMetric):
     r"""Fraction of items in which each feature is active (non-zero), over every item on every process.
 
@@ -85,7 +92,7 @@ class FeatureDensity(ActivityMetric):
         super().__init__(num_features, num_components, firing_threshold=firing_threshold, **kwargs)
         self.add_state(
             self._fire_count_state,
-            torch.zeros(num_components, num_features, dtype=torch.int64),
+            torch.zeros(num_components, self.local_features, dtype=torch.int64),
             dist_reduce_fx="sum",
             persistent=True,
         )
@@ -93,6 +100,8 @@ class FeatureDensity(ActivityMetric):
             self._item_count_state, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum", persistent=True
         )
         self._add_configuration_marker()
+        #: Under a feature sharding, the batch's summaries of the whole dictionary, summed once (see _derived_value).
+        self._sharded_summaries: tuple[FeatureActivity, dict[str, Tensor]] | None = None
 
     def _record(self, contribution: FeatureActivity) -> None:
         self.density_fire_count = self.density_fire_count + contribution.fire_count
@@ -110,11 +119,24 @@ class FeatureDensity(ActivityMetric):
         return {"mean_log10_feature_density": None, **dict.fromkeys(DENSITY_BANDS)}
 
     def _derived_value(self, name: str, contribution: FeatureActivity) -> Tensor:
-        if name == "mean_log10_feature_density":
-            return self._squeeze(_mean_log10(self._batch_density(contribution), DENSITY_EPSILON))
-        if name in DENSITY_BANDS:
-            return self._squeeze(_density_band_fraction(self._batch_density(contribution), name))
-        raise KeyError(name)
+        if name not in self._derived_outputs():
+            raise KeyError(name)
+        if self.feature_sharding is None:
+            return self._squeeze(_feature_summary(self._batch_density(contribution), name))
+        # Sharded: every summary of the batch crosses the feature group in one all-reduce, the first time one is read.
+        cached = self._sharded_summaries
+        if cached is None or cached[0] is not contribution:
+            density = self._batch_density(contribution)
+            local = {key: _feature_summary(density, key) for key in self._derived_outputs()}
+            cached = self._sharded_summaries = (contribution, self._global_means(local))
+        return self._squeeze(cached[1][name])
+
+    def _global_means(self, local_means: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Means over the whole dictionary of per-shard means over their (equal) slices of features, in one reduce."""
+        sharding = self.feature_sharding
+        if sharding is None or sharding.size == 1:
+            return local_means
+        return {key: total / sharding.size for key, total in sharding.sum(local_means).items()}
 
     def _derived_compute(self, name: str) -> Tensor:
         if name == "mean_log10_feature_density":
@@ -133,7 +155,8 @@ class FeatureDensity(ActivityMetric):
         """
         with self._synced():
             density = self._density()
-            return {name: self._squeeze(_density_band_fraction(density, name)) for name in DENSITY_BANDS}
+            bands = self._global_means({name: _density_band_fraction(density, name) for name in DENSITY_BANDS})
+            return {name: self._squeeze(fraction) for name, fraction in bands.items()}
 
     def _density(self) -> Tensor:
         return _density_compute(self.density_fire_count, self.density_item_count, self._density_dtype)
@@ -144,7 +167,11 @@ class FeatureDensity(ActivityMetric):
         return ACCUMULATOR_DTYPE if _base.supports_float64(self.device) else torch.float32
 
     def compute(self) -> Tensor:
-        """Density of every feature, float64 ``[*component, num_features]``, synced across processes."""
+        """Density of every feature, float64 ``[*component, num_features]``, synced across processes.
+
+        With a feature sharding, this shard's features ``[*component, num_features / shards]``: the whole array is
+        ``sparse_metrics.gather_features(density, metric)``.
+        """
         return self._squeeze(self._density())
 
     def mean_log10_density(self, epsilon: float = DENSITY_EPSILON) -> Tensor:
@@ -156,7 +183,8 @@ class FeatureDensity(ActivityMetric):
         if not (0.0 < epsilon < float("inf")):
             raise ValueError(f"`epsilon` must be a finite positive number, got {epsilon}.")
         with self._synced():
-            return self._squeeze(_mean_log10(self._density(), epsilon))
+            mean = self._global_means({"mean": _mean_log10(self._density(), epsilon)})["mean"]
+            return self._squeeze(mean)
 
     def plot(self, val: Any = None, ax: Any = None) -> Any:
         """Histogram of ``log10(density + 1e-10)`` over features (one per component); needs matplotlib.

@@ -36,6 +36,7 @@ class L1AbsoluteLoss(ItemMeanMetric):
 
     _state_prefix: ClassVar[str] = "l1"
     _positional_inputs: ClassVar[tuple[str, ...]] = ("learned_activations",)
+    _uses: ClassVar[frozenset[str]] = frozenset({"l1"})
 
     @validate_arguments
     def __init__(self, num_components: NumComponents = 1, *, keep_batch_dim: bool = False, **kwargs: Any) -> None:

@@ -9,7 +9,13 @@ from torch import Tensor
 from sparse_metrics._batch import SaeBatch
 from sparse_metrics._config import FeatureReduction, NumComponents, validate_arguments
 from sparse_metrics._validation import check_prefix_sizes, check_prefix_weights
-from sparse_metrics.functional.matryoshka import _combine_prefixes, _prefix_errors
+from sparse_metrics.functional.matryoshka import (
+    _combine_prefixes,
+    _local_prefix_widths,
+    _partial_prefix_decodes,
+    _prefix_errors,
+    _prefix_errors_from_partials,
+)
 from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, ItemMeanMetric
 
 __all__ = ["MatryoshkaReconstructionLoss"]
@@ -114,14 +120,38 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
         source = batch.require("source_activations", owner)
         learned = batch.require("learned_activations", owner)
         weight = batch.require("decoder_weight", owner, "It decodes the prefixes: the feature-major decoder.")
-        sizes = check_prefix_sizes(self.prefix_sizes, d_sae=learned.shape[-1])
+        sizes = check_prefix_sizes(self.prefix_sizes, d_sae=learned.shape[-1] * batch.num_shards)
         full_error = batch.squared_error(owner) if self.reuse_decoded_activations else None
         key = ("prefix_errors", sizes, self.feature_reduction, self.reuse_decoded_activations)
+        if batch.sharding is not None:
+            return batch.memo(key, lambda: self._sharded_prefix_errors(batch, sizes, full_error))
         return batch.memo(
             key,
             lambda: _prefix_errors(
                 source, learned, weight, batch.get("decoder_bias"), sizes, self.feature_reduction, full_error
             ),
+        )
+
+    def _sharded_prefix_errors(self, batch: SaeBatch, sizes: Sequence[int], full_error: Tensor | None) -> Tensor:
+        """Each prefix decoded from the features this shard owns, summed over the shards, the bias added once."""
+        owner = type(self).__name__
+        learned = batch.require("learned_activations", owner)
+        weight = batch.require("decoder_weight", owner)
+        reuse = full_error is not None and sizes[-1] == learned.shape[-1] * batch.num_shards
+        decoded_sizes = tuple(sizes[:-1] if reuse else sizes)
+        local_sizes = _local_prefix_widths(decoded_sizes, batch.feature_offset, learned.shape[-1])
+        return _prefix_errors_from_partials(
+            batch.require("source_activations", owner),
+            batch.sum_over_features(
+                ("matryoshka_partial_decodes", decoded_sizes),
+                owner,
+                lambda: _partial_prefix_decodes(learned, weight, local_sizes, batch.get("decoder_bias")),
+            )
+            if decoded_sizes
+            else None,
+            batch.get("decoder_bias"),
+            self.feature_reduction,
+            full_error if reuse else None,
         )
 
     def _item_values(self, per_item: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ from torch import Tensor
 from sparse_metrics._batch import SaeBatch
 from sparse_metrics._config import NumComponents, validate_arguments
 from sparse_metrics._validation import check_sparsity_coefficient
-from sparse_metrics.functional.sparsity import _lp, _sparsity_from_l1, _weighted_l1, check_p
+from sparse_metrics.functional.sparsity import _lp, _lp_power_sum, _p_root, _sparsity_from_l1, check_p
 from sparse_metrics.metrics._base import ItemMeanMetric
 
 __all__ = ["SparsityLoss"]
@@ -67,6 +67,9 @@ class SparsityLoss(ItemMeanMetric):
 
     _coefficient_tensor: Tensor | None
 
+    def _batch_uses(self) -> frozenset[str]:
+        return frozenset({"weighted_l1" if self.decoder_norm_weighting else "l1"})
+
     @validate_arguments
     def __init__(
         self,
@@ -124,12 +127,17 @@ class SparsityLoss(ItemMeanMetric):
         why = (
             "It is required with `decoder_norm_weighting=True`: the feature-major decoder [*component, d_sae, d_model]."
         )
+        if self.p == 1:
+            return self._from_l1(batch.weighted_l1(owner, why))
         row_norms = batch.decoder_row_norms(owner, why) if self.decoder_norm_weighting else None
         learned = batch.require("learned_activations", owner)
-        if self.p != 1:
+        if batch.sharding is None:
             return self._from_l1(_lp(learned, row_norms, self.p, self.p_root))
-        assert row_norms is not None
-        return self._from_l1(batch.memo("weighted_l1", lambda: _weighted_l1(learned, row_norms)))
+        # Sharded: the shards' sums of a_i^p cross the feature group, the root is taken of the whole sum.
+        power_sum = batch.sum_over_features(
+            ("lp", self.p, self.decoder_norm_weighting), owner, lambda: _lp_power_sum(learned, row_norms, self.p)
+        )
+        return self._from_l1(_p_root(power_sum, self.p) if self.p_root else power_sum)
 
     def _from_l1(self, l1_per_item: Tensor) -> Tensor:
         """The per-item penalty from per-item (weighted) L1 values."""
