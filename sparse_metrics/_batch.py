@@ -9,8 +9,8 @@ that several members need is computed once; a metric used alone builds its own.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import functools
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -46,6 +46,7 @@ __all__ = [
     "RECONSTRUCTIONS",
     "SAE_INPUTS",
     "SHARDED_INPUTS",
+    "FeatureSum",
     "SaeBatch",
     "check_input_names",
     "inputs_of",
@@ -150,7 +151,7 @@ class SaeBatch:
         *,
         num_components: int | None,
         owner: str,
-        uses: frozenset[str] = frozenset(),
+        uses: frozenset[Hashable] = frozenset(),
         compiled: bool = False,
         sharding: FeatureSharding | None = None,
     ) -> None:
@@ -374,24 +375,23 @@ class SaeBatch:
         self.decoder_row_norms(owner, why)
         return self.sum_over_features("weighted_l1", owner)
 
-    def sum_over_features(self, key: Hashable, owner: str, partial: Callable[[], Tensor] | None = None) -> Tensor:
+    def sum_over_features(self, key: str | FeatureSum, owner: str) -> Tensor:
         """A statistic that sums over the dictionary's features, over the WHOLE dictionary, computed once.
 
-        ``partial()`` computes it over the features this process holds (any shape, differentiable); a ``key``
-        registered in :data:`FEATURE_SUMS` needs no ``partial``. Unsharded, that is the value. Under a feature
-        sharding the shards' partial values are summed over the feature group, differentiably (each shard gets the
-        unsharded gradient of its slice): the first statistic asked for also computes every other registered one
-        this batch will need (those named in ``uses``) and all of them cross in one all-reduce.
+        ``key`` is a :class:`FeatureSum` (or the name of one in :data:`FEATURE_SUMS`), which computes the statistic
+        over the features this process holds. Unsharded, that is the value. Under a feature sharding the shards'
+        partial values are summed over the feature group, differentiably (each shard gets the unsharded gradient of
+        its slice): the first statistic asked for also computes every other one this batch's members will ask for
+        (the feature sums in ``uses``), and all of them cross in one all-reduce.
         """
         if key in self._memo:
             return self._memo[key]  # type: ignore[no-any-return]
-        compute = partial if partial is not None else functools.partial(FEATURE_SUMS[key], self, owner)
         if self.sharding is None:
-            return self.memo(key, compute)
-        partials = {key: compute()}
-        for name in sorted(self.uses & FEATURE_SUMS.keys()):
-            if name not in self._memo and name not in partials:
-                partials[name] = FEATURE_SUMS[name](self, owner)
+            return self.memo(key, lambda: _feature_sum(key).partial(self, owner))
+        partials = {key: _feature_sum(key).partial(self, owner)}
+        for other in sorted(_feature_sums_in(self.uses), key=_feature_sum_order):
+            if other not in self._memo and other not in partials:
+                partials[other] = _feature_sum(other).partial(self, owner)
         self._memo.update(self.sharding.sum(partials))
         return self._memo[key]  # type: ignore[no-any-return]
 
@@ -469,15 +469,65 @@ def _partial_weighted_l1(batch: SaeBatch, owner: str) -> Tensor:
     return _weighted_l1(batch.require("learned_activations", owner), batch.decoder_row_norms(owner))
 
 
-#: The per-item statistics that sum over features, by name: ``fn(batch, owner)`` computes one over the features this
-#: process holds. A member that names one in its ``_uses`` has it computed (and, under sharding, all-reduced together
-#: with the others) the first time any of them is asked for. Register a new one here and read it with
-#: ``batch.sum_over_features(name, owner)``; a statistic with parameters passes its own ``partial`` instead.
-FEATURE_SUMS: dict[Hashable, Callable[[SaeBatch, str], Tensor]] = {
-    "l0": _partial_l0,
-    "l1": _partial_l1,
-    "weighted_l1": _partial_weighted_l1,
+@dataclasses.dataclass(frozen=True)
+class FeatureSum:
+    """A per-item statistic that sums over the dictionary's features (L0, L1, a penalty, a partial decode).
+
+    ``function(batch, owner, *arguments)`` computes it over the features this process holds (any shape,
+    differentiable); :meth:`SaeBatch.sum_over_features` turns that into the whole dictionary's value. A member that
+    reads one names it in its ``_batch_uses()``, so that under a feature sharding every feature sum of a step crosses
+    the feature group in one all-reduce. ``function`` is a module-level function and ``arguments`` hashable, so that
+    two members reading the same statistic share it.
+    """
+
+    function: Callable[..., Tensor]
+    arguments: tuple[Hashable, ...] = ()
+
+    def partial(self, batch: SaeBatch, owner: str) -> Tensor:
+        """The statistic over the features this process holds."""
+        return self.function(batch, owner, *self.arguments)
+
+
+def _partial_l0(batch: SaeBatch, owner: str) -> Tensor:
+    learned = batch.require("learned_activations", owner)
+    if "activity" in batch.uses:  # the activity mask is formed anyway: count it instead of reading f again
+        return batch.active(owner).sum(dim=-1, dtype=computation_dtype(learned))
+    return _count_active(learned)
+
+
+def _partial_l1(batch: SaeBatch, owner: str) -> Tensor:
+    return _absolute_sum(batch.require("learned_activations", owner))
+
+
+def _partial_weighted_l1(batch: SaeBatch, owner: str) -> Tensor:
+    return _weighted_l1(batch.require("learned_activations", owner), batch.decoder_row_norms(owner))
+
+
+#: The feature sums that the batch itself offers, by name (``batch.l0``, ``batch.l1``, ``batch.weighted_l1``); a
+#: member names them in ``_batch_uses()`` by these names. Any other is a :class:`FeatureSum` of its member's module.
+FEATURE_SUMS: dict[str, FeatureSum] = {
+    "l0": FeatureSum(_partial_l0),
+    "l1": FeatureSum(_partial_l1),
+    "weighted_l1": FeatureSum(_partial_weighted_l1),
 }
+
+
+def _feature_sums_in(uses: Iterable[Hashable]) -> list[Hashable]:
+    """The feature sums among a batch's ``uses`` (registered names and :class:`FeatureSum` objects)."""
+    return [key for key in uses if isinstance(key, FeatureSum) or key in FEATURE_SUMS]
+
+
+def _feature_sum(key: Hashable) -> FeatureSum:
+    return key if isinstance(key, FeatureSum) else FEATURE_SUMS[key]  # type: ignore[index]
+
+
+def _feature_sum_order(key: Hashable) -> str:
+    """The order in which the fused all-reduce concatenates feature sums, the same on every process.
+
+    Hashes of functions differ between processes; the function's qualified name and the arguments' ``repr`` do not.
+    """
+    statistic = _feature_sum(key)
+    return f"{statistic.function.__module__}.{statistic.function.__qualname__}{statistic.arguments!r}"
 
 
 def _local_of(name: str, value: object, sharding: FeatureSharding | None, owner: str) -> object:

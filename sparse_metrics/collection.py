@@ -22,7 +22,7 @@ from sparse_metrics._config import (
     validate_arguments,
 )
 from sparse_metrics._distributed import synced_states
-from sparse_metrics._sharding import resolve_sharding
+from sparse_metrics._sharding import FeatureSharding, resolve_sharding
 from sparse_metrics.metrics._base import DerivedOutput, SaeMetric, batch_contributions, recording
 from sparse_metrics.metrics.dead_features import DeadFeatures
 from sparse_metrics.metrics.explained_variance import FractionOfVarianceUnexplained
@@ -229,7 +229,7 @@ class SparseAutoencoderLoss(MetricCollection):
         reconstruction_key = "matryoshka" if matryoshka_prefix_sizes is not None else reconstruction
         loss_keys: list[str] = [reconstruction_key, "sparsity"]
         for key, term in (loss_terms or {}).items():
-            _check_loss_term(key, term, members, num_components, nan_strategy)
+            _check_loss_term(key, term, members, num_components, nan_strategy, sharding)
             members[key] = term
             loss_keys.append(key)
         weighted = set(loss_keys) - {"sparsity"}
@@ -445,7 +445,12 @@ class SparseAutoencoderLoss(MetricCollection):
 
 
 def _check_loss_term(
-    key: str, term: object, members: Mapping[str, SaeMetric], num_components: int, nan_strategy: str
+    key: str,
+    term: object,
+    members: Mapping[str, SaeMetric],
+    num_components: int,
+    nan_strategy: str,
+    sharding: FeatureSharding | None,
 ) -> None:
     """Refuse a ``loss_terms`` entry that could not be summed into the loss as the collection's own terms are."""
     if not isinstance(term, SaeMetric) or not term.is_loss_term:
@@ -463,6 +468,15 @@ def _check_loss_term(
         )
     if term.dist_sync_on_step:
         raise ValueError(f"`loss_terms[{key!r}]` has `dist_sync_on_step=True`, which no member supports.")
+    own = term.feature_sharding
+    if (own is None) != (sharding is None) or (
+        own is not None and sharding is not None and own.group != sharding.group
+    ):
+        raise ValueError(
+            f"`loss_terms[{key!r}]` is {'not ' if own is None else ''}feature-sharded, the collection "
+            f"{'is' if sharding is not None else 'is not'}: construct the term with the collection's `feature_group` "
+            "(or `device_mesh`), so that it reads, reduces and checks the same slice of the dictionary."
+        )
 
 
 def _coefficient(sparsity_coefficient: float | Tensor | None, l1_coefficient: float | Tensor | None) -> float | Tensor:

@@ -292,3 +292,104 @@ def test_example_sharded_runs() -> None:
     done = run_process_tree([sys.executable, str(script)], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sharded == one process on the full dictionary" in done.stdout
+
+
+# --- the terms of TopK, BatchTopK and JumpReLU SAEs: collectives per step, the BatchTopK threshold -----------------
+
+
+#: Whole training losses with the terms that sum over features or pick latents globally, by name.
+PRESETS = {
+    "saelens_jumprelu": lambda **kw: sm.presets.saelens("jumprelu", num_components=2, **kw),
+    "saelens_standard_lp": lambda **kw: sm.presets.saelens("standard", lp_norm=1.5, num_components=2, **kw),
+    "dictionary_learning_top_k": lambda **kw: sm.presets.dictionary_learning(
+        "top_k", d_model=tester.D_MODEL, num_components=2, **kw
+    ),
+    "saelens_matryoshka_batchtopk": lambda **kw: sm.presets.saelens(
+        "matryoshka_batchtopk", matryoshka_widths=[3, 8, D_SAE], d_sae=D_SAE, num_components=2, **kw
+    ),
+}
+
+
+def _counting(op: str, original: Any, calls: dict[str, int]) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        calls[op] += 1
+        return original(*args, **kwargs)
+
+    return call
+
+
+def _presets_on_a_feature_group(rank: int, world_size: int) -> dict[str, Any]:
+    feature_group = dist.new_group([0, 1])
+    steps = tester.batches([4, 4], 2, seed=11, dtype=torch.float64)  # one shape: its check runs on the first step
+    out: dict[str, Any] = {}
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
+    for name, build in PRESETS.items():
+        sharded, full = build(feature_group=feature_group), build(sync_on_compute=False)
+        sharded(**shard(steps[0], rank, 2))  # the first step of a shape also checks the shards' shapes
+        calls = dict.fromkeys(originals, 0)
+        for op, original in originals.items():
+            setattr(dist, op, _counting(op, original, calls))
+        try:
+            leaves = {k: v.detach().requires_grad_(k in DIFFERENTIABLE) for k, v in shard(steps[1], rank, 2).items()}
+            got = sharded(**leaves)
+        finally:
+            for op, original in originals.items():
+                setattr(dist, op, original)
+        out[name] = dict(calls)
+        full(**steps[0])
+        inputs = {k: v.clone().requires_grad_(k in DIFFERENTIABLE) for k, v in steps[1].items()}
+        expected = full(**inputs)
+        tester.assert_close(tester.forward_outputs(got), tester.forward_outputs(expected), **TOLERANCE)
+        names = [n for n in DIFFERENTIABLE if n in inputs]
+        grads = torch.autograd.grad(expected["loss"].sum(), [inputs[n] for n in names], allow_unused=True)
+        own = torch.autograd.grad(got["loss"].sum(), [leaves[n] for n in names], allow_unused=True)
+        full_grads = {n: g if g is not None else torch.zeros_like(inputs[n]) for n, g in zip(names, grads, strict=True)}
+        for grad, want in zip(own, shard(full_grads, rank, 2).values(), strict=True):
+            torch.testing.assert_close(grad if grad is not None else torch.zeros_like(want), want, **TOLERANCE)
+    term = sm.TanhSparsityLoss(2)  # a loss term the collection would read unsharded
+    try:
+        sm.SparseAutoencoderLoss(2, 0.2, loss_terms={"tanh": term}, feature_group=feature_group)
+    except ValueError as error:
+        out["unsharded_term"] = str(error)
+    return out
+
+
+@pytest.mark.slow
+def test_presets_cross_the_feature_group_in_few_collectives() -> None:
+    """Whole training losses (JumpReLU, Lp, TopK + AuxK, Matryoshka BatchTopK + AuxK) on 2 feature shards equal the
+    full dictionary, values and gradients; every feature sum of a step crosses in one all-reduce, and AuxK adds one
+    all-gather of top-k candidates and one all-reduce of partial decodes (Matryoshka prefixes included)."""
+    for out in run_on_ranks(_presets_on_a_feature_group, world_size=2):
+        assert out["saelens_jumprelu"] == {"all_reduce": 1, "all_gather": 0}
+        assert out["saelens_standard_lp"] == {"all_reduce": 1, "all_gather": 0}
+        assert out["dictionary_learning_top_k"] == {"all_reduce": 2, "all_gather": 1}
+        assert out["saelens_matryoshka_batchtopk"] == {"all_reduce": 2, "all_gather": 1}
+        assert "tanh" in out["unsharded_term"]
+        assert "feature_group" in out["unsharded_term"]
+
+
+def _batchtopk_threshold_on_a_mesh(rank: int, world_size: int) -> dict[str, Tensor]:
+    mesh = _mesh(2, 2)
+    data_rank, feature_rank = mesh.get_local_rank("data"), mesh.get_local_rank("feature")
+    generator = torch.Generator().manual_seed(4)
+    steps = [torch.rand(2, 3 + step, 2, D_SAE, generator=generator).mul(4).sub(2).relu() for step in range(4)]
+    out = {}
+    for convention in ("saelens", "dictionary_learning", "saev"):
+        sharded = sm.BatchTopKThreshold(2, convention=convention, start_step=1, device_mesh=mesh)
+        for step in steps:
+            local = step[data_rank]
+            width = D_SAE // 2
+            sharded.update(local[..., feature_rank * width : (feature_rank + 1) * width])
+        full = sm.BatchTopKThreshold(2, convention=convention, start_step=1, sync_on_compute=False)
+        for step in steps:
+            full.update(step.flatten(0, 1))  # the global batch of the step, the whole dictionary
+        out[convention] = torch.stack([sharded.compute(), full.compute()])
+    return out
+
+
+def test_batchtopk_threshold_is_the_whole_dictionarys_minimum() -> None:
+    """On a 2 x 2 mesh every process holds the threshold of the global batch over the WHOLE dictionary."""
+    ranks = run_on_ranks(_batchtopk_threshold_on_a_mesh, world_size=4)
+    for out in ranks:
+        for convention, (sharded, full) in out.items():
+            assert torch.equal(sharded, full), convention

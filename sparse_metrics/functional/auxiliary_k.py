@@ -26,6 +26,7 @@ then zeroed, so a varying number of dead latents never changes a shape nor synch
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Literal, NamedTuple, get_args
 
@@ -36,7 +37,9 @@ from torch.nn.functional import embedding_bag
 
 # A module, not its class: _batch imports this package's modules (read at call time, not while importing).
 from sparse_metrics import _batch as batch_module
+from sparse_metrics._sharding import FeatureSharding
 from sparse_metrics._validation import autocast_disabled, check_prefix_sizes, computation_dtype
+from sparse_metrics.functional.matryoshka import _local_prefix_widths, _partial_prefix_decodes
 
 __all__ = ["AUXILIARY_K_CONVENTIONS", "AuxiliaryKConvention", "auxiliary_k_loss"]
 
@@ -123,30 +126,35 @@ def resolve_k_aux(rule: _Rule, k_aux: int | None, d_model: int, d_sae: int, conv
     return value
 
 
-def _auxiliary_decode(
-    pre: Float[Tensor, "batch component width"],
-    dead: Bool[Tensor, "component width"],
-    weight: Float[Tensor, "component width d_model"],
-    k_aux: int,
-    rule: _Rule,
-) -> Tensor:
-    """``[batch, component, d_model]``: the decode of the picked dead latents' activations (no bias)."""
-    width = pre.shape[-1]
-    k = min(k_aux, width)
+def _masked(pre: Tensor, dead: Tensor, rule: _Rule) -> Tensor:
+    """The values the top-k ranks, the live latents masked.
+
+    OpenAI multiplies the live latents' pre-activations by 0 (a NaN there stays NaN); the others mask them to -inf.
+    """
     if not rule.grad_to_pre_activations:
         pre = pre.detach()
-    # OpenAI multiplies the live latents' pre-activations by 0 (a NaN there stays NaN); the others mask them to -inf
-    masked = torch.where(dead, pre, -torch.inf) if rule.cap else pre * dead
-    values, indices = masked.topk(k, dim=-1, sorted=False)
+    return torch.where(dead, pre, -torch.inf) if rule.cap else pre * dead
+
+
+def _picked_values(masked: Tensor, dead: Tensor, indices: Tensor, values: Tensor, rule: _Rule) -> Tensor:
+    """The activations of the picks ``indices`` (``values`` are ``masked`` there): live picks zeroed, the ReLU."""
     if rule.cap:  # fewer dead latents than k: the live picks (at -inf) are not picks
-        picked_dead = dead.unsqueeze(0).expand(pre.shape[0], -1, -1).gather(-1, indices)
+        picked_dead = dead.unsqueeze(0).expand(masked.shape[0], -1, -1).gather(-1, indices)
         values = torch.where(picked_dead, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    if rule.relu:
-        values = values.relu()
+    return values.relu() if rule.relu else values
+
+
+def _decode_picks(shape: torch.Size, indices: Tensor, values: Tensor, weight: Tensor, rule: _Rule) -> Tensor:
+    """``[batch, component, d_model]``: the picks' activations ``values`` at latents ``indices`` decoded (no bias).
+
+    Picks of value 0 may repeat an index (a shard's picks that another shard owns): they add nothing.
+    """
     if not rule.sparse_decode:  # a dense product, as the peer's: every decoder row gets a (zero) gradient
-        return _decode(torch.zeros_like(pre).scatter(-1, indices, values), weight)
-    batch, components = pre.shape[:2]
-    offsets = torch.arange(components, device=pre.device).mul_(width).view(1, components, 1)
+        dense = torch.zeros(shape, dtype=values.dtype, device=values.device).scatter_add(-1, indices, values)
+        return _decode(dense, weight)
+    batch, components, width = shape
+    k = indices.shape[-1]
+    offsets = torch.arange(components, device=indices.device).mul_(width).view(1, components, 1)
     bags = embedding_bag(
         (indices + offsets).reshape(batch * components, k),
         weight.reshape(components * width, weight.shape[-1]),
@@ -156,13 +164,88 @@ def _auxiliary_decode(
     return bags.view(batch, components, weight.shape[-1])
 
 
+def _auxiliary_decode(
+    pre: Float[Tensor, "batch component width"],
+    dead: Bool[Tensor, "component width"],
+    weight: Float[Tensor, "component width d_model"],
+    k_aux: int,
+    rule: _Rule,
+) -> Tensor:
+    """``[batch, component, d_model]``: the decode of the picked dead latents' activations (no bias)."""
+    masked = _masked(pre, dead, rule)
+    values, indices = masked.topk(min(k_aux, pre.shape[-1]), dim=-1, sorted=False)
+    return _decode_picks(pre.shape, indices, _picked_values(masked, dead, indices, values, rule), weight, rule)
+
+
+def _sharded_auxiliary_decodes(
+    pre: Float[Tensor, "batch component d_local"],
+    dead: Bool[Tensor, "component d_local"],
+    weight: Float[Tensor, "component d_local d_model"],
+    k_aux: int,
+    rule: _Rule,
+    levels: Sequence[tuple[int, int]],
+    sharding: FeatureSharding,
+    prefix_decodes: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Each level's auxiliary decode over the WHOLE dictionary, from this shard's slice of the features.
+
+    ``levels`` are global feature ranges ``[start, stop)`` (one, ``[0, d_sae)``, without Matryoshka). Per level, each
+    shard proposes its own top ``k`` (the live ones masked), the candidates of every shard are gathered with the
+    shards' dead counts (ONE all-gather, float64: values, global indices and counts exactly), and the top ``k`` of
+    them are the global top ``k``; each shard decodes the picks it owns, from its own (differentiable) activations,
+    and the partial decodes are summed over the shards in ONE all-reduce with identity backward (together with the
+    Matryoshka prefixes' partial decodes ``prefix_decodes``, when given). Returns the decodes ``[level, batch,
+    component, d_model]``, the dead counts ``[level, component]`` and the summed ``prefix_decodes``.
+    """
+    width = pre.shape[-1]
+    offset = sharding.offset(width)
+    masked = _masked(pre, dead, rule)
+    candidates, counts, spans = [], [], []
+    for start, stop in levels:
+        local_start, local_stop = (min(max(bound - offset, 0), width) for bound in (start, stop))
+        k = min(k_aux, stop - start)
+        values, indices = masked[..., local_start:local_stop].detach().topk(min(k, local_stop - local_start), dim=-1)
+        padding = k - values.shape[-1]  # a shard with fewer of the level's latents than k: never-chosen fillers
+        values = torch.nn.functional.pad(values.to(torch.float64), (0, padding), value=-torch.inf)
+        indices = torch.nn.functional.pad((indices + offset + local_start).to(torch.float64), (0, padding), value=-1)
+        candidates.append(torch.stack([values, indices]))
+        counts.append(dead[:, local_start:local_stop].sum(dim=-1, dtype=torch.float64))
+        spans.append((local_start, local_stop, k))
+    local = torch.cat([*(candidate.reshape(-1) for candidate in candidates), *counts])
+    gathered = sharding.gather(local.unsqueeze(0), dim=0)  # [shard, everything]
+    partials, level_counts, at = [], [], 0
+    for candidate, (local_start, local_stop, k) in zip(candidates, spans, strict=True):
+        pieces = gathered[:, at : at + candidate.numel()].reshape(sharding.size, *candidate.shape)
+        at += candidate.numel()
+        every_value = torch.cat(list(pieces[:, 0]), dim=-1)  # [batch, component, shard * k]
+        every_index = torch.cat(list(pieces[:, 1]), dim=-1)
+        where = every_value.topk(k, dim=-1).indices
+        chosen = every_index.gather(-1, where).long() - offset
+        owned = (chosen >= local_start) & (chosen < local_stop)
+        local_indices = torch.where(owned, chosen, 0)
+        values = torch.where(owned, masked.gather(-1, local_indices), 0.0)
+        partials.append(
+            _decode_picks(
+                pre.shape, local_indices, _picked_values(masked, dead, local_indices, values, rule), weight, rule
+            )
+        )
+    for _ in levels:
+        level_counts.append(gathered[:, at : at + dead.shape[0]].sum(dim=0))
+        at += dead.shape[0]
+    sums = {"auxiliary": torch.stack(partials)}
+    if prefix_decodes is not None:
+        sums["prefixes"] = prefix_decodes
+    summed = sharding.sum(sums)
+    return summed["auxiliary"], torch.stack(level_counts).to(pre.dtype), summed.get("prefixes")
+
+
 def _decode(activations: Tensor, weight: Tensor) -> Tensor:
     return torch.einsum("bcf,cfd->bcd", activations, weight)
 
 
-def _scale(dead: Tensor, k_aux: int, rule: _Rule, dtype: torch.dtype) -> Tensor | None:
+def _scale(n_dead: Tensor, k_aux: int, rule: _Rule, dtype: torch.dtype) -> Tensor | None:
     """``[component]``: ``min(n_dead / k_aux, 1)`` where the convention scales, 0 where none is dead and it says so."""
-    n_dead = dead.sum(dim=-1, dtype=dtype)
+    n_dead = n_dead.to(dtype)
     scale = (n_dead / k_aux).clamp(max=1) if rule.scale else None
     if rule.zero_without_dead:
         live_only = n_dead == 0
@@ -191,8 +274,12 @@ def auxiliary_k_terms(
     k_aux: int,
     learned: Tensor | None = None,
     prefix_sizes: Sequence[int] | None = None,
+    sharding: FeatureSharding | None = None,
 ) -> AuxiliaryKTerms:
-    """The per-item terms of validated ``[batch, component, ...]`` inputs (decoder ``[component, d_sae, d_model]``)."""
+    """The per-item terms of validated ``[batch, component, ...]`` inputs (decoder ``[component, d_sae, d_model]``).
+
+    Under a feature ``sharding`` the per-feature inputs are this shard's slice; the terms are the whole dictionary's.
+    """
     tensors = [t for t in (source, decoded, pre_activations, decoder_weight, decoder_bias, learned) if t is not None]
     dtype = computation_dtype(*tensors)
     with autocast_disabled(source.device):
@@ -201,19 +288,25 @@ def auxiliary_k_terms(
         weight = decoder_weight.to(dtype)
         bias = None if decoder_bias is None else decoder_bias.to(dtype)
         if prefix_sizes is not None:
-            return _matryoshka_terms(source, pre, weight, dead_mask, bias, learned, rule, k_aux, prefix_sizes)
+            return _matryoshka_terms(source, pre, weight, dead_mask, bias, learned, rule, k_aux, prefix_sizes, sharding)
         assert decoded is not None
         residual = (source - decoded.to(dtype)).detach()
-        auxiliary = _auxiliary_decode(pre, dead_mask, weight, k_aux, rule)
+        if sharding is None:
+            auxiliary = _auxiliary_decode(pre, dead_mask, weight, k_aux, rule)
+            n_dead = dead_mask.sum(dim=-1, dtype=dtype)
+        else:
+            d_sae = pre.shape[-1] * sharding.size
+            decodes, counts, _ = _sharded_auxiliary_decodes(pre, dead_mask, weight, k_aux, rule, [(0, d_sae)], sharding)
+            auxiliary, n_dead = decodes[0], counts[0]
         target = residual
         if rule.bias_in_decode:
             assert bias is not None
             auxiliary = auxiliary + bias
             if rule.normaliser is not None:  # OpenAI: x - x̂.detach() + b_dec.detach(), b_dec cancels in the value
                 target = residual + bias.detach()
-        squared = _squared(auxiliary, target, _scale(dead_mask, k_aux, rule, dtype), rule)
+        squared = _squared(auxiliary, target, _scale(n_dead, k_aux, rule, dtype), rule)
         normaliser_input = {"residual": target, "source": source, None: None}[rule.normaliser]
-        any_dead = dead_mask.any(dim=-1) if rule.zero_without_dead else None
+        any_dead = n_dead > 0 if rule.zero_without_dead else None
         return AuxiliaryKTerms(squared, normaliser_input, any_dead)
 
 
@@ -227,13 +320,16 @@ def _matryoshka_terms(
     rule: _Rule,
     k_aux: int,
     prefix_sizes: Sequence[int],
+    sharding: FeatureSharding | None = None,
 ) -> AuxiliaryKTerms:
     """SAELens' Matryoshka AuxK: per level, its dead latents reconstruct the residual of the prefix through it."""
     assert learned is not None
     assert bias is not None
-    d_sae = pre.shape[-1]
+    d_sae = pre.shape[-1] * (1 if sharding is None else sharding.size)
     widths = [*prefix_sizes] if prefix_sizes[-1] == d_sae else [*prefix_sizes, d_sae]
     features = learned.to(pre.dtype)
+    if sharding is not None:
+        return _sharded_matryoshka_terms(source, pre, weight, dead, bias, features, rule, k_aux, widths, sharding)
     prefix_decoded = bias  # decoded = f_level W_level + decoded, level by level, as SAELens' _iterable_decode
     total: Tensor | None = None
     start = 0
@@ -243,9 +339,43 @@ def _matryoshka_terms(
         residual = (source - prefix_decoded).detach()
         level_dead = dead[:, start:end]
         auxiliary = _auxiliary_decode(pre[..., start:end], level_dead, level_weight, k_aux, rule)
-        squared = _squared(auxiliary, residual, _scale(level_dead, k_aux, rule, pre.dtype), rule)
+        n_dead = level_dead.sum(dim=-1, dtype=pre.dtype)
+        squared = _squared(auxiliary, residual, _scale(n_dead, k_aux, rule, pre.dtype), rule)
         total = squared if total is None else total + squared
         start = end
+    assert total is not None
+    return AuxiliaryKTerms(total, None)
+
+
+def _sharded_matryoshka_terms(
+    source: Tensor,
+    pre: Tensor,
+    weight: Tensor,
+    dead: Tensor,
+    bias: Tensor,
+    features: Tensor,
+    rule: _Rule,
+    k_aux: int,
+    widths: Sequence[int],
+    sharding: FeatureSharding,
+) -> AuxiliaryKTerms:
+    """:func:`_matryoshka_terms` from a shard's slice of the features.
+
+    The levels' prefix decodes and auxiliary decodes cross the feature group together: one all-gather of top-k
+    candidates, one all-reduce of the partial decodes.
+    """
+    local_widths = _local_prefix_widths(widths, sharding.offset(pre.shape[-1]), pre.shape[-1])
+    levels = list(itertools.pairwise([0, *widths]))
+    partial_prefixes = _partial_prefix_decodes(features, weight, local_widths, bias)
+    auxiliaries, counts, prefixes = _sharded_auxiliary_decodes(
+        pre, dead, weight, k_aux, rule, levels, sharding, prefix_decodes=partial_prefixes
+    )
+    assert prefixes is not None
+    total: Tensor | None = None
+    for auxiliary, n_dead, prefix_decoded in zip(auxiliaries, counts, prefixes, strict=True):
+        residual = (source - (prefix_decoded + bias)).detach()
+        squared = _squared(auxiliary, residual, _scale(n_dead, k_aux, rule, pre.dtype), rule)
+        total = squared if total is None else total + squared
     assert total is not None
     return AuxiliaryKTerms(total, None)
 
@@ -371,7 +501,7 @@ def batch_terms(
     bias = batch.require("decoder_bias", owner, why) if needs_bias else None
     if prefix_sizes is not None:
         learned = batch.require("learned_activations", owner, "It gives each Matryoshka level's residual.")
-        check_prefix_sizes(prefix_sizes, pre.shape[-1])
+        check_prefix_sizes(prefix_sizes, pre.shape[-1] * batch.num_shards)
     else:
         decoded = batch.require("decoded_activations", owner)
     if weight.shape[-1] != source.shape[-1]:
@@ -379,7 +509,17 @@ def batch_terms(
             f"`decoder_weight` must have d_model={source.shape[-1]} (the width of `source_activations`) in its last "
             f"axis, got shape {batch.shape('decoder_weight')}."
         )
-    resolved = resolve_k_aux(rule, k_aux, source.shape[-1], pre.shape[-1], convention)
+    resolved = resolve_k_aux(rule, k_aux, source.shape[-1], pre.shape[-1] * batch.num_shards, convention)
     return auxiliary_k_terms(
-        source, decoded, pre, weight, dead, bias, rule=rule, k_aux=resolved, learned=learned, prefix_sizes=prefix_sizes
+        source,
+        decoded,
+        pre,
+        weight,
+        dead,
+        bias,
+        rule=rule,
+        k_aux=resolved,
+        learned=learned,
+        prefix_sizes=prefix_sizes,
+        sharding=batch.sharding,
     )

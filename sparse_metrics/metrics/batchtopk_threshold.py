@@ -188,6 +188,9 @@ class BatchTopKThreshold(SaeMetric):
 
     def _global_min_positive(self, learned: Tensor) -> Tensor:
         minimum = _min_positive(learned)
+        sharding = self.feature_sharding
+        if sharding is not None and sharding.size > 1:  # the whole dictionary's minimum, whatever the data sync
+            dist.all_reduce(minimum, op=dist.ReduceOp.MIN, group=sharding.group)
         if self._to_sync and self.distributed_available_fn():
             group = self.process_group or dist.group.WORLD
             if dist.get_world_size(group) > 1:

@@ -1,11 +1,12 @@
 """JumpReLU L0 penalty metric: latents above threshold, with a straight-through gradient to the threshold."""
 
+from collections.abc import Hashable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 from torch import Tensor
 
-from sparse_metrics._batch import SaeBatch
+from sparse_metrics._batch import FeatureSum, SaeBatch
 from sparse_metrics._config import NumComponents, validate_arguments
 from sparse_metrics.functional.jumprelu_l0 import (
     _batch_target,
@@ -18,6 +19,14 @@ from sparse_metrics.metrics._base import ItemMeanMetric
 __all__ = ["JumpReLUL0Loss"]
 
 _Positive = Annotated[float, Field(gt=0)]
+
+
+def _jumprelu_l0_partial(batch: SaeBatch, owner: str, bandwidth: float, convention: str, ste_to_input: bool) -> Tensor:
+    """The straight-through L0's count over this process's features."""
+    pre_activations, threshold = batch.require("pre_activations", owner), batch.require("threshold", owner)
+    return _jumprelu_l0(
+        pre_activations, threshold, bandwidth=bandwidth, convention=convention, ste_to_input=ste_to_input
+    )
 
 
 class JumpReLUL0Loss(ItemMeanMetric):
@@ -111,18 +120,18 @@ class JumpReLUL0Loss(ItemMeanMetric):
             "ste_to_input": self.ste_to_input,
         }
 
+    @property
+    def _feature_sum(self) -> FeatureSum:
+        return FeatureSum(_jumprelu_l0_partial, (self.bandwidth, self.convention, self.ste_to_input))
+
+    def _batch_uses(self) -> frozenset[Hashable]:
+        return frozenset({self._feature_sum})
+
     def _per_item(self, batch: SaeBatch) -> Tensor:
         owner = type(self).__name__
-        pre_activations = batch.require("pre_activations", owner)
-        threshold = batch.require("threshold", owner)
-        l0 = _jumprelu_l0(
-            pre_activations,
-            threshold,
-            bandwidth=self.bandwidth,
-            convention=self.convention,
-            ste_to_input=self.ste_to_input,
-        )
-        return _per_item_target(l0, self.target_l0, self.convention)
+        batch.require("pre_activations", owner)
+        batch.require("threshold", owner)
+        return _per_item_target(batch.sum_over_features(self._feature_sum, owner), self.target_l0, self.convention)
 
     def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:
         """A count is finite even for NaN inputs: the items with a non-finite pre-activation are screened."""

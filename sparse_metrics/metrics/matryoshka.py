@@ -1,12 +1,12 @@
 """Matryoshka reconstruction loss metric."""
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from sparse_metrics._batch import SaeBatch
+from sparse_metrics._batch import FeatureSum, SaeBatch
 from sparse_metrics._config import FeatureReduction, NumComponents, validate_arguments
 from sparse_metrics._validation import check_prefix_sizes, check_prefix_weights
 from sparse_metrics.functional.matryoshka import (
@@ -19,6 +19,24 @@ from sparse_metrics.functional.matryoshka import (
 from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, ItemMeanMetric
 
 __all__ = ["MatryoshkaReconstructionLoss"]
+
+
+def _decoded_sizes(batch: SaeBatch, owner: str, sizes: Sequence[int], reuse: bool) -> tuple[int, ...]:
+    """The prefixes decoded from the decoder: all, or all but the whole dictionary where ``x_hat``'s error is reused."""
+    d_sae = batch.require("learned_activations", owner).shape[-1] * batch.num_shards
+    return tuple(sizes[:-1] if reuse and sizes[-1] == d_sae else sizes)
+
+
+def _prefix_decodes_partial(batch: SaeBatch, owner: str, sizes: tuple[int, ...], reuse: bool) -> Tensor:
+    """This shard's part of each decoded prefix (global widths), ``[prefix, batch, component, d_model]``, no bias."""
+    learned = batch.require("learned_activations", owner)
+    weight = batch.require("decoder_weight", owner)
+    decoded = _decoded_sizes(batch, owner, sizes, reuse)
+    if not decoded:  # one prefix, the whole dictionary, whose error is x_hat's
+        source = batch.require("source_activations", owner)
+        return source.new_zeros(0, *source.shape)
+    local_sizes = _local_prefix_widths(decoded, batch.feature_offset, learned.shape[-1])
+    return _partial_prefix_decodes(learned, weight, local_sizes, batch.get("decoder_bias"))
 
 
 class MatryoshkaReconstructionLoss(ItemMeanMetric):
@@ -132,23 +150,21 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
             ),
         )
 
+    @property
+    def _feature_sum(self) -> FeatureSum:
+        return FeatureSum(_prefix_decodes_partial, (self.prefix_sizes, self.reuse_decoded_activations))
+
+    def _batch_uses(self) -> frozenset[Hashable]:
+        return frozenset({self._feature_sum})
+
     def _sharded_prefix_errors(self, batch: SaeBatch, sizes: Sequence[int], full_error: Tensor | None) -> Tensor:
         """Each prefix decoded from the features this shard owns, summed over the shards, the bias added once."""
         owner = type(self).__name__
-        learned = batch.require("learned_activations", owner)
-        weight = batch.require("decoder_weight", owner)
-        reuse = full_error is not None and sizes[-1] == learned.shape[-1] * batch.num_shards
-        decoded_sizes = tuple(sizes[:-1] if reuse else sizes)
-        local_sizes = _local_prefix_widths(decoded_sizes, batch.feature_offset, learned.shape[-1])
+        decodes = batch.sum_over_features(self._feature_sum, owner)
+        reuse = len(_decoded_sizes(batch, owner, sizes, self.reuse_decoded_activations)) < len(sizes)
         return _prefix_errors_from_partials(
             batch.require("source_activations", owner),
-            batch.sum_over_features(
-                ("matryoshka_partial_decodes", decoded_sizes),
-                owner,
-                lambda: _partial_prefix_decodes(learned, weight, local_sizes, batch.get("decoder_bias")),
-            )
-            if decoded_sizes
-            else None,
+            decodes if decodes.shape[0] else None,
             batch.get("decoder_bias"),
             self.feature_reduction,
             full_error if reuse else None,

@@ -1,15 +1,24 @@
 """Pre-activation loss metric (Anthropic; SAELens ``calculate_pre_act_loss``)."""
 
+from collections.abc import Hashable
 from typing import Any, ClassVar
 
 from torch import Tensor
 
-from sparse_metrics._batch import SaeBatch
+from sparse_metrics._batch import FeatureSum, SaeBatch
 from sparse_metrics._config import NumComponents, validate_arguments
 from sparse_metrics.functional.pre_activation import _pre_activation_penalty
 from sparse_metrics.metrics._base import ItemMeanMetric
 
 __all__ = ["PreActivationLoss"]
+
+
+def _pre_activation_partial(batch: SaeBatch, owner: str, dead_only: bool, decoder_norm_weighting: bool) -> Tensor:
+    """The pre-activation penalty's sum over this process's features."""
+    row_norms = batch.decoder_row_norms(owner) if decoder_norm_weighting else None
+    dead_mask = batch.require("dead_mask", owner) if dead_only else None
+    pre_activations, threshold = batch.require("pre_activations", owner), batch.require("threshold", owner)
+    return _pre_activation_penalty(pre_activations, threshold, row_norms, dead_mask)
 
 
 class PreActivationLoss(ItemMeanMetric):
@@ -70,19 +79,24 @@ class PreActivationLoss(ItemMeanMetric):
             "decoder_norm_weighting": self.decoder_norm_weighting,
         }
 
+    @property
+    def _feature_sum(self) -> FeatureSum:
+        return FeatureSum(_pre_activation_partial, (self.dead_only, self.decoder_norm_weighting))
+
+    def _batch_uses(self) -> frozenset[Hashable]:
+        return frozenset({self._feature_sum})
+
     def _per_item(self, batch: SaeBatch) -> Tensor:
         owner = type(self).__name__
-        pre_activations = batch.require("pre_activations", owner)
-        threshold = batch.require("threshold", owner)
-        row_norms = None
+        batch.require("pre_activations", owner)
+        batch.require("threshold", owner)
         if self.decoder_norm_weighting:
             why = "It is required with `decoder_norm_weighting=True`: the feature-major decoder [*component, d_sae, "
-            row_norms = batch.decoder_row_norms(owner, why + "d_model].")
-        dead_mask = None
+            batch.decoder_row_norms(owner, why + "d_model].")
         if self.dead_only:
             why = "It is required with `dead_only=True` (True for a dead latent); `dead_only=False` counts all latents."
-            dead_mask = batch.require("dead_mask", owner, why)
-        return _pre_activation_penalty(pre_activations, threshold, row_norms, dead_mask)
+            batch.require("dead_mask", owner, why)
+        return batch.sum_over_features(self._feature_sum, owner)
 
     def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:
         """Items with a finite value and a finite `pre_activations` (an infinite one can give a finite penalty)."""

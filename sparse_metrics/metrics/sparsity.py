@@ -1,17 +1,24 @@
 """Sparsity penalty metric: coefficient times L1."""
 
+from collections.abc import Hashable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from sparse_metrics._batch import SaeBatch
+from sparse_metrics._batch import FeatureSum, SaeBatch
 from sparse_metrics._config import NumComponents, validate_arguments
 from sparse_metrics._validation import check_sparsity_coefficient
 from sparse_metrics.functional.sparsity import _lp, _lp_power_sum, _p_root, _sparsity_from_l1, check_p
 from sparse_metrics.metrics._base import ItemMeanMetric
 
 __all__ = ["SparsityLoss"]
+
+
+def _lp_partial(batch: SaeBatch, owner: str, p: float, decoder_norm_weighting: bool) -> Tensor:
+    """``sum_i a_i^p`` over this process's features (the Lp penalty's feature sum, before any root)."""
+    row_norms = batch.decoder_row_norms(owner) if decoder_norm_weighting else None
+    return _lp_power_sum(batch.require("learned_activations", owner), row_norms, p)
 
 
 class SparsityLoss(ItemMeanMetric):
@@ -67,7 +74,9 @@ class SparsityLoss(ItemMeanMetric):
 
     _coefficient_tensor: Tensor | None
 
-    def _batch_uses(self) -> frozenset[str]:
+    def _batch_uses(self) -> frozenset[Hashable]:
+        if self.p != 1:
+            return frozenset({FeatureSum(_lp_partial, (self.p, self.decoder_norm_weighting))})
         return frozenset({"weighted_l1" if self.decoder_norm_weighting else "l1"})
 
     @validate_arguments
@@ -134,9 +143,7 @@ class SparsityLoss(ItemMeanMetric):
         if batch.sharding is None:
             return self._from_l1(_lp(learned, row_norms, self.p, self.p_root))
         # Sharded: the shards' sums of a_i^p cross the feature group, the root is taken of the whole sum.
-        power_sum = batch.sum_over_features(
-            ("lp", self.p, self.decoder_norm_weighting), owner, lambda: _lp_power_sum(learned, row_norms, self.p)
-        )
+        power_sum = batch.sum_over_features(FeatureSum(_lp_partial, (self.p, self.decoder_norm_weighting)), owner)
         return self._from_l1(_p_root(power_sum, self.p) if self.p_root else power_sum)
 
     def _from_l1(self, l1_per_item: Tensor) -> Tensor:

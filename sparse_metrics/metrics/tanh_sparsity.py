@@ -1,16 +1,23 @@
 """tanh sparsity penalty metric (Anthropic; SAELens' ``"tanh"`` sparsity mode)."""
 
+from collections.abc import Hashable
 from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 from torch import Tensor
 
-from sparse_metrics._batch import SaeBatch
+from sparse_metrics._batch import FeatureSum, SaeBatch
 from sparse_metrics._config import NumComponents, validate_arguments
 from sparse_metrics.functional.tanh_sparsity import _tanh_penalty
 from sparse_metrics.metrics._base import ItemMeanMetric
 
 __all__ = ["TanhSparsityLoss"]
+
+
+def _tanh_partial(batch: SaeBatch, owner: str, scale: float, decoder_norm_weighting: bool) -> Tensor:
+    """The tanh penalty's sum over this process's features."""
+    row_norms = batch.decoder_row_norms(owner) if decoder_norm_weighting else None
+    return _tanh_penalty(batch.require("learned_activations", owner), row_norms, scale)
 
 
 class TanhSparsityLoss(ItemMeanMetric):
@@ -62,14 +69,20 @@ class TanhSparsityLoss(ItemMeanMetric):
     def _configuration(self) -> dict[str, Any]:
         return {**super()._configuration(), "scale": self.scale, "decoder_norm_weighting": self.decoder_norm_weighting}
 
+    @property
+    def _feature_sum(self) -> FeatureSum:
+        return FeatureSum(_tanh_partial, (self.scale, self.decoder_norm_weighting))
+
+    def _batch_uses(self) -> frozenset[Hashable]:
+        return frozenset({self._feature_sum})
+
     def _per_item(self, batch: SaeBatch) -> Tensor:
         owner = type(self).__name__
-        learned = batch.require("learned_activations", owner)
-        row_norms = None
+        batch.require("learned_activations", owner)
         if self.decoder_norm_weighting:
             why = "It is required with `decoder_norm_weighting=True`: the feature-major decoder [*component, d_sae, "
-            row_norms = batch.decoder_row_norms(owner, why + "d_model].")
-        return _tanh_penalty(learned, row_norms, self.scale)
+            batch.decoder_row_norms(owner, why + "d_model].")
+        return batch.sum_over_features(self._feature_sum, owner)
 
     def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:
         """Items with a finite value and a finite `learned_activations` (an infinite one can give a finite penalty)."""
