@@ -388,7 +388,7 @@ class SaeBatch:
             return self._memo[key]  # type: ignore[no-any-return]
         if self.sharding is None:
             return self.memo(key, lambda: _feature_sum(key).partial(self, owner))
-        partials = {key: _feature_sum(key).partial(self, owner)}
+        partials: dict[Hashable, Tensor] = {key: _feature_sum(key).partial(self, owner)}
         for other in sorted(_feature_sums_in(self.uses), key=_feature_sum_order):
             if other not in self._memo and other not in partials:
                 partials[other] = _feature_sum(other).partial(self, owner)
@@ -452,21 +452,6 @@ class SaeBatch:
         if features is None:
             features = self.require("learned_activations", owner)
         return self.memo("decoder_row_norms", lambda: _decoder_row_norms(weight, computation_dtype(features, weight)))
-
-
-def _partial_l0(batch: SaeBatch, owner: str) -> Tensor:
-    learned = batch.require("learned_activations", owner)
-    if "activity" in batch.uses:  # the activity mask is formed anyway: count it instead of reading f again
-        return batch.active(owner).sum(dim=-1, dtype=computation_dtype(learned))
-    return _count_active(learned)
-
-
-def _partial_l1(batch: SaeBatch, owner: str) -> Tensor:
-    return _absolute_sum(batch.require("learned_activations", owner))
-
-
-def _partial_weighted_l1(batch: SaeBatch, owner: str) -> Tensor:
-    return _weighted_l1(batch.require("learned_activations", owner), batch.decoder_row_norms(owner))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -25,7 +26,7 @@ class ActivityMetric(SaeMetric):
     """
 
     _positional_inputs: ClassVar[tuple[str, ...]] = ("learned_activations",)
-    _uses: ClassVar[frozenset[str]] = frozenset({"activity"})
+    _uses: ClassVar[frozenset[Hashable]] = frozenset({"activity"})
 
     def __init__(
         self, num_features: int, num_components: int, *, firing_threshold: float | None = None, **kwargs: Any

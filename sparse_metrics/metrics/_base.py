@@ -21,7 +21,7 @@ import inspect
 import json
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, cast
 
@@ -154,7 +154,7 @@ class SaeMetric(Metric):
     #: The inputs ``update`` takes positionally, in order (every SAE input is accepted by keyword).
     _positional_inputs: ClassVar[tuple[str, ...]] = ()
     #: Shared statistics of the batch this metric reads, so that a collection can take the cheapest route to them.
-    _uses: ClassVar[frozenset[str]] = frozenset()
+    _uses: ClassVar[frozenset[Hashable]] = frozenset()
     #: Whether the value has a feature axis ``[*component, d_sae]`` (and so is no scalar to log).
     per_feature: ClassVar[bool] = False
     #: Whether this metric is a loss term: a per-component value that :class:`TotalLoss` can weight and sum, through
@@ -238,7 +238,7 @@ class SaeMetric(Metric):
             sharding=self.feature_sharding,
         )
 
-    def _batch_uses(self) -> frozenset[str]:
+    def _batch_uses(self) -> frozenset[Hashable]:
         """The shared statistics this metric reads (see :class:`~sparse_metrics._batch.SaeBatch`)."""
         return self._uses
 
@@ -762,7 +762,7 @@ class DerivedOutput(SaeMetric):
     def _make_batch(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> SaeBatch:
         return self.source._make_batch(args, kwargs)
 
-    def _batch_uses(self) -> frozenset[str]:
+    def _batch_uses(self) -> frozenset[Hashable]:
         return self.source._batch_uses()
 
     def _contribution(self, batch: SaeBatch) -> Any:

@@ -1,5 +1,6 @@
 """L0 norm metric: active features per item."""
 
+from collections.abc import Hashable
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -38,7 +39,7 @@ class L0NormMetric(ItemMeanMetric):
 
     _state_prefix: ClassVar[str] = "l0"
     _positional_inputs: ClassVar[tuple[str, ...]] = ("learned_activations",)
-    _uses: ClassVar[frozenset[str]] = frozenset({"l0"})
+    _uses: ClassVar[frozenset[Hashable]] = frozenset({"l0"})
 
     @validate_arguments
     def __init__(self, num_components: NumComponents = 1, *, keep_batch_dim: bool = False, **kwargs: Any) -> None:

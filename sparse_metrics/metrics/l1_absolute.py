@@ -1,5 +1,6 @@
 """L1 absolute loss metric."""
 
+from collections.abc import Hashable
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -36,7 +37,7 @@ class L1AbsoluteLoss(ItemMeanMetric):
 
     _state_prefix: ClassVar[str] = "l1"
     _positional_inputs: ClassVar[tuple[str, ...]] = ("learned_activations",)
-    _uses: ClassVar[frozenset[str]] = frozenset({"l1"})
+    _uses: ClassVar[frozenset[Hashable]] = frozenset({"l1"})
 
     @validate_arguments
     def __init__(self, num_components: NumComponents = 1, *, keep_batch_dim: bool = False, **kwargs: Any) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -87,7 +87,7 @@ class TotalLoss(SaeMetric):
             raise ValueError(f"The coefficient of {name!r} must be a finite number >= 0, got {value!r}.")
         self._coefficients[name] = float(value)
 
-    def _batch_uses(self) -> frozenset[str]:
+    def _batch_uses(self) -> frozenset[Hashable]:
         return frozenset().union(*(term._batch_uses() for term in self.terms.values()))
 
     def _contribution(self, batch: SaeBatch) -> tuple[Any, ...]:
