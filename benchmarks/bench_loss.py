@@ -61,6 +61,7 @@ from sparse_metrics import (
     FeatureDensity,
     MatryoshkaReconstructionLoss,
     SparseAutoencoderLoss,
+    presets,
 )
 from sparse_metrics._distributed import synced_states
 
@@ -644,6 +645,17 @@ def _sharding_worker(rank: int, directory: str, sizes: dict[str, int], results: 
     width = d_sae // 2
     owned = slice(shard * width, (shard + 1) * width)
     sharded_inputs = {**inputs, "learned_activations": f[:, owned], "decoder_weight": decoder[owned]}
+    # A TopK step with AuxK (dictionary_learning's trainer): a quarter of the latents dead.
+    pre = torch.randn(batch, d_sae, generator=generator)
+    dead = torch.rand(d_sae, generator=generator) < 0.25
+    topk = {**inputs, "pre_activations": pre, "dead_mask": dead, "decoder_bias": torch.zeros(d_model)}
+    sharded_topk = {
+        **topk,
+        "learned_activations": f[:, owned],
+        "decoder_weight": decoder[owned],
+        "pre_activations": pre[:, owned],
+        "dead_mask": dead[owned],
+    }
     runs = {
         "2 x 2 mesh (sharded)": (
             SparseAutoencoderLoss(1, 0.1, d_model=d_model, device_mesh=mesh, **training),
@@ -653,6 +665,14 @@ def _sharding_worker(rank: int, directory: str, sizes: dict[str, int], results: 
         "2 data ranks (unsharded)": (
             SparseAutoencoderLoss(1, 0.1, d_model=d_model, process_group=mesh.get_group("data"), **training),
             inputs,
+        ),
+        "TopK + AuxK, 2 x 2 mesh": (
+            presets.dictionary_learning("top_k", d_model=d_model, device_mesh=mesh),
+            sharded_topk,
+        ),
+        "TopK + AuxK, 2 data ranks": (
+            presets.dictionary_learning("top_k", d_model=d_model, process_group=mesh.get_group("data")),
+            topk,
         ),
     }
     out = {}
@@ -695,6 +715,10 @@ def bench_sharding_bytes(args: argparse.Namespace) -> None:
     print(f"{'run':<28} {'forward bytes':>14} {'calls':>6} {'compute() bytes':>16} {'calls':>6}")
     for name, (forward, compute) in out.items():
         print(f"{name:<28} {forward['bytes']:>14} {forward['calls']:>6} {compute['bytes']:>16} {compute['calls']:>6}")
+    print(
+        "(compute() is the first of its metrics, with the layout check; AuxK's forward sends each shard's top-k_aux "
+        "candidates, float64 values and indices, and its partial decode)"
+    )
     print(f"[sharding section: {time.perf_counter() - start:.1f} s]")
 
 

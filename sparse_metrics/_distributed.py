@@ -403,8 +403,10 @@ def _reduce_states(tensor_states: list[_State], list_states: list[_State], group
     meta = torch.tensor([layout, sum(k.numel() for k in keys), local_slot.numel(), 0], dtype=torch.int64, device=device)
     metrics = [m for m, _, _ in tensor_states + list_states]
     token = (id(dist.group.WORLD if group is None else group), layout)
-    if not plan.rows and all(metric.__dict__.get(_CHECKED_LAYOUT) == token for metric in metrics):
-        # Checked by an earlier sync of these very metrics, and no size varies with the data: skipped.
+    rows_vary = any(getattr(metric, "keep_batch_dim", True) is not False for metric, _, _ in plan.rows)
+    if not rows_vary and all(metric.__dict__.get(_CHECKED_LAYOUT) == token for metric in metrics):
+        # Checked by an earlier sync of these very metrics, and no size varies with the data (a list state of a
+        # metric without keep_batch_dim stays empty): skipped.
         meta_by_rank = [meta.tolist()] * dist.get_world_size(group)
     else:
         meta_by_rank = [rank_meta.tolist() for rank_meta in _all_gather(meta, group, None)]

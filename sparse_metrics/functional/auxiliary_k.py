@@ -191,7 +191,7 @@ def _sharded_auxiliary_decodes(
 
     ``levels`` are global feature ranges ``[start, stop)`` (one, ``[0, d_sae)``, without Matryoshka). Per level, each
     shard proposes its own top ``k`` (the live ones masked), the candidates of every shard are gathered with the
-    shards' dead counts (ONE all-gather, float64: values, global indices and counts exactly), and the top ``k`` of
+    shards' dead counts (ONE all-gather: values, global indices and counts, exactly), and the top ``k`` of
     them are the global top ``k``; each shard decodes the picks it owns, from its own (differentiable) activations,
     and the partial decodes are summed over the shards in ONE all-reduce with identity backward (together with the
     Matryoshka prefixes' partial decodes ``prefix_decodes``, when given). Returns the decodes ``[level, batch,
@@ -200,16 +200,20 @@ def _sharded_auxiliary_decodes(
     width = pre.shape[-1]
     offset = sharding.offset(width)
     masked = _masked(pre, dead, rule)
+    # Values, global indices and counts travel exactly in one dtype: float32 holds every integer up to 2**24 and
+    # every float32/16 value; float64 inputs or a larger dictionary take float64.
+    exact = width * sharding.size <= 2**24 and pre.dtype != torch.float64
+    wire = torch.float32 if exact else torch.float64
     candidates, counts, spans = [], [], []
     for start, stop in levels:
         local_start, local_stop = (min(max(bound - offset, 0), width) for bound in (start, stop))
         k = min(k_aux, stop - start)
         values, indices = masked[..., local_start:local_stop].detach().topk(min(k, local_stop - local_start), dim=-1)
         padding = k - values.shape[-1]  # a shard with fewer of the level's latents than k: never-chosen fillers
-        values = torch.nn.functional.pad(values.to(torch.float64), (0, padding), value=-torch.inf)
-        indices = torch.nn.functional.pad((indices + offset + local_start).to(torch.float64), (0, padding), value=-1)
+        values = torch.nn.functional.pad(values.to(wire), (0, padding), value=-torch.inf)
+        indices = torch.nn.functional.pad((indices + offset + local_start).to(wire), (0, padding), value=-1)
         candidates.append(torch.stack([values, indices]))
-        counts.append(dead[:, local_start:local_stop].sum(dim=-1, dtype=torch.float64))
+        counts.append(dead[:, local_start:local_stop].sum(dim=-1, dtype=wire))
         spans.append((local_start, local_stop, k))
     local = torch.cat([*(candidate.reshape(-1) for candidate in candidates), *counts])
     gathered = sharding.gather(local.unsqueeze(0), dim=0)  # [shard, everything]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -102,6 +103,8 @@ class FeatureDensity(ActivityMetric):
         self._add_configuration_marker()
         #: Under a feature sharding, the batch's summaries of the whole dictionary, summed once (see _derived_value).
         self._sharded_summaries: tuple[FeatureActivity, dict[str, Tensor]] | None = None
+        #: The same for the synced states (see _sharded_summaries_of_states), by weak references to the states.
+        self._state_summaries: tuple[tuple[weakref.ref[Tensor], ...], dict[str, Tensor]] | None = None
 
     def _record(self, contribution: FeatureActivity) -> None:
         self.density_fire_count = self.density_fire_count + contribution.fire_count
@@ -139,11 +142,30 @@ class FeatureDensity(ActivityMetric):
         return {key: total / sharding.size for key, total in sharding.sum(local_means).items()}
 
     def _derived_compute(self, name: str) -> Tensor:
+        if name not in self._derived_outputs():
+            raise KeyError(name)
+        if self.feature_sharding is not None:
+            return self._sharded_summaries_of_states()[name]
         if name == "mean_log10_feature_density":
             return self.mean_log10_density()
-        if name in DENSITY_BANDS:
-            return self.density_bands()[name]
-        raise KeyError(name)
+        return self.density_bands()[name]
+
+    def _sharded_summaries_of_states(self) -> dict[str, Tensor]:
+        """Every derived output of the (synced) states, the shards' summaries summed in ONE all-reduce.
+
+        Computed once per set of synced states: a collection's ``compute()`` reads them for each derived key. The
+        shards of a feature group hold the same items, so they hold new states (and recompute) at the same calls.
+        """
+        with self._synced():
+            states = (self.density_fire_count, self.density_item_count)
+            cached = self._state_summaries
+            if cached is not None and all(ref() is state for ref, state in zip(cached[0], states, strict=True)):
+                return cached[1]
+            density = self._density()
+            local = {key: _feature_summary(density, key) for key in self._derived_outputs()}
+            summaries = {key: self._squeeze(value) for key, value in self._global_means(local).items()}
+            self._state_summaries = (tuple(weakref.ref(state) for state in states), summaries)
+            return summaries
 
     def density_bands(self) -> dict[str, Tensor]:
         """The fraction of features in each density band, by name (``DENSITY_BANDS``), ``[*component]``, synced.
