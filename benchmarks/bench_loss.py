@@ -717,7 +717,7 @@ def bench_sharding_bytes(args: argparse.Namespace) -> None:
         print(f"{name:<28} {forward['bytes']:>14} {forward['calls']:>6} {compute['bytes']:>16} {compute['calls']:>6}")
     print(
         "(compute() is the first of its metrics, with the layout check; AuxK's forward sends each shard's top-k_aux "
-        "candidates, float64 values and indices, and its partial decode)"
+        "candidates, values and global indices, and its partial decode)"
     )
     print(f"[sharding section: {time.perf_counter() - start:.1f} s]")
 
