@@ -28,7 +28,7 @@ from sparse_metrics._validation import (
     infer_d_model,
     to_components,
 )
-from sparse_metrics.functional._statistics import _sae_loss_statistics
+from sparse_metrics.functional._statistics import _sae_loss_statistics, _sae_training_statistics
 from sparse_metrics.functional.feature_density import FeatureActivity, _active_mask, _feature_activity
 from sparse_metrics.functional.l0_norm import _count_active
 from sparse_metrics.functional.l1_absolute import _absolute_sum
@@ -88,8 +88,13 @@ SHARDED_INPUTS = {
     "decoder_weight": -2,
 }
 
-# Shared by every batch of a collection built with compiled=True; compiled at its first call.
+# Shared by every batch of a collection built with compiled=True; compiled at their first call.
 _compiled_sae_loss_statistics = CompiledWithFallback(_sae_loss_statistics)
+_compiled_sae_training_statistics = CompiledWithFallback(_sae_training_statistics)
+
+#: ``(ACTIVITY_THRESHOLD, t)`` in a batch's ``uses``: an activity member reads the firing of threshold ``t`` (None:
+#: non-zero), so that the compiled path computes it in the same compiled function as the loss statistics.
+ACTIVITY_THRESHOLD = "activity_threshold"
 
 _Value = TypeVar("_Value")
 
@@ -420,14 +425,30 @@ class SaeBatch:
         return 1 if self.sharding is None else self.sharding.size
 
     def _compiled_loss_statistics(self, owner: str) -> None:
-        """With ``compiled``, memoise the squared error, L0 and L1 from one compiled function (one fused pass)."""
-        if not self.compiled or "activity" in self.uses or "squared_error" in self._memo or self.sharding is not None:
+        """With ``compiled``, memoise the squared error, L0 and L1 from one compiled function (one fused pass).
+
+        The firing counts of every firing threshold the activity members use (named in ``uses``) come from it too.
+        """
+        if not self.compiled or "squared_error" in self._memo or self.sharding is not None:
             return
         source, learned, decoded = (
             self.require(name, owner) for name in ("source_activations", "learned_activations", "decoded_activations")
         )
-        squared_error, l0, l1 = _compiled_sae_loss_statistics(source, learned, decoded)
+        thresholds = tuple(
+            sorted(
+                {key[1] for key in self.uses if isinstance(key, tuple) and key[0] == ACTIVITY_THRESHOLD},
+                key=lambda threshold: -1.0 if threshold is None else threshold,
+            )
+        )
+        if not thresholds:
+            squared_error, l0, l1 = _compiled_sae_loss_statistics(source, learned, decoded)
+            self._memo.update({"squared_error": squared_error, "l0": l0, "l1": l1})
+            return
+        squared_error, l0, l1, activities = _compiled_sae_training_statistics(source, learned, decoded, thresholds)
         self._memo.update({"squared_error": squared_error, "l0": l0, "l1": l1})
+        for threshold, (fire_count, items_since_fired) in zip(thresholds, activities, strict=True):
+            key: Hashable = "activity" if threshold is None else ("activity", threshold)
+            self._memo[key] = FeatureActivity(fire_count, items_since_fired, learned.shape[0])
 
     def active(self, owner: str, firing_threshold: float | None = None) -> Tensor:
         """Which features fire on each item, ``[batch, component, d_sae]`` bool (NaN counts as firing).
@@ -443,6 +464,8 @@ class SaeBatch:
     def activity(self, owner: str, firing_threshold: float | None = None) -> FeatureActivity:
         """Per-feature firing counts and items since the last firing, from the activity mask of that threshold."""
         key: Hashable = "activity" if firing_threshold is None else ("activity", firing_threshold)
+        if key not in self._memo:
+            self._compiled_loss_statistics(owner)
         return self.memo(key, lambda: _feature_activity(self.active(owner, firing_threshold)))
 
     def decoder_row_norms(self, owner: str, why: str = "") -> Tensor:

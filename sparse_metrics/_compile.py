@@ -30,13 +30,13 @@ class CompiledWithFallback(Generic[_Result]):
         self._failed = False
         self._lock = threading.Lock()
 
-    def __call__(self, *args: Any) -> _Result:
+    def __call__(self, *args: Any, **kwargs: Any) -> _Result:
         if not self._failed:
             try:
-                return self._compiled_function()(*args)
+                return self._compiled_function()(*args, **kwargs)
             except (TorchDynamoException, OSError) as error:
                 self._fail(error)
-        return self._function(*args)
+        return self._function(*args, **kwargs)
 
     def _compiled_function(self) -> Callable[..., _Result]:
         with self._lock:

@@ -106,12 +106,14 @@ class SparseAutoencoderLoss(MetricCollection):
         keep_batch_dim: The loss terms keep per-item values (``"loss"`` stays a scalar mean).
         prefix: Prefix for every output key (torchmetrics' convention).
         postfix: Postfix for every output key.
-        compiled: Compute each batch's squared error, L0 and L1 with ``torch.compile`` (``fullgraph=True``), which
-            fuses the passes over the ``[batch, d_sae]`` activations. The first batch of each new shape pays the
-            compilation; where compiling fails (say, no C++ compiler for the CPU backend), a ``RuntimeWarning``
-            says why and the collection runs eagerly from then on, with the same results. With
-            ``feature_density`` or ``dead_feature_window`` nothing is compiled: the activity mask they share with L0
-            is formed eagerly, and the squared error and L1 with it.
+        compiled: Compute each batch's squared error, L0 and L1, and with ``feature_density`` or
+            ``dead_feature_window`` the features' firing counts and items since fired, in one ``torch.compile``'d
+            function (``fullgraph=True``), which fuses the passes over the ``[batch, d_sae]`` activations; the
+            ``loss_terms`` :class:`TanhSparsityLoss`, :class:`PreActivationLoss`, :class:`JumpReLUL0Loss` and
+            :class:`AuxiliaryKLoss` run compiled too. The first batch of each new shape pays the compilation; where
+            compiling fails (say, no C++ compiler for the CPU backend), a ``RuntimeWarning`` says why and that
+            function runs eagerly from then on, with the same results. Under a feature sharding the per-shard
+            statistics and their collectives stay eager.
         nan_strategy: ``"propagate"`` (default), ``"ignore"`` or ``"error"`` for items with a NaN or infinite value
             in any member (see :class:`~sparse_metrics.metrics._base.ItemMeanMetric`); "ignore" drops such an item
             from every member and from ``"loss"``.

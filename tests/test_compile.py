@@ -2,8 +2,10 @@
 
 import functools
 import shutil
+import sys
 import sysconfig
 import warnings
+from pathlib import Path
 
 import jaxtyping
 import pytest
@@ -12,8 +14,10 @@ import torch
 import sparse_metrics as sm
 import sparse_metrics.functional as smf
 from sparse_metrics import _batch, _compile
-from sparse_metrics.functional._statistics import _sae_loss_statistics
+from sparse_metrics.functional._statistics import _sae_loss_statistics, _sae_training_statistics
+from sparse_metrics.functional.auxiliary_k import RULES, auxiliary_k_terms
 from tests import reference
+from tests.processes import run_process_tree
 
 # Inductor's CPU backend compiles C++ against the Python headers; without them the compiled path falls back to eager
 # (tested below with a simulated failure), so the tests that need real kernels are skipped.
@@ -57,7 +61,58 @@ FUNCTIONS = {
     "sae_loss_statistics": lambda i: torch.stack(
         _sae_loss_statistics(i["source_activations"], i["learned_activations"], i["decoded_activations"])
     ),
+    "sae_training_statistics": lambda i: torch.cat(
+        [
+            value.reshape(-1).double()
+            for value in jax_free_flatten(
+                _sae_training_statistics(
+                    i["source_activations"], i["learned_activations"], i["decoded_activations"], (None, 0.1)
+                )
+            )
+        ]
+    ),
+    "tanh_sparsity_loss": lambda i: smf.tanh_sparsity_loss(
+        i["learned_activations"], decoder_weight=i["decoder_weight"]
+    ),
+    "pre_activation_loss": lambda i: smf.pre_activation_loss(
+        i["pre_activations"], i["threshold"], decoder_weight=i["decoder_weight"], dead_mask=i["dead_mask"]
+    ),
+    "jumprelu_l0_loss": lambda i: smf.jumprelu_l0_loss(i["pre_activations"], i["threshold"], target_l0=3.0),
+    # The terms the collection compiles (the functional twin builds a validating SaeBatch first, which is not).
+    "auxiliary_k_terms_dictionary_learning": lambda i: (
+        auxiliary_k_terms(
+            i["source_activations"],
+            i["decoded_activations"],
+            i["pre_activations"],
+            i["decoder_weight"],
+            i["dead_mask"],
+            None,
+            rule=RULES["dictionary_learning"],
+            k_aux=3,
+        ).squared_error
+    ),
+    "auxiliary_k_terms_openai": lambda i: (
+        auxiliary_k_terms(
+            i["source_activations"],
+            i["decoded_activations"],
+            i["pre_activations"],
+            i["decoder_weight"],
+            i["dead_mask"],
+            i["decoder_bias"],
+            rule=RULES["openai"],
+            k_aux=4,
+        ).squared_error
+    ),
 }
+
+
+def jax_free_flatten(values):
+    """The tensors of nested tuples, in order."""
+    for value in values:
+        if isinstance(value, tuple):
+            yield from jax_free_flatten(value)
+        else:
+            yield value
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
@@ -126,6 +181,80 @@ def test_compiled_training_step_matches_eager(generator):
     torch.testing.assert_close(actual, expected)
     torch.testing.assert_close(gradients, expected_gradients)
     torch.testing.assert_close(compiled_fn.compute(), eager_fn.compute())
+
+
+def _training_collection(compiled: bool) -> sm.SparseAutoencoderLoss:
+    """Every training metric and the TopK/JumpReLU terms, so that compiled=True covers each of their statistics."""
+    return sm.SparseAutoencoderLoss(
+        2,
+        0.1,
+        explained_variance=True,
+        d_model=6,
+        feature_density=True,
+        dead_feature_window=4,
+        num_features=24,
+        firing_threshold=0.05,
+        loss_terms={
+            "tanh": sm.TanhSparsityLoss(2),
+            "pre_activation": sm.PreActivationLoss(2),
+            "jumprelu_l0": sm.JumpReLUL0Loss(2, target_l0=3.0),
+            "auxk": sm.AuxiliaryKLoss(2, convention="dictionary_learning", d_model=6),
+        },
+        compiled=compiled,
+    )
+
+
+def compiled_training_check() -> None:
+    """compiled=True vs eager on the training collection (run by the test below in a process of its own)."""
+    generator = torch.Generator().manual_seed(0)
+    eager, compiled = _training_collection(False), _training_collection(True)
+    eager_activity = _batch._feature_activity
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the compiled path computed the activity eagerly")
+
+    for batch in (8, 5):
+        inputs = _inputs(generator, batch=batch)
+        inputs["pre_activations"].requires_grad_()
+        inputs["threshold"].requires_grad_()
+        leaves = [inputs[name] for name in ("learned_activations", "decoder_weight", "pre_activations", "threshold")]
+        expected = eager(**inputs)
+        expected_gradients = torch.autograd.grad(expected["loss"], leaves)
+        _batch._feature_activity = refuse
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would pass the comparisons unseen
+                actual = compiled(**inputs)
+        finally:
+            _batch._feature_activity = eager_activity
+        gradients = torch.autograd.grad(actual["loss"], leaves)
+        torch.testing.assert_close(actual, expected)
+        torch.testing.assert_close(gradients, expected_gradients)
+    torch.testing.assert_close(compiled.compute(), eager.compute())
+    for function in (
+        _batch._compiled_sae_training_statistics,
+        sm.metrics.tanh_sparsity._compiled_tanh_penalty,
+        sm.metrics.pre_activation._compiled_pre_activation_penalty,
+        sm.metrics.jumprelu_l0._compiled_jumprelu_l0,
+        smf.auxiliary_k._compiled_auxiliary_k_terms,
+    ):
+        assert function._compiled is not None, function
+        assert not function._failed, function
+
+
+@pytest.mark.slow
+@needs_cpu_compiler
+def test_compiled_training_metrics_and_new_terms_match_eager():
+    """compiled=True also computes the activity statistics (density, dead features) in the compiled function, and
+    the tanh, pre-activation, JumpReLU L0 and AuxK terms compiled: the same values, gradients and compute() as eager,
+    with no fallback and no eager pass for the activity.
+
+    In a process of its own: the suite's run-time jaxtyping checks wrap every function of the package, and dynamo
+    cannot trace those wrappers inside an ``autograd.Function`` (JumpReLU's straight-through step) that needs grad.
+    """
+    code = "from tests.test_compile import compiled_training_check; compiled_training_check()"
+    done = run_process_tree([sys.executable, "-c", code], timeout=600, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 class SimulatedCompilerFailure(torch._dynamo.exc.TorchDynamoException):

@@ -3,6 +3,7 @@
 from jaxtyping import Float
 from torch import Tensor
 
+from sparse_metrics.functional.feature_density import _active_mask, _feature_activity
 from sparse_metrics.functional.l0_norm import _count_active
 from sparse_metrics.functional.l1_absolute import _absolute_sum
 from sparse_metrics.functional.l2_reconstruction import _squared_error_sum
@@ -23,3 +24,22 @@ def _sae_loss_statistics(
         _count_active(learned),
         _absolute_sum(learned),
     )
+
+
+def _sae_training_statistics(
+    source: Float[Tensor, "batch component d_model"],
+    learned: Float[Tensor, "batch component d_sae"],
+    decoded: Float[Tensor, "batch component d_model"],
+    firing_thresholds: tuple[float | None, ...],
+) -> tuple[Tensor, Tensor, Tensor, tuple[tuple[Tensor, Tensor], ...]]:
+    """:func:`_sae_loss_statistics` and, per firing threshold, the features' firing counts and items since fired.
+
+    That is ``FeatureActivity`` without the batch size: one function for the compiler to fuse, so that density and
+    dead features cost no pass of their own over the ``[batch, d_sae]`` activations.
+    """
+    squared_error, l0, l1 = _sae_loss_statistics(source, learned, decoded)
+    activities = []
+    for threshold in firing_thresholds:
+        activity = _feature_activity(_active_mask(learned, threshold))
+        activities.append((activity.fire_count, activity.items_since_fired))
+    return squared_error, l0, l1, tuple(activities)

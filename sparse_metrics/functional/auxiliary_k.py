@@ -37,6 +37,7 @@ from torch.nn.functional import embedding_bag
 
 # A module, not its class: _batch imports this package's modules (read at call time, not while importing).
 from sparse_metrics import _batch as batch_module
+from sparse_metrics._compile import CompiledWithFallback
 from sparse_metrics._sharding import FeatureSharding
 from sparse_metrics._validation import autocast_disabled, check_prefix_sizes, computation_dtype
 from sparse_metrics.functional.matryoshka import _local_prefix_widths, _partial_prefix_decodes
@@ -514,7 +515,8 @@ def batch_terms(
             f"axis, got shape {batch.shape('decoder_weight')}."
         )
     resolved = resolve_k_aux(rule, k_aux, source.shape[-1], pre.shape[-1] * batch.num_shards, convention)
-    return auxiliary_k_terms(
+    terms = _compiled_auxiliary_k_terms if batch.compiled and batch.sharding is None else auxiliary_k_terms
+    return terms(
         source,
         decoded,
         pre,
@@ -527,3 +529,8 @@ def batch_terms(
         prefix_sizes=prefix_sizes,
         sharding=batch.sharding,
     )
+
+
+# The collection's compiled=True path (compiled at its first call; not under a feature sharding, whose collectives
+# stay eager).
+_compiled_auxiliary_k_terms = CompiledWithFallback(auxiliary_k_terms)

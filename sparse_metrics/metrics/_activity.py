@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from sparse_metrics._batch import SaeBatch
+from sparse_metrics._batch import ACTIVITY_THRESHOLD, SaeBatch
 from sparse_metrics.functional.feature_density import FeatureActivity
 from sparse_metrics.metrics._base import SaeMetric
 
@@ -27,6 +27,9 @@ class ActivityMetric(SaeMetric):
 
     _positional_inputs: ClassVar[tuple[str, ...]] = ("learned_activations",)
     _uses: ClassVar[frozenset[Hashable]] = frozenset({"activity"})
+
+    def _batch_uses(self) -> frozenset[Hashable]:
+        return self._uses | {(ACTIVITY_THRESHOLD, self.firing_threshold)}
 
     def __init__(
         self, num_features: int, num_components: int, *, firing_threshold: float | None = None, **kwargs: Any

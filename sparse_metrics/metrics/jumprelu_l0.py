@@ -7,6 +7,7 @@ from pydantic import Field
 from torch import Tensor
 
 from sparse_metrics._batch import FeatureSum, SaeBatch
+from sparse_metrics._compile import CompiledWithFallback
 from sparse_metrics._config import NumComponents, validate_arguments
 from sparse_metrics.functional.jumprelu_l0 import (
     _batch_target,
@@ -24,9 +25,12 @@ _Positive = Annotated[float, Field(gt=0)]
 def _jumprelu_l0_partial(batch: SaeBatch, owner: str, bandwidth: float, convention: str, ste_to_input: bool) -> Tensor:
     """The straight-through L0's count over this process's features."""
     pre_activations, threshold = batch.require("pre_activations", owner), batch.require("threshold", owner)
-    return _jumprelu_l0(
-        pre_activations, threshold, bandwidth=bandwidth, convention=convention, ste_to_input=ste_to_input
-    )
+    count = _compiled_jumprelu_l0 if batch.compiled else _jumprelu_l0
+    return count(pre_activations, threshold, bandwidth=bandwidth, convention=convention, ste_to_input=ste_to_input)
+
+
+# The collection's compiled=True path (compiled at its first call).
+_compiled_jumprelu_l0 = CompiledWithFallback(_jumprelu_l0)
 
 
 class JumpReLUL0Loss(ItemMeanMetric):

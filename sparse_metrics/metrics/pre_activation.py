@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from sparse_metrics._batch import FeatureSum, SaeBatch
+from sparse_metrics._compile import CompiledWithFallback
 from sparse_metrics._config import NumComponents, validate_arguments
 from sparse_metrics.functional.pre_activation import _pre_activation_penalty
 from sparse_metrics.metrics._base import ItemMeanMetric
@@ -18,7 +19,12 @@ def _pre_activation_partial(batch: SaeBatch, owner: str, dead_only: bool, decode
     row_norms = batch.decoder_row_norms(owner) if decoder_norm_weighting else None
     dead_mask = batch.require("dead_mask", owner) if dead_only else None
     pre_activations, threshold = batch.require("pre_activations", owner), batch.require("threshold", owner)
-    return _pre_activation_penalty(pre_activations, threshold, row_norms, dead_mask)
+    penalty = _compiled_pre_activation_penalty if batch.compiled else _pre_activation_penalty
+    return penalty(pre_activations, threshold, row_norms, dead_mask)
+
+
+# The collection's compiled=True path (compiled at its first call).
+_compiled_pre_activation_penalty = CompiledWithFallback(_pre_activation_penalty)
 
 
 class PreActivationLoss(ItemMeanMetric):

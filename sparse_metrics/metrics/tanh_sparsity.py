@@ -7,6 +7,7 @@ from pydantic import Field
 from torch import Tensor
 
 from sparse_metrics._batch import FeatureSum, SaeBatch
+from sparse_metrics._compile import CompiledWithFallback
 from sparse_metrics._config import NumComponents, validate_arguments
 from sparse_metrics.functional.tanh_sparsity import _tanh_penalty
 from sparse_metrics.metrics._base import ItemMeanMetric
@@ -17,7 +18,12 @@ __all__ = ["TanhSparsityLoss"]
 def _tanh_partial(batch: SaeBatch, owner: str, scale: float, decoder_norm_weighting: bool) -> Tensor:
     """The tanh penalty's sum over this process's features."""
     row_norms = batch.decoder_row_norms(owner) if decoder_norm_weighting else None
-    return _tanh_penalty(batch.require("learned_activations", owner), row_norms, scale)
+    penalty = _compiled_tanh_penalty if batch.compiled else _tanh_penalty
+    return penalty(batch.require("learned_activations", owner), row_norms, scale)
+
+
+# The collection's compiled=True path (compiled at its first call).
+_compiled_tanh_penalty = CompiledWithFallback(_tanh_penalty)
 
 
 class TanhSparsityLoss(ItemMeanMetric):
