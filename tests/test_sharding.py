@@ -8,6 +8,7 @@ and ``compute()`` (per-feature outputs gathered with :func:`sparse_metrics.gathe
 an empty data rank. Then the errors of a bad configuration, raised on every rank.
 """
 
+import pickle
 import traceback
 from typing import Any
 
@@ -204,12 +205,17 @@ def _explicit_groups(rank: int, world_size: int) -> dict[str, Any]:
             learned_activations=_dtensor(steps[0]["learned_activations"], rank)
         ),
         "mesh_1d": lambda: sm.L0NormMetric(device_mesh=_one_d_mesh()),
+        "pickle": lambda: pickle.dumps(sm.L0NormMetric(2, feature_group=feature_group)),
     }.items():
         try:
             build()
             out["errors"][name] = None
         except (TypeError, ValueError) as error:
             out["errors"][name] = f"{type(error).__name__}: {error}"
+    # A copy (clone, deepcopy) shares the process group and computes the same.
+    original = sm.L1AbsoluteLoss(2, feature_group=feature_group)
+    copy = original.clone()
+    out["clone_equal"] = bool(torch.equal(copy(**shard(steps[0], rank, 2)), original(**shard(steps[0], rank, 2))))
     return out
 
 
@@ -244,6 +250,9 @@ def test_explicit_groups_fused_collective_and_errors_on_every_rank() -> None:
         assert "DTensor" in errors["dtensor_unsharded"]
         assert "device_mesh" in errors["dtensor_unsharded"]
         assert "2-D" in errors["mesh_1d"]
+        assert errors["pickle"].startswith("TypeError")
+        assert "state_dict" in errors["pickle"]
+        assert out["clone_equal"]
 
 
 def _dtensor_inputs(rank: int, world_size: int) -> dict[str, Any]:
