@@ -17,18 +17,16 @@ The collective calls, in order (never more than three, and only those needed):
    and state shapes) and the sizes of the payload. Its size never depends on the configuration, so ranks configured
    differently learn it here and all raise the same ``ValueError``: a collective of buffers of different sizes would
    abort one process (gloo: "Received data size doesn't match expected size") and leave the others waiting. Its 32
-   bytes per rank are the only part that grows with the world size. It runs at the first sync of a set of metrics
-   (and whenever it holds a list state, whose rows vary with the data); a later sync of the same metric objects on
-   the same group, with the same local layout, skips it: a layout is fixed when a metric is constructed (its states'
-   shapes follow from its configuration, which a checkpoint must match), and every process constructs its own;
+   bytes per rank are the only part that grows with the world size. It runs at every sync: skipping it after an
+   earlier check would be each rank's own decision, and a rank whose metrics changed configuration since would wait
+   in another collective than the others (a hang instead of this error);
 2. one ``all_reduce(MAX)`` of an int64 buffer: every max stage (maxima, minima, FVU shifts, most recent firings);
    skipped when no state has one;
 3. one ``all_reduce(SUM)`` of a float64 buffer: every sum stage, plus the rows of list states (``"cat"``, e.g.
    ``keep_batch_dim``) and the values of a state with a plain callable reduction, each rank writing into its own slot
    of a zero-filled region (they grow with the data, not with the world size). Skipped when empty.
 
-A loss collection (sums, counts) makes 2 calls at its first ``compute()`` and 1 after; with the FVU, dead features or
-a min/max state 3 at the first and 2 after; with per-item rows (``keep_batch_dim``) the check runs every time.
+A loss collection (sums, counts, per-item rows) makes 2 calls; one with the FVU, dead features or a min/max state 3.
 Collectives 2 and 3 cannot be one call (one ``all_reduce`` has one operation, and no exact encoding turns a maximum
 into a sum or back without a slot per rank), and the layout check cannot ride on either (their sizes depend on the
 layout it checks).
@@ -222,10 +220,6 @@ def _fingerprint(layout: str) -> int:
     return int.from_bytes(hashlib.sha1(layout.encode(), usedforsecurity=False).digest()[:8], "little", signed=True)
 
 
-#: Where a metric remembers the layout its last sync checked: ``(id of the process group, fingerprint)``.
-_CHECKED_LAYOUT = "_sparse_metrics_checked_layout"
-
-
 def _check_layouts(fingerprints: Sequence[Any], metrics: Sequence[Metric]) -> None:
     """Raise the same error on every rank when the ranks' metrics are laid out (configured) differently."""
     if len(set(fingerprints)) > 1:
@@ -401,18 +395,8 @@ def _reduce_states(tensor_states: list[_State], list_states: list[_State], group
     # Collective 1, a fixed size whatever the configuration: the layout's fingerprint and the stages' sizes.
     layout = _fingerprint(_layout(tensor_states, list_states))
     meta = torch.tensor([layout, sum(k.numel() for k in keys), local_slot.numel(), 0], dtype=torch.int64, device=device)
-    metrics = [m for m, _, _ in tensor_states + list_states]
-    token = (id(dist.group.WORLD if group is None else group), layout)
-    rows_vary = any(getattr(metric, "keep_batch_dim", True) is not False for metric, _, _ in plan.rows)
-    if not rows_vary and all(metric.__dict__.get(_CHECKED_LAYOUT) == token for metric in metrics):
-        # Checked by an earlier sync of these very metrics, and no size varies with the data (a list state of a
-        # metric without keep_batch_dim stays empty): skipped.
-        meta_by_rank = [meta.tolist()] * dist.get_world_size(group)
-    else:
-        meta_by_rank = [rank_meta.tolist() for rank_meta in _all_gather(meta, group, None)]
-        _check_layouts([(meta[0], meta[1]) for meta in meta_by_rank], metrics)
-        for metric in metrics:
-            metric.__dict__[_CHECKED_LAYOUT] = token
+    meta_by_rank = [rank_meta.tolist() for rank_meta in _all_gather(meta, group, None)]
+    _check_layouts([(meta[0], meta[1]) for meta in meta_by_rank], [m for m, _, _ in tensor_states + list_states])
     # Collective 2: every max stage (skipped when none has one).
     maxed: list[Tensor | None] = [None] * len(max_parts)
     if keys:

@@ -327,26 +327,6 @@ def test_threads_bytes_received_do_not_grow_with_world_size():
         assert by_call["all_reduce max"] + by_call["all_reduce sum"] < 3 * state_bytes
 
 
-def test_threads_a_second_sync_of_the_same_metrics_skips_the_layout_check():
-    """The layout of a metric is fixed at construction: once checked on a group it is not checked again, so density
-    and dead features sync in 2 collectives from their second compute() on; list states (rows vary) always check."""
-    original = _distributed.dist
-    members, calls_first = _in_threads(2, _without_rows)
-    assert [name for name, _ in calls_first[0]] == ["all_gather", "all_reduce max", "all_reduce sum"]
-
-    def again(world_size: int, rank: int) -> list[Metric]:
-        return members[rank]  # the same objects: their layout was checked by the first sync
-
-    _, calls_second = _in_threads(2, again)
-    for rank_calls in calls_second:
-        assert [name for name, _ in rank_calls] == ["all_reduce max", "all_reduce sum"]
-    rows, _ = _in_threads(2, _members)
-    _, calls_rows = _in_threads(2, lambda world_size, rank: rows[rank])
-    for rank_calls in calls_rows:
-        assert [name for name, _ in rank_calls] == ["all_gather", "all_reduce max", "all_reduce sum"]
-    assert _distributed.dist is original
-
-
 # --- real gloo processes --------------------------------------------------------------------------------------------
 
 
