@@ -194,7 +194,15 @@ def resolve_sharding(kwargs: dict[str, Any], owner: str) -> FeatureSharding | No
         return None
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"{owner}: `feature_group` was given but torch.distributed is not initialised.")
-    return FeatureSharding(feature_group, dist.get_world_size(feature_group), dist.get_rank(feature_group))
+    sharding = FeatureSharding(feature_group, dist.get_world_size(feature_group), dist.get_rank(feature_group))
+    if sharding.size > 1 and kwargs.get("process_group") is None and kwargs.get("sync_on_compute", True):
+        raise ValueError(
+            f"{owner}: `feature_group` without `process_group`: compute() would sync over the default group, which "
+            "holds this process's feature shards too, and add the counts of different features together. Pass "
+            "`process_group=` (the data-parallel group: the processes holding this same shard of the dictionary), "
+            "or `device_mesh=`, or `sync_on_compute=False` where there is no data parallelism."
+        )
+    return sharding
 
 
 def gather_features(tensor: Tensor, metric: Any, dim: int = -1) -> Tensor:

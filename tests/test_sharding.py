@@ -157,10 +157,16 @@ def test_sharded_mesh_equals_full_dictionary(data: int) -> None:
 
 def _explicit_groups(rank: int, world_size: int) -> dict[str, Any]:
     feature_group = dist.new_group([0, 1])
+    data_group = [dist.new_group([0]), dist.new_group([1])][rank]  # one replica: each shard its own data group
+    groups = {"feature_group": feature_group, "process_group": data_group}
     steps = tester.batches([4, 3], 2, seed=3, dtype=torch.float64)
     out: dict[str, Any] = {}
-    collection = sm.SparseAutoencoderLoss(2, 0.2, sparsity_decoder_norm_weighting=True, feature_group=feature_group)
-    full = sm.SparseAutoencoderLoss(2, 0.2, sparsity_decoder_norm_weighting=True, sync_on_compute=False)
+    collection = sm.SparseAutoencoderLoss(
+        2, 0.2, sparsity_decoder_norm_weighting=True, feature_density=True, num_features=D_SAE, **groups
+    )
+    full = sm.SparseAutoencoderLoss(
+        2, 0.2, sparsity_decoder_norm_weighting=True, feature_density=True, num_features=D_SAE, sync_on_compute=False
+    )
     calls = {"all_reduce": 0}
     original = dist.all_reduce
 
@@ -177,12 +183,17 @@ def _explicit_groups(rank: int, world_size: int) -> dict[str, Any]:
         dist.all_reduce = original
     for step in steps:
         expected = full(**step)
-    tester.assert_close(tester.forward_outputs(values), tester.forward_outputs(expected), **TOLERANCE)
+    expected_values = tester.forward_outputs(expected)
+    tester.assert_close(
+        _gathered(tester.forward_outputs(values), collection, expected_values), expected_values, **TOLERANCE
+    )
+    expected_compute = full.compute()
+    tester.assert_close(_gathered(collection.compute(), collection, expected_compute), expected_compute, **TOLERANCE)
     # nan_strategy="ignore": an item non-finite on one shard only is dropped on every shard, as on the full dictionary.
     poisoned = {k: v.clone() for k, v in steps[0].items()}
     poisoned["learned_activations"][1, 0, 0] = float("nan")  # a feature of shard 0
     for strategy in ("ignore", "error"):
-        ignoring = sm.L1AbsoluteLoss(2, nan_strategy=strategy, feature_group=feature_group)
+        ignoring = sm.L1AbsoluteLoss(2, nan_strategy=strategy, **groups)
         reference = sm.L1AbsoluteLoss(2, nan_strategy=strategy, sync_on_compute=False)
         try:
             got = ignoring(**shard(poisoned, rank, 2))
@@ -190,22 +201,18 @@ def _explicit_groups(rank: int, world_size: int) -> dict[str, Any]:
             out[f"nan_{strategy}"] = "ok"
         except ValueError as error:
             out[f"nan_{strategy}"] = str(error)
-    # feature_group only (no data group): compute() syncs over the default group, here the two shards of one replica,
-    # which would count each item twice; a data group of one process each is the unsharded data layout.
     out["errors"] = {}
     for name, build in {
-        "indivisible": lambda: sm.FeatureDensity(13, feature_group=feature_group),
-        "prefix": lambda: sm.MatryoshkaReconstructionLoss([4, D_SAE + 2], 2, feature_group=feature_group)(
-            **shard(steps[0], rank, 2)
-        ),
-        "unequal_shards": lambda: sm.L1AbsoluteLoss(2, feature_group=feature_group)(
-            learned_activations=torch.ones(3, 2, 5 + rank)
-        ),
+        # feature_group only: compute() would sync over the default group, which holds both shards of the replica.
+        "no_data_group": lambda: sm.FeatureDensity(D_SAE, feature_group=feature_group),
+        "indivisible": lambda: sm.FeatureDensity(13, **groups),
+        "prefix": lambda: sm.MatryoshkaReconstructionLoss([4, D_SAE + 2], 2, **groups)(**shard(steps[0], rank, 2)),
+        "unequal_shards": lambda: sm.L1AbsoluteLoss(2, **groups)(learned_activations=torch.ones(3, 2, 5 + rank)),
         "dtensor_unsharded": lambda: sm.L0NormMetric()(
             learned_activations=_dtensor(steps[0]["learned_activations"], rank)
         ),
         "mesh_1d": lambda: sm.L0NormMetric(device_mesh=_one_d_mesh()),
-        "pickle": lambda: pickle.dumps(sm.L0NormMetric(2, feature_group=feature_group)),
+        "pickle": lambda: pickle.dumps(sm.L0NormMetric(2, feature_group=feature_group, sync_on_compute=False)),
     }.items():
         try:
             build()
@@ -213,7 +220,8 @@ def _explicit_groups(rank: int, world_size: int) -> dict[str, Any]:
         except (TypeError, ValueError) as error:
             out["errors"][name] = f"{type(error).__name__}: {error}"
     # A copy (clone, deepcopy) shares the process group and computes the same.
-    original = sm.L1AbsoluteLoss(2, feature_group=feature_group)
+    original = sm.L1AbsoluteLoss(2, feature_group=feature_group, sync_on_compute=False)  # (a ProcessGroup as
+    # process_group cannot be deep-copied: torchmetrics' clone of any metric given one fails)
     copy = original.clone()
     out["clone_equal"] = bool(torch.equal(copy(**shard(steps[0], rank, 2)), original(**shard(steps[0], rank, 2))))
     return out
@@ -234,14 +242,17 @@ def _dtensor(value: Tensor, rank: int) -> Any:
 
 
 def test_explicit_groups_fused_collective_and_errors_on_every_rank() -> None:
-    """``feature_group=`` alone; one all-reduce per forward for every feature sum; each bad setting raises on every
-    rank with a message naming it."""
+    """``feature_group=`` and ``process_group=`` given as groups; per forward one all-reduce for every feature sum and
+    one for the density summaries; compute() equals the full dictionary's; each bad setting (a feature group without
+    a data group among them) raises on every rank with a message naming it."""
     ranks = run_on_ranks(_explicit_groups, world_size=2)
     for out in ranks:
-        assert out["all_reduce_per_forward"] == 1
+        assert out["all_reduce_per_forward"] == 2
         assert out["nan_ignore"] == "ok"
         assert "1 of 4 items have a NaN" in out["nan_error"]
         errors = out["errors"]
+        assert "process_group" in errors["no_data_group"]
+        assert "sync_on_compute=False" in errors["no_data_group"]
         assert "num_features=13" in errors["indivisible"]
         assert "prefix" in errors["prefix"]
         assert str(D_SAE + 2) in errors["prefix"]
@@ -329,11 +340,12 @@ def _counting(op: str, original: Any, calls: dict[str, int]) -> Any:
 
 def _presets_on_a_feature_group(rank: int, world_size: int) -> dict[str, Any]:
     feature_group = dist.new_group([0, 1])
+    data_group = [dist.new_group([0]), dist.new_group([1])][rank]
     steps = tester.batches([4, 4], 2, seed=11, dtype=torch.float64)  # one shape: its check runs on the first step
     out: dict[str, Any] = {}
     originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
     for name, build in PRESETS.items():
-        sharded, full = build(feature_group=feature_group), build(sync_on_compute=False)
+        sharded, full = build(feature_group=feature_group, process_group=data_group), build(sync_on_compute=False)
         sharded(**shard(steps[0], rank, 2))  # the first step of a shape also checks the shards' shapes
         calls = dict.fromkeys(originals, 0)
         for op, original in originals.items():
@@ -357,7 +369,9 @@ def _presets_on_a_feature_group(rank: int, world_size: int) -> dict[str, Any]:
             torch.testing.assert_close(grad if grad is not None else torch.zeros_like(want), want, **TOLERANCE)
     term = sm.TanhSparsityLoss(2)  # a loss term the collection would read unsharded
     try:
-        sm.SparseAutoencoderLoss(2, 0.2, loss_terms={"tanh": term}, feature_group=feature_group)
+        sm.SparseAutoencoderLoss(
+            2, 0.2, loss_terms={"tanh": term}, feature_group=feature_group, process_group=data_group
+        )
     except ValueError as error:
         out["unsharded_term"] = str(error)
     return out
