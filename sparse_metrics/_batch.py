@@ -15,6 +15,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from sparse_metrics._compile import CompiledWithFallback
@@ -541,9 +542,10 @@ def _feature_sum_order(key: Hashable) -> str:
 def _local_of(name: str, value: object, sharding: FeatureSharding | None, owner: str) -> object:
     """A DTensor input as this process's local tensor, checked against the feature sharding; others as they are.
 
-    A feature input (:data:`SHARDED_INPUTS`) must be sharded on its feature axis over the feature group and
-    replicated otherwise; every other input replicated. Anything else (a ``Partial`` decode, a shard on another axis)
-    is refused: its local value is not what the metric must read.
+    Over the mesh dimension of the feature group, a feature input (:data:`SHARDED_INPUTS`) must be sharded on its
+    feature axis and every other input replicated; over any other mesh dimension (the data dimension) an input is
+    replicated, or a batched input split over its items (``Shard(0)``). Anything else (a ``Partial`` decode, a shard
+    of the features over the data dimension) is refused: its local value is not what the metric must read.
     """
     try:
         from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: PLC0415
@@ -552,25 +554,44 @@ def _local_of(name: str, value: object, sharding: FeatureSharding | None, owner:
     if not isinstance(value, DTensor):
         return value
     if sharding is None:
+        if all(isinstance(placement, Replicate) for placement in value.placements):
+            return value.to_local()  # replicated everywhere: the local value is the whole tensor
         raise TypeError(
-            f"{owner}: `{name}` is a DTensor but the metric has no `feature_group`/`device_mesh`: its local value "
-            "would be read as the whole. Construct the metric with `device_mesh=` (or `feature_group=`), or pass "
-            f"`{name}.full_tensor()`."
+            f"{owner}: `{name}` is a DTensor with placements {tuple(value.placements)} but the metric has no "
+            "`feature_group`/`device_mesh`: its local value would be read as the whole. Construct the metric with "
+            f"`device_mesh=` (or `feature_group=`), or pass `{name}.full_tensor()`."
         )
     axis = SHARDED_INPUTS.get(name)
-    shards = 1
-    for dim_size, placement in zip(value.device_mesh.shape, value.placements, strict=True):
-        if isinstance(placement, Shard) and axis is not None and placement.dim % value.ndim == axis % value.ndim:
-            shards *= dim_size
-        elif not isinstance(placement, Replicate):
-            expected = f"Shard({axis % value.ndim}) or Replicate()" if axis is not None else "Replicate()"
-            raise ValueError(
-                f"{owner}: DTensor `{name}` has placements {tuple(value.placements)}; each must be {expected}. Call "
-                f"`.redistribute(...)` first (or pass `.full_tensor()`)."
+    mesh = value.device_mesh
+    feature_ranks = sorted(dist.get_process_group_ranks(sharding.group)) if sharding.size > 1 else None
+    for dim, placement in enumerate(value.placements):
+        if mesh.size(dim) == 1 and not placement.is_partial():
+            continue  # a shard of one process is the whole
+        group_ranks = sorted(dist.get_process_group_ranks(mesh.get_group(dim))) if mesh.size(dim) > 1 else None
+        is_feature_dim = feature_ranks is not None and group_ranks == feature_ranks
+        if is_feature_dim:
+            allowed = (
+                isinstance(placement, Shard) and placement.dim % value.ndim == axis % value.ndim
+                if axis is not None
+                else isinstance(placement, Replicate)
             )
-    if axis is not None and shards != sharding.size:
-        raise ValueError(
-            f"{owner}: DTensor `{name}` is split into {shards} shards but `feature_group` has {sharding.size} "
-            "processes; shard it over the mesh's 'feature' dim only."
-        )
+            expected = f"Shard({axis % value.ndim})" if axis is not None else "Replicate()"
+        else:
+            allowed = isinstance(placement, Replicate) or (
+                name in BATCHED_INPUTS and isinstance(placement, Shard) and placement.dim == 0
+            )
+            expected = "Replicate() or Shard(0)" if name in BATCHED_INPUTS else "Replicate()"
+        if not allowed:
+            where = "the feature group's" if is_feature_dim else "another (data)"
+            raise ValueError(
+                f"{owner}: DTensor `{name}` has placement {placement} on mesh dim {dim}, {where} dimension; it must "
+                f"be {expected} there. Call `.redistribute(...)` first (or pass `.full_tensor()`)."
+            )
+    if axis is not None and feature_ranks is not None:
+        dims = [dim for dim in range(mesh.ndim) if mesh.size(dim) > 1]
+        if not any(sorted(dist.get_process_group_ranks(mesh.get_group(dim))) == feature_ranks for dim in dims):
+            raise ValueError(
+                f"{owner}: DTensor `{name}` lives on a mesh none of whose dimensions is the metric's feature group "
+                f"(ranks {feature_ranks}); shard it over the mesh's 'feature' dim."
+            )
     return value.to_local()

@@ -300,6 +300,44 @@ def test_dtensor_inputs_sharded_on_features() -> None:
         assert "Replicate()" in out["error"]
 
 
+def _dtensor_on_a_2x2_mesh(rank: int, world_size: int) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: PLC0415
+
+    mesh = _mesh(2, 2)
+    data_rank, feature_rank = mesh.get_local_rank("data"), mesh.get_local_rank("feature")
+    every = tester.batches([3, 5], 2, seed=9, dtype=torch.float64)
+    local = shard(every[data_rank], feature_rank, 2)
+    inputs = {}
+    for name, value in local.items():  # items split over the data dim, features over the feature dim
+        axis = SHARDED_INPUTS.get(name)
+        over_data = Shard(0) if name in ("source_activations", "learned_activations", "decoded_activations") else None
+        placements = [over_data or Replicate(), Shard(axis % value.ndim) if axis is not None else Replicate()]
+        inputs[name] = DTensor.from_local(value, mesh, placements, run_check=False)
+    metric = sm.SparseAutoencoderLoss(2, 0.2, feature_density=True, num_features=D_SAE, device_mesh=mesh)
+    got = metric(**inputs)
+    full = sm.SparseAutoencoderLoss(2, 0.2, feature_density=True, num_features=D_SAE, sync_on_compute=False)
+    expected = full(**every[data_rank])
+    tester.assert_close(_gathered(got, metric, expected), expected, **TOLERANCE)
+    # The features split over the data dim: the local slice is another shard's than the metric reads.
+    learned = local["learned_activations"]
+    wrong = DTensor.from_local(learned, mesh, [Shard(2), Replicate()], run_check=False)
+    try:
+        sm.L1AbsoluteLoss(2, device_mesh=mesh)(learned_activations=wrong)
+    except ValueError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+@pytest.mark.slow
+def test_dtensor_inputs_on_a_2x2_mesh_are_read_by_mesh_dimension() -> None:
+    """On a data x feature mesh, inputs split over items on the data dim and over features on the feature dim give the
+    full dictionary's values; features split over the data dim are refused, naming the dim and the placement."""
+    for out in run_on_ranks(_dtensor_on_a_2x2_mesh, world_size=4):
+        assert out["error"] is not None
+        assert "mesh dim 0" in out["error"]
+        assert "Replicate() or Shard(0)" in out["error"]
+
+
 @pytest.mark.slow
 def test_example_sharded_runs() -> None:
     """``examples/sharded.py`` (a 2 x 2 mesh) runs and agrees with one process on the full dictionary."""
