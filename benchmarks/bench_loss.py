@@ -636,7 +636,7 @@ def _sharding_worker(rank: int, directory: str, sizes: dict[str, int], results: 
     batch, d_model, d_sae = sizes["batch"], sizes["d_model"], sizes["d_sae"]
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("data", "feature"))
     shard = mesh.get_local_rank("feature")
-    generator = torch.Generator().manual_seed(rank)
+    generator = torch.Generator().manual_seed(mesh.get_local_rank("data"))  # a replica's shards hold the same items
     x = torch.randn(batch, d_model, generator=generator)
     f = make_activations(batch, d_sae, 0.02, generator)
     decoder = torch.randn(d_sae, d_model, generator=generator)

@@ -401,17 +401,6 @@ class SaeBatch:
         self._memo.update(self.sharding.sum(partials))
         return self._memo[key]  # type: ignore[no-any-return]
 
-    def gather_top_k(self, values: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The top ``k`` of ``values`` ``[..., d_sae]`` over the whole dictionary: values and global feature indices.
-
-        The hook for a global top-k (AuxK) under sharding (see :meth:`FeatureSharding.gather_top_k`); unsharded, the
-        plain ``topk``. Not differentiable.
-        """
-        if self.sharding is None:
-            top_values, top_indices = values.detach().topk(min(k, values.shape[-1]), dim=-1)
-            return top_values, top_indices
-        return self.sharding.gather_top_k(values, k)
-
     @property
     def feature_offset(self) -> int:
         """The global index of this process's first feature (0 unsharded)."""
@@ -487,6 +476,11 @@ class FeatureSum:
     reads one names it in its ``_batch_uses()``, so that under a feature sharding every feature sum of a step crosses
     the feature group in one all-reduce. ``function`` is a module-level function and ``arguments`` hashable, so that
     two members reading the same statistic share it.
+
+    The sum crosses the shards with an identity backward: each shard's gradient flows to the inputs of its own
+    partial. That is the unsharded gradient for the feature-sharded inputs (each shard's slice), so ``function``
+    reads only those (``learned_activations``, ``pre_activations``, ``threshold``, ``dead_mask``, the decoder's
+    rows) and no replicated input, whose gradient would need a sum over the shards.
     """
 
     function: Callable[..., Tensor]

@@ -143,21 +143,6 @@ class FeatureSharding:
         dist.all_gather(pieces, tensor.contiguous(), group=self.group)
         return torch.cat(pieces, dim=dim)
 
-    def gather_top_k(self, values: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The global top ``k`` of ``values`` ``[..., d_local]`` over the shards: values and *global* feature indices.
-
-        The hook for a global top-k (AuxK) under sharding: each shard proposes its local top ``k`` candidates, the
-        ``size * k`` candidates are gathered (values and global indices) and the top ``k`` of those are the global
-        top ``k``. Not differentiable: use the indices to select the shard's own activations.
-        """
-        local_k = min(k, values.shape[-1])
-        top_values, top_indices = values.detach().topk(local_k, dim=-1)
-        top_indices = top_indices + self.offset(values.shape[-1])
-        all_values = self.gather(top_values)
-        all_indices = self.gather(top_indices)
-        best_values, where = all_values.topk(min(k, all_values.shape[-1]), dim=-1)
-        return best_values, all_indices.gather(-1, where)
-
 
 def _mesh_groups(device_mesh: Any) -> tuple[Any, Any]:
     from torch.distributed.device_mesh import DeviceMesh  # noqa: PLC0415  # only where a mesh is given

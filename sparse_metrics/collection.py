@@ -112,8 +112,9 @@ class SparseAutoencoderLoss(MetricCollection):
             ``loss_terms`` :class:`TanhSparsityLoss`, :class:`PreActivationLoss`, :class:`JumpReLUL0Loss` and
             :class:`AuxiliaryKLoss` run compiled too. The first batch of each new shape pays the compilation; where
             compiling fails (say, no C++ compiler for the CPU backend), a ``RuntimeWarning`` says why and that
-            function runs eagerly from then on, with the same results. Under a feature sharding the per-shard
-            statistics and their collectives stay eager.
+            function runs eagerly from then on, with the same results. Under a feature sharding the squared error,
+            L0, L1, activity statistics and AuxK run eagerly (around their collectives); the tanh, pre-activation
+            and JumpReLU L0 partial sums still run compiled.
         nan_strategy: ``"propagate"`` (default), ``"ignore"`` or ``"error"`` for items with a NaN or infinite value
             in any member (see :class:`~sparse_metrics.metrics._base.ItemMeanMetric`); "ignore" drops such an item
             from every member and from ``"loss"``.
