@@ -17,16 +17,22 @@ def _l0_norm_update(learned_activations: Tensor, num_components: int | None = No
 
 
 def _count_active(learned: Float[Tensor, "batch component d_sae"]) -> Float[Tensor, "batch component"]:
-    """Per-item count of non-zero features of a validated input (NaN counts as non-zero), no autograd graph.
+    """Per-item count of non-zero features of a validated input (NaN counts as non-zero), with no autograd graph.
 
-    A count is not differentiable, so the input is read detached. On a CPU a large input is counted in blocks of
-    items: each block's ``f != 0`` is written as 0/1 into one float buffer and summed (two vectorised passes). The
-    fused 0-"norm" is a scalar loop with a data-dependent branch: it runs at the speed of the branch predictor, 4-10x slower at a density of 50%
-    than at 1%. Elsewhere (GPUs, the meta device, under ``torch.compile``, small inputs) the fused 0-"norm" is one
-    kernel and is used as it is.
+    A count is not differentiable: it is computed without grad, so autograd keeps nothing of the input alive.
     """
-    values = learned.detach()
-    dtype = computation_dtype(learned)
+    with torch.no_grad():
+        return _count_nonzero(learned, computation_dtype(learned))
+
+
+def _count_nonzero(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """Non-zeros over the last axis, in ``dtype``.
+
+    On a CPU a large input is counted in blocks of items: each block's ``f != 0`` is written as 0/1 into one float
+    buffer and summed, two vectorised passes. The fused 0-"norm" is a scalar loop with a data-dependent branch: it
+    runs at the speed of the branch predictor, 4-10x slower at a density of 50% than at 1%. Elsewhere (GPUs, the
+    meta device, under ``torch.compile``, small inputs) the fused 0-"norm" is one kernel and is used as it is.
+    """
     width = values.shape[-1] * (values.shape[1] if values.ndim == 3 else 1)
     rows = min(values.shape[0], max(1, _COUNT_BLOCK // max(width, 1)))
     if values.device.type != "cpu" or values.numel() <= _COUNT_FUSED or torch.compiler.is_compiling():
