@@ -54,7 +54,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparse_metrics import (
@@ -700,11 +699,17 @@ def bench_small(args: argparse.Namespace) -> list[Row]:
         (mse + coefficient * l1).backward()
         return l0
 
+    def step_of(collection: SparseAutoencoderLoss, **more: torch.Tensor) -> Callable[[], None]:
+        def step() -> None:
+            collection(**inputs, **more)["loss"].backward()
+
+        return step
+
     steps = {
         "hand": hand,
-        "plain": lambda: plain(**inputs)["loss"].backward(),
-        "training": lambda: training(**inputs)["loss"].backward(),
-        "matryoshka": lambda: matryoshka(**inputs, decoder_weight=weight)["loss"].backward(),
+        "plain": step_of(plain),
+        "training": step_of(training),
+        "matryoshka": step_of(matryoshka, decoder_weight=weight),
     }
     for step in steps.values():  # the first batch of a shape does one-off work
         clear()
@@ -715,7 +720,7 @@ def bench_small(args: argparse.Namespace) -> list[Row]:
         ops[name] = count_ops(step)
     clear()
     times = measure(steps, max(args.repeats, 21) * 5, before=clear)
-    rows = [
+    return [
         row_from("8a small fwd+bwd plain collection vs hand: wall", times, "plain", "hand", 1.5),
         Row(
             "8b small fwd+bwd plain collection vs hand: aten ops",
@@ -724,7 +729,7 @@ def bench_small(args: argparse.Namespace) -> list[Row]:
             ops["plain"] / ops["hand"],
             1.5,
             "ops columns: counts, not ms",
-        ),  # fmt: skip
+        ),
         Row(
             "8c small fwd+bwd training metrics: aten ops",
             ops["training"],
@@ -732,7 +737,7 @@ def bench_small(args: argparse.Namespace) -> list[Row]:
             ops["training"] / ops["hand"],
             None,
             "explained variance, density, dead features",
-        ),  # fmt: skip
+        ),
         Row(
             "8d small fwd+bwd 4 Matryoshka prefixes: aten ops",
             ops["matryoshka"],
@@ -740,11 +745,10 @@ def bench_small(args: argparse.Namespace) -> list[Row]:
             ops["matryoshka"] / ops["hand"],
             None,
             "counts, not ms",
-        ),  # fmt: skip
+        ),
         row_from("8e small fwd+bwd training metrics vs hand: wall", times, "training", "hand", None),
         row_from("8f small fwd+bwd 4 Matryoshka prefixes vs hand: wall", times, "matryoshka", "hand", None),
     ]
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
