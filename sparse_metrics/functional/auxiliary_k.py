@@ -144,7 +144,7 @@ def _auxiliary_decode(
     if rule.relu:
         values = values.relu()
     if not rule.sparse_decode:  # a dense product, as the peer's: every decoder row gets a (zero) gradient
-        return _decode(torch.zeros_like(pre).scatter(-1, indices, values), weight)
+        return _decode(torch.zeros_like(pre).scatter_(-1, indices, values), weight)  # in place: no copy
     batch, components = pre.shape[:2]
     offsets = torch.arange(components, device=pre.device).mul_(width).view(1, components, 1)
     bags = embedding_bag(
