@@ -22,14 +22,28 @@ processes sharing the machine). Absolute medians are reported too. Rows:
 5. ``AuxiliaryKLoss`` (dictionary_learning convention) on a TopK step, forward and forward+backward, vs the peer's
    formula written here (which reads the dead count on the host); target <= 1.5 for forward+backward.
 
+6. Peer steps, at densities 0.1%, 2%, 10%, 50% of active features and batches 256 and 4096 (``--densities``,
+   ``--peer-batches``): our collection configured to give each peer's values (checked on the first call) vs that
+   peer's per-step loss code, written here from its formulas: SAELens' standard step (``presets.saelens("standard")``:
+   summed MSE, decoder-norm-weighted L1, the L0 it logs), saev's ReLU objective (``presets.saev("relu")``) and
+   dictionary_learning's ``TopKTrainer.loss`` with its AuxK (``presets.dictionary_learning("top_k")``; k = density x
+   d_sae, a quarter of the latents dead). Forward and forward+backward, target <= 1.0 each; rows 6c: our 50% row
+   over our 2% row, target <= 1.5 (no density cliff).
+7. ``FractionOfVarianceUnexplained`` / ``ExplainedVariance`` forward vs sparsify's inline FVU; target <= 1.2 at the
+   full batch (smaller batches reported).
+8. Small sizes (batch 64, d_model 32, d_sae 256), forward+backward: the plain collection vs the hand-written step of
+   row 1, in wall time and in aten operations dispatched (a ``TorchDispatchMode`` around the step), targets <= 1.5;
+   the counts with every training metric and with 4 Matryoshka prefixes are reported.
+
 Sharding section (bytes, not time; ``--no-sharding`` skips it): on 4 gloo processes, the bytes each process sends
 per ``forward`` and per ``compute()`` of the training collection (every term, feature density, dead features) on a
 2 x 2 mesh (2 data replicas x 2 feature shards) against the unsharded run on 2 data-parallel processes.
 
 Usage::
 
-    python benchmarks/bench_loss.py            # full size (batch 4096, d_model 512, d_sae 16384), < 3 min
+    python benchmarks/bench_loss.py            # full size (batch 4096, d_model 512, d_sae 16384), ~6 min idle
     python benchmarks/bench_loss.py --quick    # tiny smoke run, a few seconds
+    python benchmarks/bench_loss.py --only 6,7 # single sections, while iterating
 
 The exit code is 0 whether or not the targets are met: this is a report.
 """
@@ -483,11 +497,15 @@ def bench_auxk(args: argparse.Namespace, x, generator: torch.Generator) -> list[
 
 
 def _saelens_step(x, x_hat, f, weight, coefficient):
-    """SAELens' standard training step: ``mse_loss_fn(...).sum(-1).mean()``, the decoder-norm-weighted L1, the L0."""
+    """SAELens' standard training step: ``mse_loss_fn(...).sum(-1).mean()``, the decoder-norm-weighted L1, the L0.
+
+    As ``training_forward_pass`` + ``StandardTrainingSAE.calculate_aux_loss`` (the coefficient inside the batch mean)
+    and the trainer's logged ``feature_acts.bool().float().sum(-1).mean()``.
+    """
     mse = torch.nn.functional.mse_loss(x_hat, x, reduction="none").sum(dim=-1).mean()
-    weighted_l1 = (f * weight.norm(dim=1)).norm(p=1, dim=-1).mean()
-    l0 = (f > 0).float().sum(-1).mean()
-    return mse + coefficient * weighted_l1, l0
+    l1_loss = (coefficient * (f * weight.norm(dim=1)).norm(p=1, dim=-1)).mean()
+    l0 = f.bool().float().sum(-1).mean()
+    return mse + l1_loss, l0
 
 
 def _saev_step(x, x_hat, f, coefficient):
@@ -565,13 +583,18 @@ def _peer_cases(args, batch, density, generator):
 def bench_peer_steps(args: argparse.Namespace) -> tuple[list[Row], list[Row]]:
     """Rows 6: each peer's step vs our collection configured to give its values; rows 6c: our 50% vs our 2%."""
     rows: list[Row] = []
-    ours_medians: dict[tuple[str, int, str, float], float] = {}
+    cliff: list[Row] = []
+    low, high = 0.02, 0.5
     start = time.perf_counter()
     for batch in args.peer_batches:
         repeats = args.peer_repeats_big if batch * args.d_sae >= 2**26 else args.repeats
+        kept: dict[float, dict[str, Any]] = {}  # the 2% and 50% cases, for the paired no-cliff rows
         for density in args.densities:
             generator = torch.Generator().manual_seed(args.seed + int(1e6 * density) + batch)
-            for peer, (ours, theirs, leaves) in _peer_cases(args, batch, density, generator).items():
+            cases = _peer_cases(args, batch, density, generator)
+            if density in (low, high):
+                kept[density] = cases
+            for peer, (ours, theirs, leaves) in cases.items():
 
                 def clear(leaves=leaves):
                     for leaf in leaves:
@@ -596,18 +619,34 @@ def bench_peer_steps(args: argparse.Namespace) -> tuple[list[Row], list[Row]]:
                 note = f"{repeats} rounds, rel diff {check:.0e}"
                 rows.append(row_from(f"{label} fwd", forward, "ours", "peer", 1.0, note))
                 rows.append(row_from(f"{label} fwd+bwd", step, "ours", "peer", 1.0, note))
-                ours_medians[(peer, batch, "fwd", density)] = statistics.median(forward["ours"])
-                ours_medians[(peer, batch, "fwd+bwd", density)] = statistics.median(step["ours"])
+        if len(kept) == 2:
+            cliff += _cliff_rows(kept[low], kept[high], batch, repeats)
+        del kept
     print(f"[peer steps section: {time.perf_counter() - start:.1f} s]")
-    cliff: list[Row] = []
-    low, high = 0.02, 0.5
-    for (peer, batch, kind, density), high_ms in ours_medians.items():
-        low_ms = ours_medians.get((peer, batch, kind, low))
-        if density != high or low_ms is None:
-            continue
-        name = f"6c no cliff: {peer} b{batch} {kind} ours 50% vs ours 2%"
-        cliff.append(Row(name, high_ms, low_ms, high_ms / low_ms, 1.5, "ratio of medians (separate runs)"))
     return rows, cliff
+
+
+def _cliff_rows(low: dict[str, Any], high: dict[str, Any], batch: int, repeats: int) -> list[Row]:
+    """Our step at 50% vs our step at 2% density, timed in alternation (paired, as every other ratio)."""
+    rows = []
+    for peer, (ours_low, _, leaves_low) in low.items():
+        ours_high, _, leaves_high = high[peer]
+
+        def clear(leaves=(*leaves_low, *leaves_high)):
+            for leaf in leaves:
+                leaf.grad = None
+
+        forward = measure({"50%": ours_high, "2%": ours_low}, repeats, before=clear)
+        step = measure(
+            {"50%": lambda o=ours_high: o()["loss"].backward(), "2%": lambda o=ours_low: o()["loss"].backward()},
+            repeats,
+            before=clear,
+        )
+        clear()
+        for kind, times in (("fwd", forward), ("fwd+bwd", step)):
+            name = f"6c no cliff: {peer} b{batch} {kind} ours 50% vs ours 2%"
+            rows.append(row_from(name, times, "50%", "2%", 1.5, f"{repeats} rounds"))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
