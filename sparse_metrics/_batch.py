@@ -195,7 +195,11 @@ class SaeBatch:
         self.num_components = num_components
         self.has_component_axis = reference_name is not None and given[reference_name].ndim == 3
         for name in RECONSTRUCTIONS:
-            if "source_activations" in views and name in views:
+            if (
+                "source_activations" in views
+                and name in views
+                and views[name].shape != views["source_activations"].shape
+            ):
                 views[name] = views[name].view(views["source_activations"].shape)
         if "decoder_weight" in given:
             self._validate_decoder()

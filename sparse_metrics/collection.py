@@ -23,7 +23,7 @@ from sparse_metrics._config import (
 )
 from sparse_metrics._distributed import synced_states
 from sparse_metrics._sharding import FeatureSharding, resolve_sharding
-from sparse_metrics.metrics._base import DerivedOutput, SaeMetric, batch_contributions, recording
+from sparse_metrics.metrics._base import DerivedOutput, SaeMetric, _detached, batch_contributions, recording
 from sparse_metrics.metrics.dead_features import DeadFeatures
 from sparse_metrics.metrics.explained_variance import FractionOfVarianceUnexplained
 from sparse_metrics.metrics.feature_density import FeatureDensity
@@ -390,9 +390,10 @@ class SparseAutoencoderLoss(MetricCollection):
                 else:
                     other.update(**given)
         if forward:
+            batch_means: dict[int, Tensor] = {}  # each loss term's batch mean, computed once for it and for "loss"
             for (key, member), contribution in zip(own, contributions, strict=True):
-                value = member._value(contribution)
-                member._forward_cache = value.detach()  # type: ignore[assignment]  # torchmetrics annotates it as None
+                value = member._forward_value(contribution, batch_means)
+                member._forward_cache = _detached(value)  # type: ignore[assignment]  # torchmetrics annotates it as None
                 values[key] = value
         return values
 

@@ -151,7 +151,9 @@ def _decode_picks(shape: torch.Size, indices: Tensor, values: Tensor, weight: Te
     Picks of value 0 may repeat an index (a shard's picks that another shard owns): they add nothing.
     """
     if not rule.sparse_decode:  # a dense product, as the peer's: every decoder row gets a (zero) gradient
-        dense = torch.zeros(shape, dtype=values.dtype, device=values.device).scatter_add(-1, indices, values)
+        dense = torch.zeros(shape, dtype=values.dtype, device=values.device).scatter_add_(
+            -1, indices, values
+        )  # in place: no copy
         return _decode(dense, weight)
     batch, components, width = shape
     k = indices.shape[-1]

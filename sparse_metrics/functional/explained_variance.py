@@ -64,6 +64,46 @@ def _batch_statistics(
     return VarianceStatistics(count, mean, m2, squared_error)
 
 
+def _centred_batch(
+    source: Float[Tensor, "batch component d_model"], dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One batch's ``Σ (x - x̄)²`` ``[component]`` (differentiable, as :func:`_batch_fvu` computes it) and its mean.
+
+    Returns ``(variance, mean, residual_sum)``: the variance about the batch mean ``x̄`` computed in ``dtype`` (the
+    computation dtype), the mean (detached) and ``Σ_b (x_b - x̄)`` (detached, ``[component, d_model]``), the rounding
+    left by the mean, from which :func:`_shifted_statistics` recovers the float64 statistics.
+    """
+    values = source.to(dtype)
+    mean = values.mean(dim=0)
+    deviations = values - mean
+    variance = deviations.square().sum(dim=(0, 2))
+    return variance, mean.detach(), deviations.detach().sum(dim=0)
+
+
+def _shifted_statistics(
+    batch_size: int,
+    variance: Tensor,
+    mean: Tensor,
+    residual_sum: Tensor,
+    squared_error_per_item: Tensor,
+    dtype: torch.dtype = _STATISTICS_DTYPE,
+) -> VarianceStatistics:
+    r"""The float64 statistics of a batch from :func:`_centred_batch`'s, with no float64 copy of the batch.
+
+    The deviations :math:`d_b = x_b - a` about the rounded mean :math:`a` are what the batch's FVU is computed from;
+    :math:`\bar x = a + \sum_b d_b / n` and :math:`M_2 = \sum_b \lVert d_b \rVert^2 - \lVert \sum_b d_b \rVert^2 / n`
+    (the shift identity, in float64). Near a large offset :math:`x_b - a` is exact (Sterbenz), so the mean keeps every
+    digit the inputs have; the per-batch sums are those of the computation dtype, as every metric's per-item values,
+    and batches are merged in float64.
+    """
+    count = torch.full((mean.shape[0],), float(batch_size), dtype=dtype, device=mean.device)
+    correction = residual_sum.to(dtype)
+    exact_mean = mean.to(dtype) + correction / batch_size
+    m2 = (variance.detach().to(dtype) - correction.square().sum(dim=-1) / batch_size).clamp(min=0)
+    squared_error = squared_error_per_item.detach().sum(dim=0, dtype=dtype)
+    return VarianceStatistics(count, exact_mean, m2, squared_error)
+
+
 def _merge_statistics(first: VarianceStatistics, second: VarianceStatistics) -> VarianceStatistics:
     r"""Chan et al.'s parallel merge of two sets' statistics.
 

@@ -94,6 +94,11 @@ def batch_contributions(
     return contributions
 
 
+def _detached(value: Tensor) -> Tensor:
+    """``value`` without its autograd graph (itself when it has none: a count, a value computed without grad)."""
+    return value.detach() if value.requires_grad else value
+
+
 @dataclasses.dataclass(frozen=True)
 class _Snapshot:
     update_count: int
@@ -258,6 +263,15 @@ class SaeMetric(Metric):
     def _value(self, contribution: Any) -> Tensor:
         """The value of the batch alone (after :meth:`_record`), as ``forward`` returns it."""
 
+    def _forward_value(self, contribution: Any, batch_means: dict[int, Tensor]) -> Tensor:
+        """The batch value in a collection's ``forward``: :meth:`_value`, sharing work through ``batch_means``.
+
+        ``batch_means`` maps ``id(term)`` to a loss term's :meth:`_batch_mean` on this batch (0-d for one component),
+        for the members computed so far: a term whose value is that mean stores it there, and :class:`TotalLoss`
+        reads it instead of computing (and differentiating) the same mean again.
+        """
+        return self._value(contribution)
+
     # What TotalLoss reads of a loss term (``is_loss_term``): per-component values, whatever ``keep_batch_dim``.
 
     def _batch_mean(self, contribution: Any) -> Tensor:
@@ -276,8 +290,12 @@ class SaeMetric(Metric):
             )
 
     def _record_counted(self, contribution: Any) -> None:
-        """Record a batch and count it as torchmetrics counts an update (``forward`` and collections)."""
-        self._record(contribution)
+        """Record a batch and count it as torchmetrics counts an update (``forward`` and collections).
+
+        No autograd graph is built (the states are detached), so ``_record`` needs no ``detach`` of its own.
+        """
+        with torch.no_grad():
+            self._record(contribution)
         if self.compute_on_cpu:
             self._move_list_states_to_cpu()
         self._update_count += 1
@@ -307,7 +325,7 @@ class SaeMetric(Metric):
             self._record_counted(contribution)
         value = self._value(contribution)
         # Detached: the cache outlives the step, and must not keep its autograd graph alive.
-        self._forward_cache = value.detach()  # type: ignore[assignment]  # torchmetrics annotates it as None
+        self._forward_cache = _detached(value)  # type: ignore[assignment]  # torchmetrics annotates it as None
         return value
 
     def _wrap_update(self, update: Callable[..., None]) -> Callable[..., None]:
@@ -676,12 +694,13 @@ class ItemMeanMetric(SaeMetric):
     def _record(self, contribution: Tensor) -> None:
         if contribution.shape[0] == 0:
             return
-        per_item = self._item_values(contribution).detach()
+        per_item = self._item_values(contribution)
         total = self._tensor_state(self._sum_state)
-        setattr(self, self._sum_state, total + per_item.sum(dim=0, dtype=total.dtype))
+        with torch.no_grad():
+            setattr(self, self._sum_state, total + per_item.sum(dim=0, dtype=total.dtype))
         setattr(self, self._count_state, self._tensor_state(self._count_state) + per_item.shape[0])
         if self._keep_batch_dim:
-            getattr(self, self._per_item_state).append(per_item.to(total.dtype))
+            getattr(self, self._per_item_state).append(_detached(per_item).to(total.dtype))
 
     def _value(self, contribution: Tensor) -> Tensor:
         """The batch's value: the mean of its per-item values, or themselves with ``keep_batch_dim``.
@@ -696,6 +715,17 @@ class ItemMeanMetric(SaeMetric):
     def _batch_mean(self, contribution: Tensor) -> Tensor:
         """Batch mean ``[component]`` of the per-item values (differentiable)."""
         return self._item_values(contribution).mean(dim=0)
+
+    def _forward_value(self, contribution: Tensor, batch_means: dict[int, Tensor]) -> Tensor:
+        """The batch mean, computed once for this value and the collection's total loss (see the base class)."""
+        cls = type(self)
+        if self._keep_batch_dim or cls._value is not ItemMeanMetric._value or cls._batch_mean is not _ITEM_MEAN:
+            return self._value(contribution)
+        if self.num_components == 1:  # the 0-d mean at once: the same value as the squeezed [1] mean, fewer ops
+            mean = batch_means[id(self)] = self._item_values(contribution).mean()
+            return mean
+        mean = batch_means[id(self)] = self._batch_mean(contribution)
+        return mean
 
     def _epoch_mean(self) -> Tensor:
         """Mean ``[component]`` over every item accumulated (or synced)."""
@@ -720,6 +750,9 @@ class ItemMeanMetric(SaeMetric):
         """An empty ``[0, component]`` tensor: the rows of a rank that kept no per-item values."""
         dtype = self._tensor_state(self._sum_state).dtype  # float64, or float32 on a device without float64
         return torch.zeros(0, self.num_components, dtype=dtype, device=self.device)
+
+
+_ITEM_MEAN = ItemMeanMetric._batch_mean
 
 
 class DerivedOutput(SaeMetric):

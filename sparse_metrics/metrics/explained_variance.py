@@ -15,9 +15,11 @@ from sparse_metrics.functional.explained_variance import (
     _batch_centred_fvu,
     _batch_fvu,
     _batch_statistics,
+    _centred_batch,
     _fvu_compute,
     _merge_statistics,
     _residual_statistics,
+    _shifted_statistics,
 )
 from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, SaeMetric
 
@@ -124,6 +126,7 @@ class _VarianceContribution(NamedTuple):
     source: Tensor  # [batch, component, d_model]
     squared_error: Tensor  # [batch, component], differentiable
     decoded: Tensor | None = None  # [batch, component, d_model], with centred_residual
+    variance: Tensor | None = None  # [component] Σ (x - x̄)² of the batch, differentiable (not centred_residual)
 
 
 class FractionOfVarianceUnexplained(SaeMetric):
@@ -232,11 +235,17 @@ class FractionOfVarianceUnexplained(SaeMetric):
         squared_error = batch.squared_error(owner, self.reconstruction)
         dtype = self._statistics.dtype
         if not self.centred_residual:
+            # One pass over the batch gives both the batch's FVU denominator and the float64 state (shared by the FVU
+            # and the explained variance of one collection).
+            compute_dtype = squared_error.dtype
+            variance, mean, residual_sum = batch.memo(
+                ("centred_source", compute_dtype), lambda: _centred_batch(source, compute_dtype)
+            )
             statistics = batch.memo(
                 ("variance_statistics", self.reconstruction, dtype),
-                lambda: _pack(_batch_statistics(source, squared_error, dtype)),
+                lambda: _pack(_shifted_statistics(source.shape[0], variance, mean, residual_sum, squared_error, dtype)),
             )
-            return _VarianceContribution(statistics, source, squared_error)
+            return _VarianceContribution(statistics, source, squared_error, variance=variance)
         decoded = batch.require(self.reconstruction, owner)
         statistics = batch.memo(
             ("centred_variance_statistics", self.reconstruction, dtype),
@@ -262,6 +271,8 @@ class FractionOfVarianceUnexplained(SaeMetric):
     def _batch_fvu(contribution: _VarianceContribution) -> Tensor:
         if contribution.decoded is not None:
             return _batch_centred_fvu(contribution.source, contribution.decoded)
+        if contribution.variance is not None:
+            return contribution.squared_error.sum(dim=0) / contribution.variance
         return _batch_fvu(contribution.source, contribution.squared_error)
 
     def _fvu(self) -> Tensor:

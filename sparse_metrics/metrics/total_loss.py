@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -97,7 +98,14 @@ class TotalLoss(SaeMetric):
         """Nothing: the terms record the batch."""
 
     def _value(self, contribution: tuple[Any, ...]) -> Tensor:
-        parts = [term._batch_mean(part) for term, part in zip(self.terms.values(), contribution, strict=True)]
+        return self._forward_value(contribution, {})
+
+    def _forward_value(self, contribution: tuple[Any, ...], batch_means: dict[int, Tensor]) -> Tensor:
+        """The total of the terms' batch means, each read from ``batch_means`` where its term has put it already."""
+        parts = [
+            mean if (mean := batch_means.get(id(term))) is not None else term._batch_mean(part)
+            for term, part in zip(self.terms.values(), contribution, strict=True)
+        ]
         return self._reduce(parts)
 
     def compute(self) -> Tensor:
@@ -109,8 +117,15 @@ class TotalLoss(SaeMetric):
     def _reduce(self, parts: Sequence[Tensor]) -> Tensor:
         coefficients = self._coefficients.values()
         weighted = [part if alpha == 1.0 else alpha * part for part, alpha in zip(parts, coefficients, strict=True)]
-        per_component = weighted[0] if len(weighted) == 1 else torch.stack(weighted).sum(dim=0)
-        return per_component.mean() if self.component_reduction == "mean" else per_component.sum()
+        # Added in order (as a sum over the stacked terms adds them): no stack, and 0-d means broadcast with [1] ones.
+        per_component = functools.reduce(torch.add, weighted)
+        # Of one component the mean is the sum (x / 1 is x); the sum has the cheaper backward, and a 0-d total (of
+        # terms whose batch means came 0-d, see SaeMetric._forward_value) is that one component's already.
+        if per_component.ndim == 0:
+            return per_component
+        if self.component_reduction == "mean" and per_component.numel() != 1:
+            return per_component.mean()
+        return per_component.sum()
 
     def extra_repr(self) -> str:
         """Show the terms and their coefficients in ``repr``."""
