@@ -387,16 +387,19 @@ def _sharded_matryoshka_terms(
     return AuxiliaryKTerms(total, None)
 
 
-def batch_ratio(terms: AuxiliaryKTerms, rule: _Rule) -> Float[Tensor, " component"]:
-    """The normalised conventions' batch value ``[component]``, differentiable as the peer's."""
+def batch_ratio(terms: AuxiliaryKTerms, rule: _Rule, variance: Tensor | None = None) -> Float[Tensor, " component"]:
+    """The normalised conventions' batch value ``[component]``, differentiable as the peer's.
+
+    ``variance`` is the normaliser's ``Σ_{b,d} (v - v̄)²`` ``[component]`` where the caller has it (computed here
+    otherwise): sparsify sums over ``(batch, d)``, dictionary_learning sums over ``d`` and OpenAI means over ``d``
+    per item, each summed over the batch (0/0 for no item).
+    """
     assert terms.normaliser_input is not None
     values = terms.normaliser_input
-    deviation = (values - values.mean(dim=0)).square()
-    if rule.normaliser == "source":  # sparsify: sums over (batch, d)
-        ratio = finish_ratio(terms.squared_error.sum(dim=0), deviation.sum(dim=(0, 2)), rule)
-    else:  # batch means of means (OpenAI) or sums (dictionary_learning) over d: summed, so 0/0 for no item
-        per_item = deviation.mean(dim=-1) if rule.feature_mean else deviation.sum(dim=-1)
-        ratio = finish_ratio(terms.squared_error.sum(dim=0), per_item.sum(dim=0), rule)
+    if variance is None:
+        variance = (values - values.mean(dim=0)).square().sum(dim=(0, 2))
+    denominator = variance / values.shape[-1] if rule.feature_mean else variance
+    ratio = finish_ratio(terms.squared_error.sum(dim=0), denominator, rule)
     if terms.any_dead is None:
         return ratio
     return torch.where(terms.any_dead, ratio, torch.zeros((), dtype=ratio.dtype, device=ratio.device))

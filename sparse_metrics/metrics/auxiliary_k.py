@@ -19,7 +19,7 @@ from sparse_metrics.functional.auxiliary_k import (
     check_convention,
     finish_ratio,
 )
-from sparse_metrics.functional.explained_variance import VarianceStatistics, _source_statistics
+from sparse_metrics.functional.explained_variance import VarianceStatistics, _centred_batch, _shifted_statistics
 from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, SaeMetric
 from sparse_metrics.metrics.explained_variance import _ChanMerge, _merge_packed, _pack, _unpack
 
@@ -29,6 +29,7 @@ __all__ = ["AuxiliaryKLoss"]
 class _Contribution(NamedTuple):
     terms: AuxiliaryKTerms
     statistics: Tensor | None  # packed [component, d_model + 3] of a normalised convention, detached
+    variance: Tensor | None = None  # the normaliser's batch variance Σ_{b,d} (v - v̄)², differentiable
 
 
 class AuxiliaryKLoss(SaeMetric):
@@ -178,15 +179,18 @@ class AuxiliaryKLoss(SaeMetric):
         if self.d_model is not None:
             batch.require_width("source_activations", self.d_model, "d_model", owner)
         terms = batch_terms(batch, self._rule, self.convention, self.k_aux, self.prefix_sizes, owner)
-        statistics = None
-        if self._normalised:
-            assert terms.normaliser_input is not None
-            count, mean, m2 = _source_statistics(terms.normaliser_input, ACCUMULATOR_DTYPE)
-            numerator = terms.squared_error.detach().sum(dim=0, dtype=ACCUMULATOR_DTYPE)
-            if self._rule.feature_mean:  # OpenAI's means over (b, d): the ratio of sums, d cancels
-                numerator = numerator * terms.normaliser_input.shape[-1]
-            statistics = _pack(VarianceStatistics(count, mean, m2, numerator))
-        return _Contribution(terms, statistics)
+        if not self._normalised:
+            return _Contribution(terms, None)
+        values = terms.normaliser_input
+        assert values is not None
+        # One centring pass gives the batch ratio's denominator and (shifted in float64) the pooled state.
+        variance, mean, residual_sum = _centred_batch(values, values.dtype)
+        shifted = _shifted_statistics(values.shape[0], variance, mean, residual_sum, terms.squared_error)
+        numerator = shifted.squared_error
+        if self._rule.feature_mean:  # OpenAI's means over (b, d): the ratio of sums, d cancels
+            numerator = numerator * values.shape[-1]
+        statistics = _pack(VarianceStatistics(shifted.item_count, shifted.mean, shifted.m2, numerator))
+        return _Contribution(terms, statistics, variance)
 
     def _finite_items(self, batch: SaeBatch, contribution: _Contribution) -> Tensor | None:
         """The items whose inputs are all finite (a live latent's NaN included: the peers' masks may hide it)."""
@@ -227,7 +231,7 @@ class AuxiliaryKLoss(SaeMetric):
     def _batch_mean(self, contribution: _Contribution) -> Tensor:
         """The batch's value ``[component]``, differentiable: the batch ratio, or the batch mean."""
         if self._normalised:
-            return batch_ratio(contribution.terms, self._rule)
+            return batch_ratio(contribution.terms, self._rule, contribution.variance)
         return contribution.terms.squared_error.mean(dim=0)
 
     def _value(self, contribution: _Contribution) -> Tensor:
