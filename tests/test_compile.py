@@ -79,31 +79,21 @@ FUNCTIONS = {
     ),
     "jumprelu_l0_loss": lambda i: smf.jumprelu_l0_loss(i["pre_activations"], i["threshold"], target_l0=3.0),
     # The terms the collection compiles (the functional twin builds a validating SaeBatch first, which is not).
-    "auxiliary_k_terms_dictionary_learning": lambda i: (
-        auxiliary_k_terms(
-            i["source_activations"],
-            i["decoded_activations"],
-            i["pre_activations"],
-            i["decoder_weight"],
-            i["dead_mask"],
-            None,
-            rule=RULES["dictionary_learning"],
-            k_aux=3,
-        ).squared_error
-    ),
-    "auxiliary_k_terms_openai": lambda i: (
-        auxiliary_k_terms(
-            i["source_activations"],
-            i["decoded_activations"],
-            i["pre_activations"],
-            i["decoder_weight"],
-            i["dead_mask"],
-            i["decoder_bias"],
-            rule=RULES["openai"],
-            k_aux=4,
-        ).squared_error
-    ),
+    "auxiliary_k_terms_dictionary_learning": lambda i: _auxiliary_k_terms(i, "dictionary_learning", 3, bias=False),
+    "auxiliary_k_terms_openai": lambda i: _auxiliary_k_terms(i, "openai", 4, bias=True),
 }
+
+
+def _auxiliary_k_terms(inputs, convention, k_aux, *, bias):
+    """The per-item AuxK of one convention, as the collection's compiled path calls it."""
+    names = ("source_activations", "decoded_activations", "pre_activations", "decoder_weight", "dead_mask")
+    terms = auxiliary_k_terms(
+        *(inputs[name] for name in names),
+        inputs["decoder_bias"] if bias else None,
+        rule=RULES[convention],
+        k_aux=k_aux,
+    )
+    return terms.squared_error
 
 
 def jax_free_flatten(values):
