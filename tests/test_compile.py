@@ -64,7 +64,7 @@ FUNCTIONS = {
     "sae_training_statistics": lambda i: torch.cat(
         [
             value.reshape(-1).double()
-            for value in jax_free_flatten(
+            for value in _flatten(
                 _sae_training_statistics(
                     i["source_activations"], i["learned_activations"], i["decoded_activations"], (None, 0.1)
                 )
@@ -96,11 +96,11 @@ def _auxiliary_k_terms(inputs, convention, k_aux, *, bias):
     return terms.squared_error
 
 
-def jax_free_flatten(values):
+def _flatten(values):
     """The tensors of nested tuples, in order."""
     for value in values:
         if isinstance(value, tuple):
-            yield from jax_free_flatten(value)
+            yield from _flatten(value)
         else:
             yield value
 
