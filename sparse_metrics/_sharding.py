@@ -8,7 +8,7 @@ once with ``device_mesh=``, a 2-D :class:`~torch.distributed.device_mesh.DeviceM
 ``("data", "feature")``.
 
 What changes under sharding is owned by :class:`~sparse_metrics._batch.SaeBatch`: every per-item statistic that sums
-over features goes through :meth:`SaeBatch.sum_over_features`, which adds the shards' partial sums with one fused
+over features goes through ``SaeBatch.sum_over_features``, which adds the shards' partial sums with one fused
 all-reduce over the feature group per step (differentiable: the backward is the identity, as Megatron's
 "reduce from the tensor-parallel region", so each shard gets exactly the unsharded gradient of its own slice).
 Per-feature states stay sharded; :func:`gather_features` assembles a full per-feature array.
