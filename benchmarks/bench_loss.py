@@ -7,7 +7,7 @@ processes sharing the machine). Absolute medians are reported too. Rows:
 1. ``SparseAutoencoderLoss`` forward (l2, l0, l1, sparsity, differentiable loss, state) vs a hand-written
    objective; target ratio <= 0.3. Forward+backward of ``out["loss"]`` vs the hand-written loss; target <= 0.5.
 2. The floor, one read pass over ``f`` (``f.sum()``): our eager forward's ratio to it (informational), and the
-   forward of ``SparseAutoencoderLoss(compiled=True)`` vs the floor (target <= 3), run in a subprocess with a time
+   forward of ``SparseAutoencoderLoss(compiled=True)`` vs the floor (target <= 2), run in a subprocess with a time
    limit so that a slow compile cannot hold up the report; a fall-back to eager is reported as such.
 3. ``MatryoshkaReconstructionLoss`` with P equal prefixes, forward+backward, vs one full decode; target <= 1.2.
    The metric's default, every prefix decoded from the decoder, does the same matmul work as the one decode (the
@@ -84,6 +84,8 @@ from sparse_metrics._distributed import synced_states
 
 RESULT_TAG = "BENCH_COMPILED_RESULT "
 COMPILED_ROW = "2b compiled=True forward vs floor f.sum()"
+#: Issue #12: the compiled forward at most twice one read of the activations.
+COMPILED_TARGET = 2.0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -332,13 +334,14 @@ def bench_compiled(args: argparse.Namespace) -> list[Row]:
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=args.compile_timeout, check=False)
     except subprocess.TimeoutExpired:
-        return [Row(name, None, None, None, 3.0, f"compile+timing exceeded {args.compile_timeout:g} s, skipped")]
+        skipped = f"compile+timing exceeded {args.compile_timeout:g} s, skipped"
+        return [Row(name, None, None, None, COMPILED_TARGET, skipped)]
     finally:
         print(f"[compiled section: {time.perf_counter() - start:.1f} s]")
     lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_TAG)]
     if completed.returncode != 0 or not lines:
         tail = (completed.stderr.strip().splitlines() or ["no output"])[-1][:100]
-        return [Row(name, None, None, None, 3.0, f"compile failed (rc {completed.returncode}): {tail}")]
+        return [Row(name, None, None, None, COMPILED_TARGET, f"compile failed (rc {completed.returncode}): {tail}")]
     result = json.loads(lines[-1][len(RESULT_TAG) :])
     if result["fallback"]:
         note = f"FELL BACK TO EAGER: {result['fallback']}"
@@ -347,7 +350,7 @@ def bench_compiled(args: argparse.Namespace) -> list[Row]:
             f"first call (compiling) {result['compile_s']:.1f} s; {result['compiled_over_eager']:.2f}x eager; "
             f"rel diff {result['max_rel_diff']:.1e}"
         )
-    return [Row(name, result["compiled_ms"], result["floor_ms"], result["compiled_over_floor"], 3.0, note)]
+    return [Row(name, result["compiled_ms"], result["floor_ms"], result["compiled_over_floor"], COMPILED_TARGET, note)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1151,7 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile and "2b" in run:
         rows += bench_compiled(args)
     elif "2b" in run:
-        rows.append(Row(COMPILED_ROW, None, None, None, 3.0, "not run (--no-compile)"))
+        rows.append(Row(COMPILED_ROW, None, None, None, COMPILED_TARGET, "not run (--no-compile)"))
     rows.sort(key=lambda row: row.name)
     peer_rows: list[Row] = []
     if "6" in run:
