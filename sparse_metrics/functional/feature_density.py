@@ -86,12 +86,29 @@ def _active_features(
 def _feature_activity(active: Bool[Tensor, "batch component d_sae"]) -> FeatureActivity:
     """Firing counts and items since the last firing of every feature, from the batch's activity mask."""
     batch_size = active.shape[0]
-    fire_count = active.sum(dim=0, dtype=torch.int64)
-    # In the batch read backwards, the first active item is the last one that fired; argmax returns the first
-    # maximum. A feature that never fired gets the whole batch.
-    last_from_end = active.flip(0).to(torch.uint8).argmax(dim=0) if batch_size else torch.zeros_like(fire_count)
-    items_since_fired = torch.where(fire_count > 0, last_from_end, batch_size)
-    return FeatureActivity(fire_count, items_since_fired, batch_size)
+    # The last item in which each feature fired, counted from 1 (0: it did not fire): the maximum over the items of
+    # ``index where active``; the items after it are ``batch_size - last``, the whole batch for a feature that did not
+    # fire. Indices are int16 while the batch allows (half the memory traffic of int32).
+    index_dtype = torch.int16 if batch_size < 2**15 else torch.int32
+    if active.device.type != "cpu" or torch.compiler.is_compiling() or batch_size <= _ACTIVITY_BLOCK:
+        positions = torch.arange(1, batch_size + 1, dtype=index_dtype, device=active.device).view(-1, 1, 1)
+        fire_count = active.sum(dim=0, dtype=torch.int64)
+        last = torch.where(active, positions, 0).amax(dim=0) if batch_size else torch.zeros_like(fire_count)
+        return FeatureActivity(fire_count, batch_size - last.to(torch.int64), batch_size)
+    # On a CPU a reduction over the leading (item) axis of a large mask is several times faster in blocks of items,
+    # each block's rows reduced while they are in the cache.
+    fire_count32 = torch.zeros(active.shape[1:], dtype=torch.int32, device=active.device)
+    last = torch.zeros(active.shape[1:], dtype=index_dtype, device=active.device)
+    positions = torch.arange(1, batch_size + 1, dtype=index_dtype, device=active.device).view(-1, 1, 1)
+    for start in range(0, batch_size, _ACTIVITY_BLOCK):
+        block = active[start : start + _ACTIVITY_BLOCK]
+        fire_count32 += block.sum(dim=0, dtype=torch.int32)
+        torch.maximum(last, torch.where(block, positions[start : start + _ACTIVITY_BLOCK], 0).amax(dim=0), out=last)
+    return FeatureActivity(fire_count32.to(torch.int64), batch_size - last.to(torch.int64), batch_size)
+
+
+#: Items per block of :func:`_feature_activity` on a CPU.
+_ACTIVITY_BLOCK = 64
 
 
 def _l0_from_active(active: Bool[Tensor, "batch component d_sae"], dtype: torch.dtype) -> Tensor:
