@@ -155,10 +155,12 @@ class SaeBatch:
         inputs: The inputs by keyword (names from :data:`SAE_INPUTS`; ``None`` values count as absent).
         num_components: The component count the inputs must have; ``None`` accepts any.
         owner: The name to put in error messages (the metric or collection being fed).
-        uses: Statistics that members will ask for, so that the cheapest shared route is taken: with
-            ``"activity"`` the per-item L0 is counted from the activity mask that the activity metrics need anyway.
-        compiled: Compute the per-item squared error, L0 and L1 together in one compiled function (not with
-            ``"activity"`` in ``uses``: the L0 then comes from the eager activity mask).
+        uses: What the members will ask for: the feature sums (names in :data:`FEATURE_SUMS`, :class:`FeatureSum`
+            objects), all computed together (under a feature sharding, in one all-reduce), and
+            ``(ACTIVITY_THRESHOLD, t)`` for each firing threshold an activity member reads.
+        compiled: Compute the per-item squared error, L0 and L1 together in one compiled function, with the
+            activity statistics of the thresholds in ``uses`` off a CPU.
+        sharding: The feature sharding of the dictionary, or None.
     """
 
     def __init__(
@@ -446,11 +448,10 @@ class SaeBatch:
             if _compiles_activity(learned.device)
             else ()
         )
-        if not thresholds:
-            squared_error, l0, l1 = _compiled_sae_loss_statistics(source, learned, decoded)
-            self._memo.update({"squared_error": squared_error, "l0": l0, "l1": l1})
-            return
-        squared_error, l0, l1, activities = _compiled_sae_training_statistics(source, learned, decoded, thresholds)
+        if thresholds:
+            squared_error, l0, l1, activities = _compiled_sae_training_statistics(source, learned, decoded, thresholds)
+        else:
+            (squared_error, l0, l1), activities = _compiled_sae_loss_statistics(source, learned, decoded), ()
         self._memo.update({"squared_error": squared_error, "l0": l0, "l1": l1})
         for threshold, (fire_count, items_since_fired) in zip(thresholds, activities, strict=True):
             key: Hashable = "activity" if threshold is None else ("activity", threshold)
@@ -572,11 +573,15 @@ def _local_of(name: str, value: object, sharding: FeatureSharding | None, owner:
     axis = SHARDED_INPUTS.get(name)
     mesh = value.device_mesh
     feature_ranks = sorted(dist.get_process_group_ranks(sharding.group)) if sharding.size > 1 else None
+    feature_dims = [
+        dim
+        for dim in range(mesh.ndim)
+        if mesh.size(dim) > 1 and sorted(dist.get_process_group_ranks(mesh.get_group(dim))) == feature_ranks
+    ]
     for dim, placement in enumerate(value.placements):
         if mesh.size(dim) == 1 and not placement.is_partial():
             continue  # a shard of one process is the whole
-        group_ranks = sorted(dist.get_process_group_ranks(mesh.get_group(dim))) if mesh.size(dim) > 1 else None
-        is_feature_dim = feature_ranks is not None and group_ranks == feature_ranks
+        is_feature_dim = dim in feature_dims
         if is_feature_dim:
             allowed = (
                 isinstance(placement, Shard) and placement.dim % value.ndim == axis % value.ndim
@@ -595,11 +600,9 @@ def _local_of(name: str, value: object, sharding: FeatureSharding | None, owner:
                 f"{owner}: DTensor `{name}` has placement {placement} on mesh dim {dim}, {where} dimension; it must "
                 f"be {expected} there. Call `.redistribute(...)` first (or pass `.full_tensor()`)."
             )
-    if axis is not None and feature_ranks is not None:
-        dims = [dim for dim in range(mesh.ndim) if mesh.size(dim) > 1]
-        if not any(sorted(dist.get_process_group_ranks(mesh.get_group(dim))) == feature_ranks for dim in dims):
-            raise ValueError(
-                f"{owner}: DTensor `{name}` lives on a mesh none of whose dimensions is the metric's feature group "
-                f"(ranks {feature_ranks}); shard it over the mesh's 'feature' dim."
-            )
+    if axis is not None and feature_ranks is not None and not feature_dims:
+        raise ValueError(
+            f"{owner}: DTensor `{name}` lives on a mesh none of whose dimensions is the metric's feature group "
+            f"(ranks {feature_ranks}); shard it over the mesh's 'feature' dim."
+        )
     return value.to_local()

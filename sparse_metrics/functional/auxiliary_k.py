@@ -220,7 +220,7 @@ def _sharded_auxiliary_decodes(
         spans.append((local_start, local_stop, k))
     local = torch.cat([*(candidate.reshape(-1) for candidate in candidates), *counts])
     gathered = sharding.gather(local.unsqueeze(0), dim=0)  # [shard, everything]
-    partials, level_counts, at = [], [], 0
+    partials, at = [], 0
     for candidate, (local_start, local_stop, k) in zip(candidates, spans, strict=True):
         pieces = gathered[:, at : at + candidate.numel()].reshape(sharding.size, *candidate.shape)
         at += candidate.numel()
@@ -236,14 +236,12 @@ def _sharded_auxiliary_decodes(
                 pre.shape, local_indices, _picked_values(masked, dead, local_indices, values, rule), weight, rule
             )
         )
-    for _ in levels:
-        level_counts.append(gathered[:, at : at + dead.shape[0]].sum(dim=0))
-        at += dead.shape[0]
+    level_counts = gathered[:, at:].reshape(sharding.size, len(levels), dead.shape[0]).sum(dim=0)
     sums = {"auxiliary": torch.stack(partials)}
     if prefix_decodes is not None:
         sums["prefixes"] = prefix_decodes
     summed = sharding.sum(sums)
-    return summed["auxiliary"], torch.stack(level_counts).to(pre.dtype), summed.get("prefixes")
+    return summed["auxiliary"], level_counts.to(pre.dtype), summed.get("prefixes")
 
 
 def _decode(activations: Tensor, weight: Tensor) -> Tensor:

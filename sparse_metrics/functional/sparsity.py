@@ -74,6 +74,12 @@ def check_p(p: object) -> float:
     return float(p)
 
 
+def _weighted(learned: Tensor, row_norms: Tensor | None) -> Tensor:
+    """``f_i ||W_i||`` (or ``f_i`` without row norms) in the row norms' dtype, else the activations' float32/64."""
+    dtype = row_norms.dtype if row_norms is not None else computation_dtype(learned)
+    return learned.to(dtype) if row_norms is None else learned.to(dtype) * row_norms
+
+
 def _lp_power_sum(
     learned: Float[Tensor, "batch component d_sae"], row_norms: Tensor | None, p: float
 ) -> Float[Tensor, "batch component"]:
@@ -81,10 +87,8 @@ def _lp_power_sum(
 
     Its gradient is 0 (not infinite) at an exact zero for ``p < 1``.
     """
-    dtype = row_norms.dtype if row_norms is not None else computation_dtype(learned)
     with autocast_disabled(learned.device):
-        weighted = learned.to(dtype) if row_norms is None else learned.to(dtype) * row_norms
-        magnitude = weighted.abs()
+        magnitude = _weighted(learned, row_norms).abs()
         zero = magnitude == 0
         powered = torch.where(zero, 1.0, magnitude).pow(p)  # no 0 ** (p - 1) in the backward pass
         return torch.where(zero, 0.0, powered).sum(dim=-1)
@@ -106,10 +110,8 @@ def _lp(
     """
     if not p_root:
         return _lp_power_sum(learned, row_norms, p)
-    dtype = row_norms.dtype if row_norms is not None else computation_dtype(learned)
     with autocast_disabled(learned.device):
-        weighted = learned.to(dtype) if row_norms is None else learned.to(dtype) * row_norms
-        norm: Tensor = torch.linalg.vector_norm(weighted, ord=p, dim=-1)
+        norm: Tensor = torch.linalg.vector_norm(_weighted(learned, row_norms), ord=p, dim=-1)
         return norm
 
 

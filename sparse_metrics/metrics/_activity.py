@@ -26,10 +26,9 @@ class ActivityMetric(SaeMetric):
     """
 
     _positional_inputs: ClassVar[tuple[str, ...]] = ("learned_activations",)
-    _uses: ClassVar[frozenset[Hashable]] = frozenset({"activity"})
 
     def _batch_uses(self) -> frozenset[Hashable]:
-        return self._uses | {(ACTIVITY_THRESHOLD, self.firing_threshold)}
+        return frozenset({(ACTIVITY_THRESHOLD, self.firing_threshold)})
 
     def __init__(
         self, num_features: int, num_components: int, *, firing_threshold: float | None = None, **kwargs: Any

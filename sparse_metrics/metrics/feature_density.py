@@ -129,10 +129,12 @@ class FeatureDensity(ActivityMetric):
         # Sharded: every summary of the batch crosses the feature group in one all-reduce, the first time one is read.
         cached = self._sharded_summaries
         if cached is None or cached[0] is not contribution:
-            density = self._batch_density(contribution)
-            local = {key: _feature_summary(density, key) for key in self._derived_outputs()}
-            cached = self._sharded_summaries = (contribution, self._global_means(local))
+            cached = self._sharded_summaries = (contribution, self._whole_summaries(self._batch_density(contribution)))
         return self._squeeze(cached[1][name])
+
+    def _whole_summaries(self, density: Tensor) -> dict[str, Tensor]:
+        """Every derived output of this shard's densities, for the whole dictionary (one all-reduce when sharded)."""
+        return self._global_means({key: _feature_summary(density, key) for key in self._derived_outputs()})
 
     def _global_means(self, local_means: dict[str, Tensor]) -> dict[str, Tensor]:
         """Means over the whole dictionary of per-shard means over their (equal) slices of features, in one reduce."""
@@ -161,9 +163,7 @@ class FeatureDensity(ActivityMetric):
             cached = self._state_summaries
             if cached is not None and all(ref() is state for ref, state in zip(cached[0], states, strict=True)):
                 return cached[1]
-            density = self._density()
-            local = {key: _feature_summary(density, key) for key in self._derived_outputs()}
-            summaries = {key: self._squeeze(value) for key, value in self._global_means(local).items()}
+            summaries = {key: self._squeeze(value) for key, value in self._whole_summaries(self._density()).items()}
             self._state_summaries = (tuple(weakref.ref(state) for state in states), summaries)
             return summaries
 

@@ -74,9 +74,13 @@ class SparsityLoss(ItemMeanMetric):
 
     _coefficient_tensor: Tensor | None
 
+    @property
+    def _lp_sum(self) -> FeatureSum:
+        return FeatureSum(_lp_partial, (self.p, self.decoder_norm_weighting))
+
     def _batch_uses(self) -> frozenset[Hashable]:
         if self.p != 1:
-            return frozenset({FeatureSum(_lp_partial, (self.p, self.decoder_norm_weighting))})
+            return frozenset({self._lp_sum})
         return frozenset({"weighted_l1" if self.decoder_norm_weighting else "l1"})
 
     @validate_arguments
@@ -143,7 +147,7 @@ class SparsityLoss(ItemMeanMetric):
         if batch.sharding is None:
             return self._from_l1(_lp(learned, row_norms, self.p, self.p_root))
         # Sharded: the shards' sums of a_i^p cross the feature group, the root is taken of the whole sum.
-        power_sum = batch.sum_over_features(FeatureSum(_lp_partial, (self.p, self.decoder_norm_weighting)), owner)
+        power_sum = batch.sum_over_features(self._lp_sum, owner)
         return self._from_l1(_p_root(power_sum, self.p) if self.p_root else power_sum)
 
     def _from_l1(self, l1_per_item: Tensor) -> Tensor:
