@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -21,13 +21,13 @@ from torch import Tensor
 from sparse_metrics._compile import CompiledWithFallback
 from sparse_metrics._sharding import FeatureSharding
 from sparse_metrics._validation import (
-    check_batch_size,
+    check_batch_shapes,
     check_decoder,
     check_floating,
     check_same_shape,
+    component_shape,
     computation_dtype,
     infer_d_model,
-    to_components,
 )
 from sparse_metrics.functional._statistics import _sae_loss_statistics, _sae_training_statistics
 from sparse_metrics.functional.feature_density import FeatureActivity, _active_mask, _feature_activity
@@ -183,12 +183,15 @@ class SaeBatch:
             for name, value in inputs.items()
             if value is not None
         }
+        # The inputs as the metrics read them: batched inputs as [batch, component, ...], made on first use from a
+        # [batch, d] input of one component (a view is an operation dispatched); per-feature ones [component, ...].
         self._views: dict[str, Tensor] = {}
+        self._shapes: dict[str, torch.Size] = {}  # of every batched input's [batch, component, ...] view
         self._memo: dict[Hashable, Any] = {}
         self._validate(num_components)
 
     def _validate(self, num_components: int | None) -> None:
-        given, views = self._given, self._views
+        given, shapes = self._given, self._shapes
         reference_name: str | None = None
         for name in BATCHED_INPUTS:
             if name not in given:
@@ -197,22 +200,15 @@ class SaeBatch:
                 check_same_shape(name, given[name], "source_activations", given["source_activations"])
             if name == "pre_activations" and "learned_activations" in given:
                 check_same_shape(name, given[name], "learned_activations", given["learned_activations"])
-            view = to_components(name, given[name], num_components)
+            _, shape = component_shape(name, given[name], num_components)
             if reference_name is not None:
-                check_batch_size(name, view, reference_name, views[reference_name])
+                check_batch_shapes(name, shape, reference_name, shapes[reference_name])
             else:
                 reference_name = name
-            num_components = view.shape[1]
-            views[name] = view
+            num_components = shape[1]
+            shapes[name] = shape
         self.num_components = num_components
         self.has_component_axis = reference_name is not None and given[reference_name].ndim == 3
-        for name in RECONSTRUCTIONS:
-            if (
-                "source_activations" in views
-                and name in views
-                and views[name].shape != views["source_activations"].shape
-            ):
-                views[name] = views[name].view(views["source_activations"].shape)
         if "decoder_weight" in given:
             self._validate_decoder()
         for name in FEATURE_INPUTS:
@@ -225,31 +221,31 @@ class SaeBatch:
     def _check_shards(self) -> None:
         """Under sharding, check once per shape that every feature shard holds the same items and as many features."""
         assert self.sharding is not None
-        learned = self._views.get("pre_activations", self._views.get("learned_activations"))
+        learned = self._shapes.get("pre_activations", self._shapes.get("learned_activations"))
         if learned is None:
             return
         self.sharding.check_shapes(
-            self.owner, [*learned.shape[:2], learned.shape[-1]], ["batch", "num_components", "d_sae (local)"]
+            self.owner, [*learned[:2], learned[-1]], ["batch", "num_components", "d_sae (local)"]
         )
 
     def _validate_decoder(self) -> None:
-        given, views = self._given, self._views
+        given, views, shapes = self._given, self._views, self._shapes
         # The pre-activations have the activations' shape: either gives d_sae (AuxK and the pre-activation loss read
         # the decoder without f).
-        learned = views.get("learned_activations", views.get("pre_activations"))
-        model_input = views.get("source_activations", views.get("decoded_activations"))
+        learned = shapes.get("learned_activations", shapes.get("pre_activations"))
+        model_input = shapes.get("source_activations", shapes.get("decoded_activations"))
         weight = given["decoder_weight"]
         if learned is None:
             raise ValueError(
                 f"{self.owner}: `decoder_weight` was given without `learned_activations` or `pre_activations`, whose "
                 "last axis (d_sae) it must match."
             )
-        d_sae = learned.shape[-1]
-        d_model = model_input.shape[-1] if model_input is not None else infer_d_model(weight, d_sae)
+        d_sae = learned[-1]
+        d_model = model_input[-1] if model_input is not None else infer_d_model(weight, d_sae)
         decoder_weight, decoder_bias = check_decoder(
             weight,
             given.get("decoder_bias"),
-            num_components=learned.shape[1],
+            num_components=learned[1],
             source_is_batched_by_component=self.has_component_axis,
             d_sae=d_sae,
             d_model=d_model,
@@ -260,14 +256,14 @@ class SaeBatch:
 
     def _validate_feature_input(self, name: str) -> None:
         """Check a per-feature input is ``[*component, d_sae]``, laid out as the activations are; view it so."""
-        features = self._views.get("pre_activations", self._views.get("learned_activations"))
+        features = self._shapes.get("pre_activations", self._shapes.get("learned_activations"))
         if features is None:
             raise ValueError(
                 f"{self.owner}: `{name}` was given without `pre_activations` or `learned_activations`, whose "
                 "[component, d_sae] it must match."
             )
         value = self._given[name]
-        expected = [*features.shape[1:]] if self.has_component_axis else [features.shape[-1]]
+        expected = [*features[1:]] if self.has_component_axis else [features[-1]]
         if list(value.shape) != expected:
             raise ValueError(
                 f"`{name}` must have shape [*component, d_sae] = {expected}, laid out as the activations are, got "
@@ -286,14 +282,15 @@ class SaeBatch:
     @property
     def device(self) -> torch.device | None:
         """The device of the inputs (None when none was given)."""
-        return next(iter(self._views.values())).device if self._views else None
+        tensors = [value for value in self._given.values() if isinstance(value, Tensor)]
+        return tensors[0].device if tensors else None
 
     @property
     def batch_size(self) -> int:
         """Number of items."""
         for name in BATCHED_INPUTS:
-            if name in self._views:
-                return int(self._views[name].shape[0])
+            if name in self._shapes:
+                return int(self._shapes[name][0])
         return 0
 
     @property
@@ -303,7 +300,22 @@ class SaeBatch:
 
     def get(self, name: str) -> Tensor | None:
         """The ``[batch, component, ...]`` view of input ``name`` (``[component, ...]`` for the decoder), or None."""
-        return self._views.get(name)
+        view = self._views.get(name)
+        if view is None and name in self._shapes:
+            given = self._given[name]
+            view = self._views[name] = given.unsqueeze(1) if given.ndim == 2 else given
+        return view
+
+    def rows(self, name: str, owner: str) -> Tensor:
+        """Batched input ``name`` as given: ``[batch, component, d]``, or ``[batch, d]`` for one component.
+
+        For the per-item statistics that reduce the last axis and keep it for a 2-D input (``keepdim``): either
+        gives the ``[batch, component]`` result, and a 2-D input needs no view (nor a backward through one).
+        """
+        if name not in BATCHED_INPUTS:
+            raise KeyError(f"`{name}` is not a batched input")
+        self.check_given(name, owner)
+        return self._given[name]
 
     def shape(self, name: str) -> list[int]:
         """The shape of input ``name`` as it was passed, for error messages."""
@@ -311,11 +323,14 @@ class SaeBatch:
 
     def require(self, name: str, owner: str, why: str = "") -> Tensor:
         """The view of input ``name``; a ``TypeError`` naming ``owner`` if it was not given."""
-        view = self._views.get(name)
-        if view is None:
+        self.check_given(name, owner, why)
+        return cast(Tensor, self.get(name))
+
+    def check_given(self, name: str, owner: str, why: str = "") -> None:
+        """:meth:`require` without the view: a ``TypeError`` naming ``owner`` if input ``name`` was not given."""
+        if name not in self._given:
             reason = f" {why}" if why else ""
             raise TypeError(f"{owner} needs the input `{name}`, which was not given.{reason}")
-        return view
 
     def require_width(self, name: str, width: int, setting: str, owner: str) -> Tensor:
         """The view of input ``name``, whose last axis must have the configured ``width`` (``setting``'s value)."""
@@ -359,8 +374,8 @@ class SaeBatch:
 
         Of ``decoded_activations``, or of another of the :data:`RECONSTRUCTIONS`.
         """
-        decoded = self.require(reconstruction, owner)
-        source = self.require("source_activations", owner)
+        decoded = self.rows(reconstruction, owner)
+        source = self.rows("source_activations", owner)
         if reconstruction != "decoded_activations":
             return self.memo(("squared_error", reconstruction), lambda: _squared_error_sum(decoded, source))
         self._compiled_loss_statistics(owner)
@@ -382,13 +397,13 @@ class SaeBatch:
 
     def l0(self, owner: str) -> Tensor:
         """Per-item number of non-zero features, ``[batch, component]`` (float32/64, no graph)."""
-        self.require("learned_activations", owner)
+        self.check_given("learned_activations", owner)
         self._compiled_loss_statistics(owner)
         return self.sum_over_features("l0", owner)
 
     def l1(self, owner: str) -> Tensor:
         """Per-item sum of ``|f|``, ``[batch, component]``, differentiable, float32/64."""
-        self.require("learned_activations", owner)
+        self.check_given("learned_activations", owner)
         self._compiled_loss_statistics(owner)
         return self.sum_over_features("l1", owner)
 
@@ -420,10 +435,10 @@ class SaeBatch:
     @property
     def feature_offset(self) -> int:
         """The global index of this process's first feature (0 unsharded)."""
-        learned = self._views.get("pre_activations", self._views.get("learned_activations"))
+        learned = self._shapes.get("pre_activations", self._shapes.get("learned_activations"))
         if self.sharding is None or learned is None:
             return 0
-        return self.sharding.offset(learned.shape[-1])
+        return self.sharding.offset(learned[-1])
 
     @property
     def num_shards(self) -> int:
@@ -478,8 +493,8 @@ class SaeBatch:
     def decoder_row_norms(self, owner: str, why: str = "") -> Tensor:
         """L2 norm of each feature-major decoder row, ``[component, d_sae]``, differentiable, float32/64."""
         weight = self.require("decoder_weight", owner, why)
-        features = self._views.get("learned_activations", self._views.get("pre_activations"))
-        if features is None:
+        features = self._given.get("learned_activations", self._given.get("pre_activations"))
+        if not isinstance(features, Tensor):
             features = self.require("learned_activations", owner)
         return self.memo("decoder_row_norms", lambda: _decoder_row_norms(weight, computation_dtype(features, weight)))
 
@@ -510,11 +525,11 @@ class FeatureSum:
 
 def _partial_l0(batch: SaeBatch, owner: str) -> Tensor:
     # Counted from f even where the activity mask exists: summing the bool mask into floats casts all of it first.
-    return _count_active(batch.require("learned_activations", owner))
+    return _count_active(batch.rows("learned_activations", owner))
 
 
 def _partial_l1(batch: SaeBatch, owner: str) -> Tensor:
-    return _absolute_sum(batch.require("learned_activations", owner))
+    return _absolute_sum(batch.rows("learned_activations", owner))
 
 
 def _partial_weighted_l1(batch: SaeBatch, owner: str) -> Tensor:

@@ -83,13 +83,19 @@ def to_components(name: str, tensor: object, num_components: int | None) -> Tens
     Returns:
         A ``[batch, component, feature]`` view of ``tensor`` (no copy).
     """
+    tensor, _ = component_shape(name, tensor, num_components)
+    return tensor.unsqueeze(1) if tensor.ndim == 2 else tensor
+
+
+def component_shape(name: str, tensor: object, num_components: int | None) -> tuple[Tensor, torch.Size]:
+    """The checks of :func:`to_components` without the view: ``tensor`` and the shape its view would have."""
     tensor = check_floating(name, tensor)
     if tensor.ndim in (2, 3) and tensor.shape[-1] == 0:
         raise ValueError(f"`{name}` must have a non-empty feature axis (its last), got shape {_shape(tensor)}.")
     if tensor.ndim == 2 and num_components in (None, 1):
-        return tensor.unsqueeze(1)
+        return tensor, torch.Size((tensor.shape[0], 1, tensor.shape[1]))
     if tensor.ndim == 3 and num_components in (None, tensor.shape[1]):
-        return tensor
+        return tensor, tensor.shape
     if num_components is None:
         expected = "[batch, feature] or [batch, component, feature]"
     elif num_components == 1:
@@ -111,10 +117,15 @@ def check_same_shape(name: str, tensor: object, reference_name: str, reference: 
 
 def check_batch_size(name: str, tensor: Tensor, reference_name: str, reference: Tensor) -> None:
     """Check two ``[batch, component, ...]`` inputs agree on batch and component sizes."""
-    if tensor.shape[:2] != reference.shape[:2]:
+    check_batch_shapes(name, tensor.shape, reference_name, reference.shape)
+
+
+def check_batch_shapes(name: str, shape: torch.Size, reference_name: str, reference: torch.Size) -> None:
+    """:func:`check_batch_size` of two ``[batch, component, ...]`` shapes."""
+    if shape[:2] != reference[:2]:
         raise ValueError(
             f"`{name}` and `{reference_name}` must agree on [batch, component]: "
-            f"got {_shape(tensor)} and {_shape(reference)}."
+            f"got {list(shape)} and {list(reference)}."
         )
 
 

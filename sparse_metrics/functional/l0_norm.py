@@ -16,34 +16,37 @@ def _l0_norm_update(learned_activations: Tensor, num_components: int | None = No
     return _count_active(to_components("learned_activations", learned_activations, num_components))
 
 
-def _count_active(learned: Float[Tensor, "batch component d_sae"]) -> Float[Tensor, "batch component"]:
+def _count_active(learned: Float[Tensor, "batch *component d_sae"]) -> Float[Tensor, "batch component"]:
     """Per-item count of non-zero features of a validated input (NaN counts as non-zero), with no autograd graph.
 
-    A count is not differentiable: it is computed without grad, so autograd keeps nothing of the input alive.
+    ``learned`` is ``[batch, component, d_sae]``, or ``[batch, d_sae]`` for one component (its counts ``[batch, 1]``
+    all the same). A count is not differentiable: it is computed without grad, so autograd keeps nothing of the input
+    alive.
     """
     with torch.no_grad():
         return _count_nonzero(learned, computation_dtype(learned))
 
 
 def _count_nonzero(values: Tensor, dtype: torch.dtype) -> Tensor:
-    """Non-zeros over the last axis, in ``dtype``.
+    """Non-zeros over the last axis, in ``dtype``, which a 2-D ``values`` keeps (``[batch, 1]``).
 
     On a CPU a large input is counted in blocks of items: each block's ``f != 0`` is written as 0/1 into one float
     buffer and summed, two vectorised passes. The fused 0-"norm" is a scalar loop with a data-dependent branch: it
     runs at the speed of the branch predictor, 4-10x slower at a density of 50% than at 1%. Elsewhere (GPUs, the
     meta device, under ``torch.compile``, small inputs) the fused 0-"norm" is one kernel and is used as it is.
     """
+    keepdim = values.ndim == 2
     width = values.shape[-1] * (values.shape[1] if values.ndim == 3 else 1)
     rows = min(values.shape[0], max(1, _COUNT_BLOCK // max(width, 1)))
     if values.device.type != "cpu" or values.numel() <= _COUNT_FUSED or torch.compiler.is_compiling():
-        per_item: Tensor = torch.linalg.vector_norm(values, ord=0, dim=-1, dtype=dtype)
+        per_item: Tensor = torch.linalg.vector_norm(values, ord=0, dim=-1, keepdim=keepdim, dtype=dtype)
         return per_item
-    counts = values.new_empty(values.shape[:-1], dtype=dtype)
+    counts = values.new_empty((*values.shape[:-1], 1) if keepdim else values.shape[:-1], dtype=dtype)
     block = values.new_empty((rows, *values.shape[1:]), dtype=dtype)
     for start in range(0, values.shape[0], rows):
         items = values[start : start + rows]
         fired = torch.ne(items, 0, out=block[: items.shape[0]])
-        torch.sum(fired, dim=-1, out=counts[start : start + rows])
+        torch.sum(fired, dim=-1, keepdim=keepdim, out=counts[start : start + rows])
     return counts
 
 

@@ -20,8 +20,8 @@ def _l1_absolute_update(
     return _absolute_sum(to_components("learned_activations", learned_activations, num_components))
 
 
-def _absolute_sum(learned: Float[Tensor, "batch component d_sae"]) -> Float[Tensor, "batch component"]:
-    """Per-item L1 norm of a validated input."""
+def _absolute_sum(learned: Float[Tensor, "batch *component d_sae"]) -> Float[Tensor, "batch component"]:
+    """Per-item L1 norm of a validated input, ``[batch, component, d_sae]`` or (one component) ``[batch, d_sae]``."""
     per_item: Tensor = _AbsoluteSum.apply(learned, computation_dtype(learned))  # type: ignore[no-untyped-call]
     return per_item
 
@@ -31,6 +31,8 @@ def _absolute_sum(learned: Float[Tensor, "batch component d_sae"]) -> Float[Tens
 @no_type_check
 class _AbsoluteSum(torch.autograd.Function):
     """Sum of absolute values over the last dimension, cheap in both directions on a large ``[batch, d_sae]`` input.
+
+    A 2-D input keeps the reduced axis (``[batch, 1]``: one component), a 3-D one does not (``[batch, component]``).
 
     The forward is one fused pass that accumulates in float32 even for half inputs, with no ``|f|`` temporary. The
     backward writes the gradient ``sign(f) * grad`` into a single new tensor; autograd's own backward of the 1-norm
@@ -44,7 +46,7 @@ class _AbsoluteSum(torch.autograd.Function):
 
     @staticmethod
     def forward(learned: Tensor, dtype: torch.dtype) -> Tensor:
-        per_item: Tensor = torch.linalg.vector_norm(learned, ord=1, dim=-1, dtype=dtype)
+        per_item: Tensor = torch.linalg.vector_norm(learned, ord=1, dim=-1, keepdim=learned.ndim == 2, dtype=dtype)
         return per_item
 
     @staticmethod
@@ -56,7 +58,7 @@ class _AbsoluteSum(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (learned,) = ctx.saved_tensors
         # Written with differentiable operations, so double backward works as well.
-        return torch.sign(learned).mul_(grad.unsqueeze(-1)), None
+        return torch.sign(learned).mul_(grad if learned.ndim == 2 else grad.unsqueeze(-1)), None
 
 
 def l1_absolute_loss(

@@ -63,11 +63,15 @@ def _l2_reconstruction_update(
 
 
 def _squared_error_sum(
-    decoded: Float[Tensor, "batch component d_model"], source: Float[Tensor, "batch component d_model"]
+    decoded: Float[Tensor, "batch *component d_model"], source: Float[Tensor, "batch *component d_model"]
 ) -> Float[Tensor, "batch component"]:
-    """Per-item squared error summed over ``d_model`` of validated inputs, in float32 or float64."""
+    """Per-item squared error summed over ``d_model`` of validated inputs, in float32 or float64.
+
+    The inputs are ``[batch, component, d_model]``, or ``[batch, d_model]`` for one component (the result is
+    ``[batch, 1]`` either way).
+    """
     dtype = computation_dtype(decoded, source)
-    return (decoded.to(dtype) - source.to(dtype)).square().sum(dim=-1)
+    return (decoded.to(dtype) - source.to(dtype)).square().sum(dim=-1, keepdim=decoded.ndim == 2)
 
 
 def _reduce_over_model(

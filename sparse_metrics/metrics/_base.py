@@ -42,6 +42,7 @@ from sparse_metrics._validation import check_nan_strategy
 
 __all__ = [
     "ACCUMULATOR_DTYPE",
+    "DeferredSum",
     "DerivedOutput",
     "ItemMeanMetric",
     "SaeMetric",
@@ -99,24 +100,74 @@ def _detached(value: Tensor) -> Tensor:
     return value.detach() if value.requires_grad else value
 
 
+#: Where a metric keeps the additions queued for its :class:`DeferredSum` states: state name -> additions.
+_PENDING = "_pending_additions"
+#: Queued additions of one state folded at once, at most: a bound on what a queue holds between reads.
+_MAX_PENDING = 256
+
+
+class DeferredSum:
+    """A tensor state reduced by ``"sum"`` whose per-batch additions wait in a queue until the state is read.
+
+    :meth:`SaeMetric._add_to_state` queues a batch's addition (a tensor of the state's shape and dtype, or a Python
+    int for a count) instead of replacing the state with ``state + addition`` at every step: a count costs no
+    operation per batch, and every queued tensor is added by one ``stack`` and one ``sum`` when the state is next
+    read (``compute``, a sync, ``state_dict``, ``metric_state``, or every ``_MAX_PENDING`` batches). Any read folds
+    the queue first, so no reader sees a stale value; any write (``reset``, a sync, ``load_state_dict``) replaces the
+    state and drops the queue. The state itself lives in the instance's ``__dict__`` under the same name.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, metric: SaeMetric | None, owner: type | None = None) -> Any:
+        if metric is None:
+            return self
+        value = metric.__dict__[self.name]
+        additions = metric.__dict__.get(_PENDING, {}).pop(self.name, None)
+        if additions:
+            value = metric.__dict__[self.name] = _fold(value, additions)
+        return value
+
+    def __set__(self, metric: SaeMetric, value: Any) -> None:
+        metric.__dict__.get(_PENDING, {}).pop(self.name, None)
+        metric.__dict__[self.name] = value
+
+
+def _fold(value: Tensor, additions: list[Tensor | int]) -> Tensor:
+    """``value`` plus every queued addition: the tensors by one stacked sum (float64 for the sums), then the ints."""
+    tensors = [addition for addition in additions if isinstance(addition, Tensor)]
+    count = sum(addition for addition in additions if not isinstance(addition, Tensor))
+    if tensors:
+        value = value + (tensors[0] if len(tensors) == 1 else torch.stack(tensors).sum(dim=0))
+    return value + count if count else value
+
+
 @dataclasses.dataclass(frozen=True)
 class _Snapshot:
     update_count: int
     computed: Any
     forward_cache: Any
     states: dict[str, Any]
+    pending: dict[str, list[Tensor | int]] | None = None
 
 
 def _snapshot(metric: Metric) -> _Snapshot:
     """What ``_restore`` needs to undo a batch.
 
-    This package's metrics replace their states, never change them in place, so references do; any other metric's
-    tensor states are copied, since its update may add into them in place.
+    This package's metrics replace their states, never change them in place, so references do (taken as stored:
+    the queues of :class:`DeferredSum` states are copied, not folded); any other metric's tensor states are copied,
+    since its update may add into them in place.
     """
-    own = isinstance(metric, SaeMetric)
+    if isinstance(metric, SaeMetric):
+        stored = metric.__dict__
+        states = {
+            name: list(stored[name]) if isinstance(stored[name], list) else stored[name] for name in metric._defaults
+        }
+        pending = {name: list(additions) for name, additions in stored.get(_PENDING, {}).items()}
+        return _Snapshot(metric._update_count, metric._computed, metric._forward_cache, states, pending)
     states = {
-        name: list(value) if isinstance(value, list) else value if own else value.clone()
-        for name, value in metric.metric_state.items()
+        name: list(value) if isinstance(value, list) else value.clone() for name, value in metric.metric_state.items()
     }
     return _Snapshot(metric._update_count, metric._computed, metric._forward_cache, states)
 
@@ -126,6 +177,8 @@ def _restore(metric: Metric, snapshot: _Snapshot) -> None:
     metric._forward_cache = snapshot.forward_cache
     for name, value in snapshot.states.items():
         setattr(metric, name, value)
+    if snapshot.pending is not None:
+        metric.__dict__[_PENDING] = snapshot.pending
 
 
 @contextmanager
@@ -169,6 +222,7 @@ class SaeMetric(Metric):
     def __init__(self, num_components: int = 1, *, nan_strategy: str = "propagate", **kwargs: Any) -> None:
         check_nan_strategy(nan_strategy)
         sharding = resolve_sharding(kwargs, type(self).__name__)
+        self.__dict__[_PENDING] = {}  # the queues of the DeferredSum states, before add_state sets them
         super().__init__(**kwargs)
         self.__dict__["_feature_sharding"] = sharding
         if self.dist_sync_on_step:
@@ -300,6 +354,21 @@ class SaeMetric(Metric):
             self._move_list_states_to_cpu()
         self._update_count += 1
         self._computed = None
+
+    def _add_to_state(self, name: str, addition: Tensor | int) -> None:
+        """Add to a :class:`DeferredSum` state: ``addition`` summed over its first axis (a batch's rows), or an int.
+
+        The rows are summed now, in the state's dtype and with no autograd graph; the result joins the state's queue.
+        """
+        if not isinstance(getattr(type(self), name, None), DeferredSum):
+            raise TypeError(f"{type(self).__name__}.{name} is not a DeferredSum state: its additions would be lost.")
+        pending = self.__dict__.setdefault(_PENDING, {}).setdefault(name, [])
+        if isinstance(addition, Tensor):
+            with torch.no_grad():
+                addition = addition.sum(dim=0, dtype=self.__dict__[name].dtype)
+        pending.append(addition)
+        if len(pending) >= _MAX_PENDING:
+            getattr(self, name)  # fold the queue into the state
 
     def _filter_kwargs(self, **kwargs: Any) -> dict[str, Any]:
         """The SAE inputs among ``kwargs`` (a ``torchmetrics.MetricCollection`` routes its inputs through this)."""
@@ -643,6 +712,14 @@ class ItemMeanMetric(SaeMetric):
     #: Prefix of this class's state names.
     _state_prefix: ClassVar[str]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Make the sum and the count of a class that names its state prefix :class:`DeferredSum` states."""
+        super().__init_subclass__(**kwargs)
+        prefix = cls.__dict__.get("_state_prefix")
+        if prefix is not None:
+            for name in (f"{prefix}_sum", f"{prefix}_count"):
+                setattr(cls, name, DeferredSum(name))
+
     def __init__(self, num_components: int = 1, *, keep_batch_dim: bool = False, **kwargs: Any) -> None:
         super().__init__(num_components, **kwargs)
         self._keep_batch_dim = keep_batch_dim
@@ -695,12 +772,11 @@ class ItemMeanMetric(SaeMetric):
         if contribution.shape[0] == 0:
             return
         per_item = self._item_values(contribution)
-        total = self._tensor_state(self._sum_state)
-        with torch.no_grad():
-            setattr(self, self._sum_state, total + per_item.sum(dim=0, dtype=total.dtype))
-        setattr(self, self._count_state, self._tensor_state(self._count_state) + per_item.shape[0])
+        self._add_to_state(self._sum_state, per_item)
+        self._add_to_state(self._count_state, per_item.shape[0])
         if self._keep_batch_dim:
-            getattr(self, self._per_item_state).append(_detached(per_item).to(total.dtype))
+            dtype = self.__dict__[self._sum_state].dtype
+            getattr(self, self._per_item_state).append(_detached(per_item).to(dtype))
 
     def _value(self, contribution: Tensor) -> Tensor:
         """The batch's value: the mean of its per-item values, or themselves with ``keep_batch_dim``.

@@ -133,8 +133,8 @@ class JumpReLUL0Loss(ItemMeanMetric):
 
     def _per_item(self, batch: SaeBatch) -> Tensor:
         owner = type(self).__name__
-        batch.require("pre_activations", owner)
-        batch.require("threshold", owner)
+        batch.check_given("pre_activations", owner)
+        batch.check_given("threshold", owner)
         return _per_item_target(batch.sum_over_features(self._feature_sum, owner), self.target_l0, self.convention)
 
     def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:

@@ -61,7 +61,7 @@ class L2ReconstructionLoss(ItemMeanMetric):
 
     def _per_item(self, batch: SaeBatch) -> Tensor:
         owner = type(self).__name__
-        d_model = batch.require("source_activations", owner).shape[-1]
+        d_model = batch.rows("source_activations", owner).shape[-1]
         return _reduce_over_model(batch.squared_error(owner), d_model, self.feature_reduction)
 
     @staticmethod

@@ -16,7 +16,7 @@ from sparse_metrics.functional.matryoshka import (
     _prefix_errors,
     _prefix_errors_from_partials,
 )
-from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, ItemMeanMetric
+from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, DeferredSum, ItemMeanMetric
 
 __all__ = ["MatryoshkaReconstructionLoss"]
 
@@ -92,7 +92,7 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
     )
 
     _prefix_weights: Tensor
-    matryoshka_prefix_sum: Tensor
+    matryoshka_prefix_sum = DeferredSum("matryoshka_prefix_sum")
     matryoshka_count: Tensor
 
     @validate_arguments
@@ -177,8 +177,7 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
     def _record(self, contribution: Tensor) -> None:
         super()._record(contribution)
         if contribution.shape[0]:
-            total = self.matryoshka_prefix_sum
-            self.matryoshka_prefix_sum = total + contribution.detach().sum(dim=0, dtype=total.dtype)
+            self._add_to_state("matryoshka_prefix_sum", contribution)
 
     def _prefix_key(self, index: int) -> str:
         return f"matryoshka_prefix_{self.prefix_sizes[index]}"
@@ -203,5 +202,5 @@ class MatryoshkaReconstructionLoss(ItemMeanMetric):
     def compute_prefix_losses(self) -> Tensor:
         """Epoch mean of each prefix's reconstruction error, ``[*component, prefix]`` (synced across processes)."""
         with self._synced():
-            values = self.matryoshka_prefix_sum / self.matryoshka_count
+            values: Tensor = self.matryoshka_prefix_sum / self.matryoshka_count
         return values.squeeze(0) if self.num_components == 1 else values

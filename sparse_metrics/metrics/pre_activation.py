@@ -94,14 +94,14 @@ class PreActivationLoss(ItemMeanMetric):
 
     def _per_item(self, batch: SaeBatch) -> Tensor:
         owner = type(self).__name__
-        batch.require("pre_activations", owner)
-        batch.require("threshold", owner)
+        batch.check_given("pre_activations", owner)
+        batch.check_given("threshold", owner)
         if self.decoder_norm_weighting:
             why = "It is required with `decoder_norm_weighting=True`: the feature-major decoder [*component, d_sae, "
             batch.decoder_row_norms(owner, why + "d_model].")
         if self.dead_only:
             why = "It is required with `dead_only=True` (True for a dead latent); `dead_only=False` counts all latents."
-            batch.require("dead_mask", owner, why)
+            batch.check_given("dead_mask", owner, why)
         return batch.sum_over_features(self._feature_sum, owner)
 
     def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:

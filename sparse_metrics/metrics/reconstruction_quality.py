@@ -43,7 +43,9 @@ class _ReconstructionItemMean(ItemMeanMetric):
 
     def _norms(self, batch: SaeBatch) -> tuple[Tensor, Tensor]:
         owner = type(self).__name__
-        batch.require("decoded_activations", owner)  # both are needed: name the missing one first as update lists it
+        batch.check_given(
+            "decoded_activations", owner
+        )  # both are needed: name the missing one first as update lists it
         return batch.item_norm("source_activations", owner), batch.item_norm("decoded_activations", owner)
 
     def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:

@@ -84,7 +84,7 @@ class TanhSparsityLoss(ItemMeanMetric):
 
     def _per_item(self, batch: SaeBatch) -> Tensor:
         owner = type(self).__name__
-        batch.require("learned_activations", owner)
+        batch.check_given("learned_activations", owner)
         if self.decoder_norm_weighting:
             why = "It is required with `decoder_norm_weighting=True`: the feature-major decoder [*component, d_sae, "
             batch.decoder_row_norms(owner, why + "d_model].")

@@ -1,0 +1,167 @@
+"""Per-step costs of recording a batch: queued sums (DeferredSum) and inputs read without views.
+
+A per-item mean queues each batch's float64 sum and its item count (a Python int) instead of replacing its states at
+every step; any read folds the queue first and any write drops it. These checks pin what a reader sees, what a write
+discards, the bound on the queue, and the operations a step dispatches.
+"""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import sparse_metrics as sm
+from sparse_metrics.metrics._base import _MAX_PENDING, _PENDING
+
+
+class Operations(TorchDispatchMode):
+    """The names of the aten operations dispatched inside the block, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _batches(generator, sizes, d_model=5):
+    batches = []
+    for size in sizes:
+        source = torch.randn(size, d_model, generator=generator)
+        batches.append({"source_activations": source, "decoded_activations": source + torch.randn(size, d_model)})
+    return batches
+
+
+def _reference_sum(batches):
+    """The float64 sum of every item's mean squared error, and the item count."""
+    errors = [(b["decoded_activations"] - b["source_activations"]).square().mean(dim=-1) for b in batches]
+    return torch.cat(errors).double().sum().reshape(1), sum(len(e) for e in errors)
+
+
+def _fed(batches):
+    metric = sm.L2ReconstructionLoss()
+    for batch in batches:
+        metric.update(**batch)
+    return metric
+
+
+def test_a_batch_costs_one_reduction_and_nothing_for_its_count(generator):
+    metric = sm.L2ReconstructionLoss()
+    (batch,) = _batches(generator, [8])
+    contribution = metric._contribution(metric._make_batch((), batch))
+    with Operations() as recorded:
+        metric._record(contribution)
+    assert recorded.names == ["sum"]
+    assert torch.equal(metric.__dict__["l2_sum"], torch.zeros(1, dtype=torch.float64))  # not folded yet
+    assert len(metric.__dict__[_PENDING]["l2_sum"]) == 1
+
+
+def _sums(metric):
+    return metric.l2_sum, metric.l2_count
+
+
+READERS = {
+    "attribute": _sums,
+    "metric_state": lambda metric: (metric.metric_state["l2_sum"], metric.metric_state["l2_count"]),
+    "state_dict": lambda metric: (metric.state_dict()["l2_sum"], metric.state_dict()["l2_count"]),
+    "pickle": lambda metric: _sums(pickle.loads(pickle.dumps(metric))),
+    "deepcopy": lambda metric: _sums(copy.deepcopy(metric)),
+    "clone": lambda metric: _sums(metric.clone()),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_every_reader_sees_every_queued_batch(generator, reader):
+    batches = _batches(generator, [3, 1, 7, 2])
+    metric = _fed(batches)
+    expected_sum, expected_count = _reference_sum(batches)
+    metric.persistent(True)
+    total, count = READERS[reader](metric)
+    torch.testing.assert_close(total, expected_sum, rtol=1e-12, atol=0)
+    assert count.dtype == torch.int64
+    assert int(count) == expected_count
+    torch.testing.assert_close(metric.compute(), (expected_sum / expected_count).squeeze(0), rtol=1e-12, atol=0)
+
+
+def test_a_reset_drops_the_queue(generator):
+    metric = _fed(_batches(generator, [4, 4]))
+    metric.reset()
+    assert metric.l2_count == 0
+    assert torch.equal(metric.l2_sum, torch.zeros(1, dtype=torch.float64))
+
+
+def test_loading_a_checkpoint_replaces_what_was_queued(generator):
+    first, second = _batches(generator, [5, 3])
+    metric = _fed([first])
+    metric.persistent(True)
+    saved = copy.deepcopy(metric.state_dict())
+    metric.update(**second)  # queued, then replaced by the checkpoint
+    metric.load_state_dict(saved)
+    torch.testing.assert_close(metric.compute(), _fed([first]).compute(), rtol=0, atol=0)
+    assert int(metric.l2_count) == 5
+
+
+def test_the_queue_is_bounded(generator):
+    batches = _batches(generator, [1] * (2 * _MAX_PENDING + 5))
+    metric = sm.L2ReconstructionLoss()
+    for batch in batches:
+        metric.update(**batch)
+        assert len(metric.__dict__[_PENDING].get("l2_sum", [])) < _MAX_PENDING
+    expected_sum, expected_count = _reference_sum(batches)
+    torch.testing.assert_close(metric.l2_sum, expected_sum, rtol=1e-12, atol=0)
+    assert int(metric.l2_count) == expected_count
+
+
+@pytest.mark.parametrize("step", ["update", "forward"])
+def test_a_rejected_batch_leaves_the_queue_as_it_was(generator, step):
+    batches = _batches(generator, [4, 2])
+    metric = _fed(batches)
+    queued = {name: list(additions) for name, additions in metric.__dict__[_PENDING].items()}
+    bad = {"source_activations": torch.zeros(3, 5), "decoded_activations": torch.zeros(3, 4)}
+    with pytest.raises(ValueError, match="decoded_activations"):
+        getattr(metric, step)(**bad)
+    assert metric.__dict__[_PENDING].keys() == queued.keys()
+    for name, additions in queued.items():
+        assert all(a is b for a, b in zip(metric.__dict__[_PENDING][name], additions, strict=True))
+    torch.testing.assert_close(metric.compute(), _fed(batches).compute(), rtol=0, atol=0)
+
+
+def test_a_collection_rolls_back_its_members_queues(generator):
+    loss_fn = sm.SparseAutoencoderLoss(sparsity_coefficient=0.1)
+    inputs = {
+        "source_activations": torch.randn(4, 3, generator=generator),
+        "learned_activations": torch.rand(4, 6, generator=generator),
+        "decoded_activations": torch.randn(4, 3, generator=generator),
+    }
+    loss_fn(**inputs)
+    before = pickle.dumps(loss_fn)
+    with pytest.raises(ValueError, match="learned_activations"):
+        loss_fn(**{**inputs, "learned_activations": torch.rand(5, 6)})
+    assert pickle.dumps(loss_fn) == before
+
+
+def test_only_a_deferred_state_takes_queued_additions():
+    metric = sm.FractionOfVarianceUnexplained(d_model=2)
+    with pytest.raises(TypeError, match="fvu_statistics is not a DeferredSum"):
+        metric._add_to_state("fvu_statistics", 1)
+
+
+def test_one_component_inputs_are_read_without_a_view(generator):
+    """[batch, d] inputs: the per-item reductions keep their axis, so no view is made (nor squeezed in backward)."""
+    loss_fn = sm.SparseAutoencoderLoss(sparsity_coefficient=0.1)
+    source = torch.randn(8, 4, generator=generator)
+    learned = torch.rand(8, 16, generator=generator).requires_grad_()
+    decoded = (source + 0.1 * torch.randn(8, 4, generator=generator)).requires_grad_()
+    inputs = {"source_activations": source, "learned_activations": learned, "decoded_activations": decoded}
+    with Operations() as recorded:
+        loss_fn(**inputs)["loss"].backward()
+    assert not {"unsqueeze", "squeeze", "view"} & set(recorded.names), recorded.names
+    with_axis = sm.SparseAutoencoderLoss(sparsity_coefficient=0.1)
+    out = with_axis(**{name: value.detach()[:, None] for name, value in inputs.items()})
+    for key, value in loss_fn.compute().items():
+        torch.testing.assert_close(value, with_axis.compute()[key], rtol=0, atol=0, msg=key)
+    assert out.keys() == loss_fn.compute().keys()
