@@ -276,14 +276,14 @@ class SaeBatch:
         if len(set(devices.values())) > 1:
             shown = ", ".join(f"`{name}` on {device}" for name, device in devices.items())
             raise ValueError(f"{self.owner}: the inputs must be on one device, got {shown}.")
+        self._device = next(iter(devices.values()), None)
 
     # The inputs.
 
     @property
     def device(self) -> torch.device | None:
         """The device of the inputs (None when none was given)."""
-        tensors = [value for value in self._given.values() if isinstance(value, Tensor)]
-        return tensors[0].device if tensors else None
+        return self._device
 
     @property
     def batch_size(self) -> int:

@@ -23,7 +23,14 @@ from sparse_metrics._config import (
 )
 from sparse_metrics._distributed import synced_states
 from sparse_metrics._sharding import FeatureSharding, resolve_sharding
-from sparse_metrics.metrics._base import DerivedOutput, SaeMetric, _detached, batch_contributions, recording
+from sparse_metrics.metrics._base import (
+    DerivedOutput,
+    SaeMetric,
+    _detached,
+    _set_plain,
+    batch_contributions,
+    recording,
+)
 from sparse_metrics.metrics.dead_features import DeadFeatures
 from sparse_metrics.metrics.explained_variance import FractionOfVarianceUnexplained
 from sparse_metrics.metrics.feature_density import FeatureDensity
@@ -355,7 +362,7 @@ class SparseAutoencoderLoss(MetricCollection):
         """This package's members, which read the shared batch, and any others, fed through their signatures."""
         own: list[tuple[str, SaeMetric]] = []
         foreign: list[tuple[str, Metric]] = []
-        for key, member in self.items(keep_base=True, copy_state=False):
+        for key, member in self._modules.items():  # items(keep_base=True) without compute groups (refused here)
             if isinstance(member, SaeMetric):
                 own.append((key, member))
             else:
@@ -394,7 +401,7 @@ class SparseAutoencoderLoss(MetricCollection):
             batch_means: dict[int, Tensor] = {}  # each loss term's batch mean, computed once for it and for "loss"
             for (key, member), contribution in zip(own, contributions, strict=True):
                 value = member._forward_value(contribution, batch_means)
-                member._forward_cache = _detached(value)  # type: ignore[assignment]  # torchmetrics annotates it as None
+                _set_plain(member, _forward_cache=_detached(value))
                 values[key] = value
         return values
 

@@ -21,6 +21,7 @@ Two conventions:
   :math:`(\overline{\mathrm{L0}} / T - 1)^2` of the batch-mean L0 (its trainer multiplies it by its coefficient).
 """
 
+import inspect
 from typing import Any, Literal
 
 import torch
@@ -63,6 +64,10 @@ class _StraightThroughStep(torch.autograd.Function):
         estimate = (1.0 / ctx.bandwidth) * _rectangle((x - threshold) / ctx.bandwidth) * grad_output
         threshold_grad = -estimate.sum(dim=0)  # the threshold is shared by every item
         return (estimate if ctx.to_input else None), threshold_grad, None, None
+
+
+# A precomputed signature for Function.apply's binding of the arguments (see ``_AbsoluteSum`` in l1_absolute).
+_StraightThroughStep.forward.__signature__ = inspect.signature(_StraightThroughStep.forward)  # type: ignore[attr-defined]
 
 
 def _jumprelu_l0(

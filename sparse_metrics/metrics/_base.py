@@ -95,6 +95,16 @@ def batch_contributions(
     return contributions
 
 
+def _set_plain(metric: Metric, **values: Any) -> None:
+    """Set torchmetrics' per-step attributes (``_update_count``, ``_computed``, ``_forward_cache``) of ``metric``.
+
+    They are plain attributes, never parameters, buffers or submodules: writing them into the instance dict skips
+    ``nn.Module.__setattr__``'s checks for those (a ``Parameter`` instance check among them), which at small batch
+    sizes cost more per step than the arithmetic.
+    """
+    vars(metric).update(values)
+
+
 def _detached(value: Tensor) -> Tensor:
     """``value`` without its autograd graph (itself when it has none: a count, a value computed without grad)."""
     return value.detach() if value.requires_grad else value
@@ -352,8 +362,7 @@ class SaeMetric(Metric):
             self._record(contribution)
         if self.compute_on_cpu:
             self._move_list_states_to_cpu()
-        self._update_count += 1
-        self._computed = None
+        _set_plain(self, _update_count=self._update_count + 1, _computed=None)
 
     def _add_to_state(self, name: str, addition: Tensor | int) -> None:
         """Add to a :class:`DeferredSum` state: ``addition`` summed over its first axis (a batch's rows), or an int.
@@ -394,7 +403,7 @@ class SaeMetric(Metric):
             self._record_counted(contribution)
         value = self._value(contribution)
         # Detached: the cache outlives the step, and must not keep its autograd graph alive.
-        self._forward_cache = _detached(value)  # type: ignore[assignment]  # torchmetrics annotates it as None
+        _set_plain(self, _forward_cache=_detached(value))
         return value
 
     def _wrap_update(self, update: Callable[..., None]) -> Callable[..., None]:
