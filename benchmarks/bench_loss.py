@@ -25,10 +25,11 @@ processes sharing the machine). Absolute medians are reported too. Rows:
 
 6. Peer steps, at densities 0.1%, 2%, 10%, 50% of active features and batches 256 and 4096 (``--densities``,
    ``--peer-batches``): our collection configured to give each peer's values (checked on the first call) vs that
-   peer's per-step loss code, written here from its formulas: SAELens' standard step (``presets.saelens("standard")``:
-   summed MSE, decoder-norm-weighted L1, the L0 it logs), saev's ReLU objective (``presets.saev("relu")``) and
-   dictionary_learning's ``TopKTrainer.loss`` with its AuxK (``presets.dictionary_learning("top_k")``; k = density x
-   d_sae, a quarter of the latents dead). Forward and forward+backward, target <= 1.0 each; rows 6c: our 50% row
+   peer's per-step loss code, written here from its formulas: SAELens' standard step (``presets.saelens("standard")``
+   without the plain ``"l1"``, which SAELens does not compute: summed MSE, decoder-norm-weighted L1, the L0 it logs),
+   saev's ReLU objective (``presets.saev("relu")``) and dictionary_learning's ``TopKTrainer.loss`` with its AuxK
+   (``presets.dictionary_learning("top_k")`` without ``"l0"`` and ``"l1"``, which the peer's loss does not compute;
+   k = density x d_sae, a quarter of the latents dead). Forward and forward+backward, target <= 1.0 each; rows 6c: our 50% row
    over our 2% row, target <= 1.5 (no density cliff).
 7. ``FractionOfVarianceUnexplained`` / ``ExplainedVariance`` forward vs sparsify's inline FVU; target <= 1.2 at the
    full batch (smaller batches reported).
@@ -566,6 +567,7 @@ def _peer_cases(args, batch, density, generator):
     cases = {}
     coefficient = 5.0
     saelens = presets.saelens("standard", l1_coefficient=coefficient)
+    del saelens["l1"]  # SAELens' step logs the weighted penalty ("sparsity"), not the plain L1: the same values
     inputs = {"source_activations": x, "learned_activations": f, "decoded_activations": x_hat, "decoder_weight": weight}
     cases["SAELens standard"] = (
         lambda: saelens(**inputs),
@@ -585,6 +587,7 @@ def _peer_cases(args, batch, density, generator):
         decoded = (dense @ weight).requires_grad_()
     dense.requires_grad_()
     topk = presets.dictionary_learning("top_k", d_model=d_model)
+    del topk["l0"], topk["l1"]  # the peer's loss logs neither (its zero-weighted "sparsity" term stays: a loss term)
     topk_inputs = {
         "source_activations": x,
         "learned_activations": dense,

@@ -329,6 +329,23 @@ class SparseAutoencoderLoss(MetricCollection):
             raise ValueError(f"SparseAutoencoderLoss has members {taken} already; choose other keys.")
         super().add_metrics(metrics, *additional_metrics)
 
+    def __delitem__(self, key: str) -> None:
+        """Remove member ``key`` (``del loss_fn["l1"]``, ``pop``), unless ``"loss"`` or another member reads it.
+
+        A loss term, the source of a derived output (``"fvu"`` of ``"explained_variance"``) and ``"loss"`` itself stay:
+        without them the loss, or the derived value, would be computed from a metric no longer fed.
+        """
+        member = self._modules.get(key)
+        readers = [
+            name
+            for name, other in self._modules.items()
+            if name != key and isinstance(other, SaeMetric) and any(read is member for read in other._reads())
+        ]
+        if key == "loss" or readers:
+            reason = "it is the collection's loss" if key == "loss" else f"it is read by {readers}"
+            raise ValueError(f"SparseAutoencoderLoss cannot remove member {key!r}: {reason}.")
+        super().__delitem__(key)
+
     def check_state_dict(self, state_dict: Mapping[str, Any], prefix: str = "", strict: bool = True) -> None:
         """Raise ``ValueError`` if any member's part of ``state_dict`` cannot load (``SaeMetric.check_state_dict``)."""
         for key, member in self._modules.items():

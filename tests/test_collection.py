@@ -215,3 +215,32 @@ def test_a_second_reconstruction_term_reads_multi_topk_decoded_activations(gener
 def test_a_loss_that_cannot_be_composed_is_refused(options, error, match):
     with pytest.raises(error, match=match):
         sm.SparseAutoencoderLoss(3, 0.1, **options)
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("l2", r"'l2': it is read by \['loss'\]"),
+        ("sparsity", r"'sparsity': it is read by \['loss'\]"),
+        ("fvu", r"'fvu': it is read by \['explained_variance'\]"),
+        ("loss", "it is the collection's loss"),
+    ],
+)
+def test_a_member_that_another_reads_cannot_be_removed(key, message):
+    loss_fn = sm.SparseAutoencoderLoss(sparsity_coefficient=0.1, explained_variance=True, d_model=3)
+    with pytest.raises(ValueError, match=message):
+        del loss_fn[key]
+    with pytest.raises(ValueError, match=message):
+        loss_fn.pop(key)
+    assert key in loss_fn
+
+
+def test_a_member_nobody_reads_can_be_removed(generator):
+    loss_fn = sm.SparseAutoencoderLoss(sparsity_coefficient=0.1, explained_variance=True, d_model=3)
+    del loss_fn["l1"]
+    loss_fn.pop("explained_variance")
+    del loss_fn["fvu"]  # its reader is gone
+    source = torch.randn(4, 3, generator=generator)
+    inputs = {"source_activations": source, "learned_activations": torch.rand(4, 5), "decoded_activations": source}
+    assert list(loss_fn(**inputs)) == ["l2", "l0", "sparsity", "loss"]
+    assert list(loss_fn.compute()) == ["l2", "l0", "sparsity", "loss"]

@@ -336,6 +336,10 @@ class SaeMetric(Metric):
         """
         return self._value(contribution)
 
+    def _reads(self) -> tuple[SaeMetric, ...]:
+        """The other members whose contributions and states this one reads (its loss terms, its source)."""
+        return ()
+
     # What TotalLoss reads of a loss term (``is_loss_term``): per-component values, whatever ``keep_batch_dim``.
 
     def _batch_mean(self, contribution: Any) -> Tensor:
@@ -870,6 +874,9 @@ class DerivedOutput(SaeMetric):
     def is_differentiable(self) -> bool:  # type: ignore[override]
         """Whether the batch value is differentiable: as the source's."""
         return bool(self.source.is_differentiable)
+
+    def _reads(self) -> tuple[SaeMetric, ...]:
+        return (self.source,)
 
     @property
     def source(self) -> SaeMetric:

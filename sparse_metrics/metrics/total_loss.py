@@ -69,6 +69,9 @@ class TotalLoss(SaeMetric):
         """Nothing to accumulate: the terms record the batch (only the keywords are checked)."""
         check_input_names(inputs_of(args, kwargs, self._positional_inputs, type(self).__name__), type(self).__name__)
 
+    def _reads(self) -> tuple[SaeMetric, ...]:
+        return tuple(self.terms.values())
+
     @property
     def terms(self) -> dict[str, SaeMetric]:
         """The members summed into the loss, by name."""
