@@ -29,8 +29,8 @@ processes sharing the machine). Absolute medians are reported too. Rows:
    without the plain ``"l1"``, which SAELens does not compute: summed MSE, decoder-norm-weighted L1, the L0 it logs),
    saev's ReLU objective (``presets.saev("relu")``) and dictionary_learning's ``TopKTrainer.loss`` with its AuxK
    (``presets.dictionary_learning("top_k")`` without ``"l0"`` and ``"l1"``, which the peer's loss does not compute;
-   k = density x d_sae, a quarter of the latents dead). Forward and forward+backward, target <= 1.0 each; rows 6c: our 50% row
-   over our 2% row, target <= 1.5 (no density cliff).
+   k = density x d_sae, a quarter of the latents dead). Forward and forward+backward, target <= 1.0 each; rows 6c:
+   our 50% row over our 2% row, target <= 1.5 (no density cliff).
 7. ``FractionOfVarianceUnexplained`` / ``ExplainedVariance`` forward vs sparsify's inline FVU; target <= 1.2 at the
    full batch (smaller batches reported).
 8. Small sizes (batch 64, d_model 32, d_sae 256), forward+backward: the plain collection vs the hand-written step of
