@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -324,7 +324,10 @@ class SaeBatch:
     def require(self, name: str, owner: str, why: str = "") -> Tensor:
         """The view of input ``name``; a ``TypeError`` naming ``owner`` if it was not given."""
         self.check_given(name, owner, why)
-        return cast(Tensor, self.get(name))
+        view = self.get(name)
+        if view is None:  # given but not validated (a decoder bias without its weight): not usable
+            raise TypeError(f"{owner} needs the input `{name}` with the inputs it is checked against.")
+        return view
 
     def check_given(self, name: str, owner: str, why: str = "") -> None:
         """:meth:`require` without the view: a ``TypeError`` naming ``owner`` if input ``name`` was not given."""

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.nn import Module
 from torchmetrics import Metric, MetricCollection
 
 from sparse_metrics._batch import SAE_INPUTS, SaeBatch, inputs_of
@@ -333,8 +334,32 @@ class SparseAutoencoderLoss(MetricCollection):
         """Remove member ``key`` (``del loss_fn["l1"]``, ``pop``), unless ``"loss"`` or another member reads it.
 
         A loss term, the source of a derived output (``"fvu"`` of ``"explained_variance"``) and ``"loss"`` itself stay:
-        without them the loss, or the derived value, would be computed from a metric no longer fed.
+        without them the loss, or the derived value, would be computed from a metric no longer fed. Replacing such a
+        member (``loss_fn["l2"] = ...``, ``loss_fn.l2 = ...``) and ``clear()`` are refused for the same reason.
         """
+        self._check_removable(key)
+        super().__delitem__(key)
+
+    def __setitem__(self, key: str, module: Module) -> None:
+        if key in self._modules:  # a replacement removes the member it replaces
+            self._check_removable(key)
+        super().__setitem__(key, module)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, Module) and name in self.__dict__.get("_modules", {}):
+            self._check_removable(name)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in self.__dict__.get("_modules", {}):
+            self._check_removable(name)
+        super().__delattr__(name)
+
+    def clear(self) -> None:
+        """Refused: ``"loss"`` and its terms stay (remove the members nobody reads one by one, with ``del``)."""
+        raise ValueError("SparseAutoencoderLoss cannot be cleared: 'loss' and its terms stay; `del` other members.")
+
+    def _check_removable(self, key: str) -> None:
         member = self._modules.get(key)
         readers = [
             name
@@ -344,7 +369,6 @@ class SparseAutoencoderLoss(MetricCollection):
         if key == "loss" or readers:
             reason = "it is the collection's loss" if key == "loss" else f"it is read by {readers}"
             raise ValueError(f"SparseAutoencoderLoss cannot remove member {key!r}: {reason}.")
-        super().__delitem__(key)
 
     def check_state_dict(self, state_dict: Mapping[str, Any], prefix: str = "", strict: bool = True) -> None:
         """Raise ``ValueError`` if any member's part of ``state_dict`` cannot load (``SaeMetric.check_state_dict``)."""

@@ -232,7 +232,17 @@ def test_a_member_that_another_reads_cannot_be_removed(key, message):
         del loss_fn[key]
     with pytest.raises(ValueError, match=message):
         loss_fn.pop(key)
+    with pytest.raises(ValueError, match=message):
+        delattr(loss_fn, key)
+    replacement = sm.L2ReconstructionLoss()
+    with pytest.raises(ValueError, match=message):
+        loss_fn[key] = replacement
+    with pytest.raises(ValueError, match=message):
+        setattr(loss_fn, key, replacement)
+    with pytest.raises(ValueError, match="cannot be cleared"):
+        loss_fn.clear()
     assert key in loss_fn
+    assert loss_fn[key] is not replacement
 
 
 def test_a_member_nobody_reads_can_be_removed(generator):

@@ -165,3 +165,30 @@ def test_one_component_inputs_are_read_without_a_view(generator):
     for key, value in loss_fn.compute().items():
         torch.testing.assert_close(value, with_axis.compute()[key], rtol=0, atol=0, msg=key)
     assert out.keys() == loss_fn.compute().keys()
+
+
+def test_the_value_does_not_depend_on_when_it_is_read(generator):
+    """The queue is added in order: reading after every batch or once at the end gives the same bits."""
+    batches = _batches(generator, [int(n) for n in torch.randint(1, 9, (2 * _MAX_PENDING + 3,), generator=generator)])
+    read_often, read_once = sm.L2ReconstructionLoss(), _fed(batches)
+    for batch in batches:
+        read_often.update(**batch)
+        read_often.compute()
+    assert torch.equal(read_often.l2_sum, read_once.l2_sum)
+    assert torch.equal(read_often.compute(), read_once.compute())
+
+
+def test_a_shallow_copy_has_its_own_queue(generator):
+    first, second = _batches(generator, [3, 4])
+    metric = _fed([first, second])
+    copied = copy.copy(metric)
+    expected_sum, expected_count = _reference_sum([first, second])
+    torch.testing.assert_close(copied.l2_sum, expected_sum, rtol=1e-12, atol=0)
+    assert int(copied.l2_count) == expected_count
+    torch.testing.assert_close(metric.l2_sum, expected_sum, rtol=1e-12, atol=0)  # not folded into the copy only
+    assert int(metric.l2_count) == expected_count
+
+
+def test_a_state_not_added_yet_is_an_attribute_error():
+    metric = sm.L2ReconstructionLoss.__new__(sm.L2ReconstructionLoss)
+    assert not hasattr(metric, "l2_sum")

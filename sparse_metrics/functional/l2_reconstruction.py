@@ -67,8 +67,8 @@ def _squared_error_sum(
 ) -> Float[Tensor, "batch component"]:
     """Per-item squared error summed over ``d_model`` of validated inputs, in float32 or float64.
 
-    The inputs are ``[batch, component, d_model]``, or ``[batch, d_model]`` for one component (the result is
-    ``[batch, 1]`` either way).
+    The inputs are ``[batch, component, d_model]`` (the result ``[batch, component]``), or ``[batch, d_model]`` for
+    one component (the result ``[batch, 1]``).
     """
     dtype = computation_dtype(decoded, source)
     return (decoded.to(dtype) - source.to(dtype)).square().sum(dim=-1, keepdim=decoded.ndim == 2)

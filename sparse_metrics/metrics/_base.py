@@ -121,10 +121,11 @@ class DeferredSum:
 
     :meth:`SaeMetric._add_to_state` queues a batch's addition (a tensor of the state's shape and dtype, or a Python
     int for a count) instead of replacing the state with ``state + addition`` at every step: a count costs no
-    operation per batch, and every queued tensor is added by one ``stack`` and one ``sum`` when the state is next
-    read (``compute``, a sync, ``state_dict``, ``metric_state``, or every ``_MAX_PENDING`` batches). Any read folds
-    the queue first, so no reader sees a stale value; any write (``reset``, a sync, ``load_state_dict``) replaces the
-    state and drops the queue. The state itself lives in the instance's ``__dict__`` under the same name.
+    operation per batch, and the queued tensors are added when the state is next read (``compute``, a sync,
+    ``metric_state``, ``state_dict`` of a persistent state, a copy, or every ``_MAX_PENDING`` batches), in the order
+    they came, so the value is bitwise the one that adding each batch at once gives, whenever it is read. Any read
+    folds the queue first, so no reader sees a stale value; any write (``reset``, a sync, ``load_state_dict``)
+    replaces the state and drops the queue. The state itself lives in the instance's ``__dict__`` under its name.
     """
 
     def __init__(self, name: str) -> None:
@@ -133,10 +134,14 @@ class DeferredSum:
     def __get__(self, metric: SaeMetric | None, owner: type | None = None) -> Any:
         if metric is None:
             return self
-        value = metric.__dict__[self.name]
-        additions = metric.__dict__.get(_PENDING, {}).pop(self.name, None)
-        if additions:
-            value = metric.__dict__[self.name] = _fold(value, additions)
+        stored = metric.__dict__
+        if self.name not in stored:
+            raise AttributeError(f"{type(metric).__name__} has no state {self.name!r} yet")
+        value = stored[self.name]
+        pending = stored.get(_PENDING, {})
+        if pending.get(self.name):
+            value = stored[self.name] = _fold(value, pending[self.name])  # folded first: a failed fold loses nothing
+            del pending[self.name]
         return value
 
     def __set__(self, metric: SaeMetric, value: Any) -> None:
@@ -145,11 +150,11 @@ class DeferredSum:
 
 
 def _fold(value: Tensor, additions: list[Tensor | int]) -> Tensor:
-    """``value`` plus every queued addition: the tensors by one stacked sum (float64 for the sums), then the ints."""
-    tensors = [addition for addition in additions if isinstance(addition, Tensor)]
+    """``value`` plus every queued addition, in order (the rounding of one addition per batch), then the ints."""
+    for addition in additions:
+        if isinstance(addition, Tensor):
+            value = value + addition
     count = sum(addition for addition in additions if not isinstance(addition, Tensor))
-    if tensors:
-        value = value + (tensors[0] if len(tensors) == 1 else torch.stack(tensors).sum(dim=0))
     return value + count if count else value
 
 
@@ -256,8 +261,12 @@ class SaeMetric(Metric):
         return sharding
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickle (``clone``, ``deepcopy``), keeping the signature of the inputs this metric reads."""
+        """Unpickle (``clone``, ``deepcopy``, ``copy.copy``), keeping the signature of the inputs this metric reads.
+
+        The queues of the :class:`DeferredSum` states are copied: a shallow copy must not share (and fold) them.
+        """
         super().__setstate__(state)
+        self.__dict__[_PENDING] = {name: list(additions) for name, additions in state.get(_PENDING, {}).items()}
         self._update_signature = self._inputs_signature()
 
     def _inputs_signature(self) -> inspect.Signature:

@@ -43,9 +43,8 @@ class _ReconstructionItemMean(ItemMeanMetric):
 
     def _norms(self, batch: SaeBatch) -> tuple[Tensor, Tensor]:
         owner = type(self).__name__
-        batch.check_given(
-            "decoded_activations", owner
-        )  # both are needed: name the missing one first as update lists it
+        # Both are needed: name the missing one first, as update lists them.
+        batch.check_given("decoded_activations", owner)
         return batch.item_norm("source_activations", owner), batch.item_norm("decoded_activations", owner)
 
     def _finite_items(self, batch: SaeBatch, contribution: Tensor) -> Tensor | None:
