@@ -149,6 +149,11 @@ class DeferredSum:
         metric.__dict__[self.name] = value
 
 
+def _copied_queues(stored: Mapping[str, Any]) -> dict[str, list[Tensor | int]]:
+    """A copy of the :class:`DeferredSum` queues in a metric's ``__dict__`` (its additions shared, not folded)."""
+    return {name: list(additions) for name, additions in stored.get(_PENDING, {}).items()}
+
+
 def _fold(value: Tensor, additions: list[Tensor | int]) -> Tensor:
     """``value`` plus every queued addition, in order (the rounding of one addition per batch), then the ints."""
     for addition in additions:
@@ -179,8 +184,7 @@ def _snapshot(metric: Metric) -> _Snapshot:
         states = {
             name: list(stored[name]) if isinstance(stored[name], list) else stored[name] for name in metric._defaults
         }
-        pending = {name: list(additions) for name, additions in stored.get(_PENDING, {}).items()}
-        return _Snapshot(metric._update_count, metric._computed, metric._forward_cache, states, pending)
+        return _Snapshot(metric._update_count, metric._computed, metric._forward_cache, states, _copied_queues(stored))
     states = {
         name: list(value) if isinstance(value, list) else value.clone() for name, value in metric.metric_state.items()
     }
@@ -266,7 +270,7 @@ class SaeMetric(Metric):
         The queues of the :class:`DeferredSum` states are copied: a shallow copy must not share (and fold) them.
         """
         super().__setstate__(state)
-        self.__dict__[_PENDING] = {name: list(additions) for name, additions in state.get(_PENDING, {}).items()}
+        self.__dict__[_PENDING] = _copied_queues(state)
         self._update_signature = self._inputs_signature()
 
     def _inputs_signature(self) -> inspect.Signature:
