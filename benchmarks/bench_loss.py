@@ -587,7 +587,7 @@ def _peer_cases(args, batch, density, generator):
         decoded = (dense @ weight).requires_grad_()
     dense.requires_grad_()
     topk = presets.dictionary_learning("top_k", d_model=d_model)
-    del topk["l0"], topk["l1"]  # the peer's loss logs neither (its zero-weighted "sparsity" term stays: a loss term)
+    del topk["l0"], topk["l1"]  # the peer's loss logs neither (and the preset has no L1 penalty: no "sparsity")
     topk_inputs = {
         "source_activations": x,
         "learned_activations": dense,

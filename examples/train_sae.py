@@ -290,18 +290,17 @@ def make_loss(args: argparse.Namespace, dead_window: int) -> sm.SparseAutoencode
     """
     terms: dict[str, sm.metrics.SaeMetric] = {}
     coefficients: dict[str, float] = {}
-    sparsity_coefficient = args.sparsity_coefficient
     if args.architecture in ("topk", "batchtopk"):
         terms["auxk"] = sm.AuxiliaryKLoss(k_aux=D_MODEL // 2, convention="dictionary_learning", d_model=D_MODEL)
         coefficients["auxk"] = 1 / 32
-        sparsity_coefficient = 0.0
     elif args.architecture == "jumprelu":
         terms["l0_loss"] = sm.JumpReLUL0Loss(bandwidth=JUMPRELU_BANDWIDTH)
         coefficients["l0_loss"] = args.sparsity_coefficient
-        sparsity_coefficient = 0.0
+    l1_penalty = args.architecture == "relu"
     loss_fn = sm.SparseAutoencoderLoss(
         1,  # one SAE (num_components)
-        sparsity_coefficient,
+        args.sparsity_coefficient if l1_penalty else None,
+        sparsity_penalty=l1_penalty,  # the TopK and JumpReLU losses have no L1 penalty
         matryoshka_prefix_sizes=matryoshka_prefix_sizes(args.d_sae) if args.matryoshka else None,
         # The values to watch besides the loss terms, from the same batches and the same (single) sync.
         explained_variance=True,

@@ -44,14 +44,20 @@ from sparse_metrics.metrics.total_loss import TotalLoss
 
 __all__ = ["SparseAutoencoderLoss"]
 
+_NO_SPARSITY_PENALTY = (
+    "This SparseAutoencoderLoss was built with `sparsity_penalty=False`: its loss has no sparsity penalty, so no "
+    "`sparsity_coefficient`."
+)
+
 
 class SparseAutoencoderLoss(MetricCollection):
     r"""Every SAE loss term in one collection, plus the differentiable total loss.
 
     Members, by key: ``"l2"`` (:class:`L2ReconstructionLoss`), ``"l0"`` (:class:`L0NormMetric`), ``"l1"``
-    (:class:`L1AbsoluteLoss`), ``"sparsity"`` (:class:`SparsityLoss`), ``"loss"`` (:class:`TotalLoss`) and the
-    options below. Every key that ``forward`` and ``compute`` return is a member, so Lightning's
-    ``log_dict(collection)``, nesting in a ``MetricCollection`` and ``MetricTracker`` see all of them.
+    (:class:`L1AbsoluteLoss`), ``"sparsity"`` (:class:`SparsityLoss`; not with ``sparsity_penalty=False``),
+    ``"loss"`` (:class:`TotalLoss`) and the options below. Every key that ``forward`` and ``compute`` return is a
+    member, so Lightning's ``log_dict(collection)``, nesting in a ``MetricCollection`` and ``MetricTracker`` see all
+    of them.
 
     .. math:: \mathrm{loss} = \operatorname{reduce}_c \big(\alpha_0\,\mathrm{reconstruction}_c + \mathrm{sparsity}_c
        + \textstyle\sum_t \alpha_t\, \mathrm{term}_{t,c}\big)
@@ -99,6 +105,10 @@ class SparseAutoencoderLoss(MetricCollection):
             prefix's instead of decoding it again: right only where ``decoded_activations`` is exactly ``f W + b``.
         sparsity_decoder_norm_weighting: Weight each ``|f_i|`` of the sparsity penalty by the L2 norm of decoder
             row ``i`` (SAELens style; ``decoder_weight`` becomes a required input). ``"l1"`` stays the plain L1.
+        sparsity_penalty: ``False`` leaves the ``"sparsity"`` member and its term of ``"loss"`` out, for an SAE
+            whose loss has no L1 penalty (TopK, BatchTopK, JumpReLU): no pass over the activations for a penalty
+            weighted by zero. ``sparsity_coefficient``, ``l1_coefficient`` and ``sparsity_decoder_norm_weighting``
+            then raise, and so does the :attr:`sparsity_coefficient` property. ``"l1"`` stays (delete it if unused).
         explained_variance: Add the FVU and explained variance (needs ``d_model``).
         d_model: The width of the activations, for the explained variance.
         feature_density: Add the feature density (needs ``num_features``).
@@ -165,6 +175,7 @@ class SparseAutoencoderLoss(MetricCollection):
         matryoshka_prefix_weights: Sequence[float] | None = None,
         matryoshka_reuse_decoded_activations: bool = False,
         sparsity_decoder_norm_weighting: bool = False,
+        sparsity_penalty: bool = True,
         explained_variance: bool = False,
         d_model: PositiveInt | None = None,
         feature_density: bool = False,
@@ -185,7 +196,9 @@ class SparseAutoencoderLoss(MetricCollection):
         loss_coefficients: Mapping[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        coefficient = _coefficient(sparsity_coefficient, l1_coefficient)
+        coefficient = _coefficient(
+            sparsity_coefficient, l1_coefficient, sparsity_decoder_norm_weighting, sparsity_penalty
+        )
         if reconstruction == "fvu" and (not explained_variance or matryoshka_prefix_sizes is not None):
             raise ValueError(
                 "`reconstruction='fvu'` makes the FVU the reconstruction term of the loss: it needs "
@@ -210,10 +223,11 @@ class SparseAutoencoderLoss(MetricCollection):
             "l2": L2ReconstructionLoss(num_components, feature_reduction=feature_reduction, **term_options),
             "l0": L0NormMetric(num_components, **term_options),
             "l1": L1AbsoluteLoss(num_components, **term_options),
-            "sparsity": SparsityLoss(
-                coefficient, num_components, decoder_norm_weighting=sparsity_decoder_norm_weighting, **term_options
-            ),
         }
+        if coefficient is not None:
+            members["sparsity"] = SparsityLoss(
+                coefficient, num_components, decoder_norm_weighting=sparsity_decoder_norm_weighting, **term_options
+            )
         if matryoshka_prefix_sizes is not None:
             members["matryoshka"] = MatryoshkaReconstructionLoss(
                 matryoshka_prefix_sizes,
@@ -239,7 +253,7 @@ class SparseAutoencoderLoss(MetricCollection):
                 **activity,
             )
         reconstruction_key = "matryoshka" if matryoshka_prefix_sizes is not None else reconstruction
-        loss_keys: list[str] = [reconstruction_key, "sparsity"]
+        loss_keys: list[str] = [reconstruction_key, *(["sparsity"] if coefficient is not None else [])]
         for key, term in (loss_terms or {}).items():
             _check_loss_term(key, term, members, num_components, nan_strategy, sharding)
             members[key] = term
@@ -269,17 +283,24 @@ class SparseAutoencoderLoss(MetricCollection):
     @property
     def sparsity_coefficient(self) -> float | Tensor:
         """The sparsity member's coefficient; set it to change the penalty from the next step on."""
-        return self._sparsity.sparsity_coefficient
+        return self._sparsity().sparsity_coefficient
 
     @sparsity_coefficient.setter
     def sparsity_coefficient(self, value: float | Tensor) -> None:
-        self._sparsity.sparsity_coefficient = value
+        self._sparsity().sparsity_coefficient = value
 
-    @property
     def _sparsity(self) -> SparsityLoss:
-        member = self._modules["sparsity"]
+        member = self._modules.get("sparsity")
+        if member is None:
+            raise AttributeError(_NO_SPARSITY_PENALTY)
         assert isinstance(member, SparsityLoss)
         return member
+
+    def __getattr__(self, name: str) -> Any:
+        # Python falls back here when a property raises AttributeError, which would drop the reason
+        if name == "sparsity_coefficient":
+            raise AttributeError(_NO_SPARSITY_PENALTY)
+        return super().__getattr__(name)
 
     @property
     def reconstruction_key(self) -> str:
@@ -511,9 +532,10 @@ def _check_loss_term(
             f"`loss_terms[{key!r}]` must be a sparse_metrics loss term (a metric with is_loss_term=True, such as "
             f"AuxiliaryKLoss), got {type(term).__name__}."
         )
-    taken = {*members, *(name for member in members.values() for name in member._derived_outputs()), "loss"}
+    # "sparsity" stays the collection's own L1 penalty's key, also where `sparsity_penalty=False` leaves it out
+    taken = {*members, *(name for member in members.values() for name in member._derived_outputs()), "loss", "sparsity"}
     if key in taken:
-        raise ValueError(f"`loss_terms` key {key!r} is taken by the collection's own members {sorted(taken)}.")
+        raise ValueError(f"`loss_terms` key {key!r} is taken by the collection's own keys {sorted(taken)}.")
     if term.num_components != num_components or term.nan_strategy != nan_strategy:
         raise ValueError(
             f"`loss_terms[{key!r}]` has num_components={term.num_components}, nan_strategy={term.nan_strategy!r}; the "
@@ -532,10 +554,29 @@ def _check_loss_term(
         )
 
 
-def _coefficient(sparsity_coefficient: float | Tensor | None, l1_coefficient: float | Tensor | None) -> float | Tensor:
+def _coefficient(
+    sparsity_coefficient: float | Tensor | None,
+    l1_coefficient: float | Tensor | None,
+    decoder_norm_weighting: bool,
+    penalty: bool,
+) -> float | Tensor | None:
+    """The sparsity penalty's coefficient (default 1e-3), or None where the collection has no penalty."""
     if sparsity_coefficient is not None and l1_coefficient is not None:
         raise ValueError("Give `sparsity_coefficient` or its prior-art name `l1_coefficient`, not both.")
-    return next((c for c in (sparsity_coefficient, l1_coefficient) if c is not None), 1e-3)
+    given = next((c for c in (sparsity_coefficient, l1_coefficient) if c is not None), None)
+    if not penalty:
+        if given is not None or decoder_norm_weighting:
+            name = (
+                "sparsity_decoder_norm_weighting"
+                if given is None
+                else ("sparsity_coefficient" if sparsity_coefficient is not None else "l1_coefficient")
+            )
+            raise ValueError(
+                f"`{name}` configures the sparsity penalty, which `sparsity_penalty=False` leaves out; give one or "
+                "the other."
+            )
+        return None
+    return 1e-3 if given is None else given
 
 
 def _check_options(

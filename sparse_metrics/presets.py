@@ -212,10 +212,14 @@ def saelens(
     )
     common: dict[str, Any] = {"nan_strategy": nan_strategy, **_term_kwargs(kwargs)}
     terms: dict[str, tuple[SaeMetric, float]] = {}
-    options: dict[str, Any] = {"feature_reduction": "sum", "sparsity_coefficient": 0.0, **kwargs}  # checked above
+    options: dict[str, Any] = {"feature_reduction": "sum", "sparsity_penalty": False, **kwargs}  # checked above
     if architecture == "standard":
         if config["lp_norm"] == 1:
-            options.update(sparsity_coefficient=config["l1_coefficient"], sparsity_decoder_norm_weighting=True)
+            options.update(
+                sparsity_penalty=True,
+                sparsity_coefficient=config["l1_coefficient"],
+                sparsity_decoder_norm_weighting=True,
+            )
         else:
             lp = SparsityLoss(
                 1.0, num_components, p=config["lp_norm"], p_root=True, decoder_norm_weighting=True, **common
@@ -294,6 +298,7 @@ _SET_BY_PRESET = frozenset(
         "matryoshka_prefix_weights",
         "matryoshka_reuse_decoded_activations",
         "sparsity_decoder_norm_weighting",
+        "sparsity_penalty",
         "keep_batch_dim",
     }
 )
@@ -376,7 +381,7 @@ def sparsify(
         explained_variance=True,
         d_model=d_model,
         reconstruction="fvu",
-        sparsity_coefficient=0.0,
+        sparsity_penalty=False,
         **kwargs,
     )
 
@@ -473,9 +478,10 @@ def dictionary_learning(
     )
     common: dict[str, Any] = {"nan_strategy": nan_strategy, **_term_kwargs(kwargs)}
     terms: dict[str, tuple[SaeMetric, float]] = {}
-    options: dict[str, Any] = {"feature_reduction": "sum", "sparsity_coefficient": 0.0, **kwargs}  # checked above
+    options: dict[str, Any] = {"feature_reduction": "sum", "sparsity_penalty": False, **kwargs}  # checked above
     if trainer in ("standard", "standard_april_update"):
         options.update(
+            sparsity_penalty=True,
             sparsity_coefficient=config["l1_penalty"],
             sparsity_decoder_norm_weighting=trainer == "standard_april_update",
         )
@@ -572,7 +578,7 @@ def openai(
         terms,
         coefficients={"l2": mse_scale},
         feature_reduction="mean",
-        sparsity_coefficient=0.0,
+        sparsity_penalty=False,
         **kwargs,
     )
 

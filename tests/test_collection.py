@@ -108,6 +108,41 @@ def test_sparsity_coefficient_schedule_through_the_collection(generator):
     assert isinstance(loss_fn.sparsity_coefficient, torch.Tensor)
 
 
+def test_without_a_sparsity_penalty_the_loss_is_the_reconstruction(generator):
+    inputs = _data(generator, requires_grad=True)
+    loss_fn = sm.SparseAutoencoderLoss(3, sparsity_penalty=False)
+    out = loss_fn(**inputs)
+    assert list(out) == ["l2", "l0", "l1", "loss"]
+    expected = _reference_loss(inputs, 0.0, "mean")
+    torch.testing.assert_close(out["loss"].double(), expected, rtol=1e-6, atol=1e-6)
+    leaves = [inputs[name] for name in ("learned_activations", "decoder_weight", "decoder_bias")]
+    got_grads = torch.autograd.grad(out["loss"], leaves, retain_graph=True)  # the decode's graph is shared
+    for got, want in zip(got_grads, torch.autograd.grad(expected, leaves), strict=True):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6)
+    assert list(loss_fn.compute()) == ["l2", "l0", "l1", "loss"]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"sparsity_coefficient": 0.1}, {"l1_coefficient": 0.0}, {"sparsity_decoder_norm_weighting": True}],
+    ids=lambda options: next(iter(options)),
+)
+def test_a_sparsity_option_without_the_penalty_is_refused(options):
+    with pytest.raises(ValueError, match=f"`{next(iter(options))}` configures the sparsity penalty"):
+        sm.SparseAutoencoderLoss(3, sparsity_penalty=False, **options)
+
+
+def test_without_a_sparsity_penalty_there_is_no_coefficient_and_no_sparsity_key(generator):
+    loss_fn = sm.SparseAutoencoderLoss(3, sparsity_penalty=False)
+    with pytest.raises(AttributeError, match="built with `sparsity_penalty=False`"):
+        loss_fn.sparsity_coefficient  # noqa: B018
+    with pytest.raises(AttributeError, match="built with `sparsity_penalty=False`"):
+        loss_fn.sparsity_coefficient = 0.1
+    assert "sparsity" not in loss_fn
+    with pytest.raises(ValueError, match="key 'sparsity' is taken"):  # the key stays the penalty's
+        sm.SparseAutoencoderLoss(3, sparsity_penalty=False, loss_terms={"sparsity": sm.L1AbsoluteLoss(3)})
+
+
 def test_prefix_and_postfix_name_every_key(generator):
     loss_fn = sm.SparseAutoencoderLoss(num_components=3, prefix="train/", postfix="_epoch")
     assert set(loss_fn(**_data(generator))) == {f"train/{k}_epoch" for k in ("l2", "l0", "l1", "sparsity", "loss")}

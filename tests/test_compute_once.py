@@ -56,6 +56,19 @@ def test_two_passes_over_the_activations_per_step(generator, matryoshka, step):
     assert recorded.operations == Counter({"linalg_vector_norm": 2})
 
 
+@pytest.mark.parametrize("log_l1", [False, True])
+def test_without_a_sparsity_penalty_only_the_logged_statistics_read_the_activations(generator, log_l1):
+    """``sparsity_penalty=False`` (TopK, JumpReLU): the L1 pass runs only for a logged ``"l1"``; no backward pass."""
+    loss_fn = sm.SparseAutoencoderLoss(COMPONENTS, sparsity_penalty=False)
+    if not log_l1:
+        del loss_fn["l1"]
+    inputs = _inputs(generator, requires_grad=True)
+    with FullSizeOperations(BATCH * COMPONENTS * D_SAE) as recorded:
+        loss = loss_fn(**inputs)["loss"]
+    assert recorded.operations == Counter({"linalg_vector_norm": 2 if log_l1 else 1})
+    assert not loss.requires_grad  # the decoded activations here are no function of f: nothing reads f for the loss
+
+
 def test_backward_makes_one_full_size_gradient(generator):
     """The gradient of the L1 term is written into one new tensor (sign, then an in-place product)."""
     loss_fn = sm.SparseAutoencoderLoss(COMPONENTS, 0.1)

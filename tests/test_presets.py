@@ -608,3 +608,26 @@ def test_defaults_are_the_peers() -> None:
     sparsify = presets.sparsify(4)
     assert "auxk" not in sparsify
     assert "multi_topk_fvu" not in sparsify
+
+
+@pytest.mark.parametrize(
+    ("build", "has_penalty"),
+    [
+        (lambda: presets.saelens("standard"), True),
+        (lambda: presets.saelens("standard", lp_norm=2.0), False),  # its p-norm is the term "lp_sparsity"
+        (lambda: presets.saelens("topk"), False),
+        (lambda: presets.saelens("jumprelu"), False),
+        (lambda: presets.dictionary_learning("standard_april_update"), True),
+        (lambda: presets.dictionary_learning("top_k", d_model=4), False),
+        (lambda: presets.dictionary_learning("jumprelu"), False),
+        (lambda: presets.sparsify(4), False),
+        (lambda: presets.openai(4, mse_scale=1.0), False),
+        (lambda: presets.saev("top-k"), True),  # saev logs its (zero-weighted) L1Sparsity for every activation
+    ],
+)
+def test_only_a_peer_with_an_l1_penalty_has_the_sparsity_member(build: Callable[[], Any], has_penalty: bool) -> None:
+    """A loss without an L1 penalty has no zero-weighted "sparsity" term: no key, no pass, no coefficient."""
+    loss_fn = build()
+    assert ("sparsity" in loss_fn) == has_penalty
+    assert ("sparsity" in loss_fn["loss"].terms) == has_penalty
+    assert hasattr(loss_fn, "sparsity_coefficient") == has_penalty

@@ -366,18 +366,12 @@ def saelens_jumprelu_preset_reference(
             "l2": l2("sum"),
             "l0": l0,
             "l1": l1,
-            "sparsity": sparsity(0.0),
             "l0_loss": jumprelu_l0(bandwidth),
             "pre_act_loss": pre_activation(),
         }
         out = {key: _squeeze(_per_item(fn, ranks).mean(0), 0) for key, fn in terms.items()}
-        # the collection's sparsity term (coefficient 0) stays in the loss: a NaN in f propagates through it
-        total = (
-            out["l2"]
-            + out["sparsity"]
-            + l0_coefficient * out["l0_loss"]
-            + pre_act_loss_coefficient * out["pre_act_loss"]
-        )
+        # no sparsity penalty: SAELens' JumpReLU loss has none (`sparsity_penalty=False`)
+        total = out["l2"] + l0_coefficient * out["l0_loss"] + pre_act_loss_coefficient * out["pre_act_loss"]
         out["loss"] = total.mean()
         return out
 
