@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor
+from torch.nn.functional import embedding_bag
 
 import sparse_metrics as sm
-from sparse_metrics.functional import auxiliary_k_loss
+from sparse_metrics.functional import auxiliary_k, auxiliary_k_loss
 
 D_MODEL, D_SAE = 6, 14
 CONVENTIONS = ("openai", "sparsify", "dictionary_learning", "saelens", "saev")
@@ -148,7 +149,12 @@ K_AUX = {"openai": [3, 9, None], "saev": [2, 9, None]}
     ("convention", "k_aux"),
     [(c, k) for c in CONVENTIONS for k in K_AUX.get(c, [2, 9, None]) if not (c == "openai" and k is None)],
 )
-def test_forward_value_and_gradients_equal_the_peer(convention, k_aux):
+@pytest.mark.parametrize("decode", ["dense", "bag"])
+def test_forward_value_and_gradients_equal_the_peer(convention, k_aux, decode, monkeypatch):
+    # every pick count decoded by the dense product (fraction 0), or by the embedding bag (fraction 1)
+    monkeypatch.setattr(auxiliary_k, "SPARSE_DECODE_FRACTION", 0.0 if decode == "dense" else 1.0)
+    bags = []
+    monkeypatch.setattr(auxiliary_k, "embedding_bag", lambda *a, **kw: bags.append(1) or embedding_bag(*a, **kw))
     step = _step(8, seed=1)
     ours, theirs = _leaves(step), _leaves(step)
     metric = _metric(convention, k_aux)
@@ -168,6 +174,7 @@ def test_forward_value_and_gradients_equal_the_peer(convention, k_aux):
     else:
         assert ours["pre_activations"].grad.abs().sum() > 0
     assert ours["decoded_activations"].grad is None or not ours["decoded_activations"].grad.any()  # detached
+    assert bool(bags) == (decode == "bag")
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
