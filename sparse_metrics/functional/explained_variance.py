@@ -76,8 +76,11 @@ def _centred_batch(
     values = source.to(dtype)
     mean = values.mean(dim=0)
     deviations = values - mean
-    variance = deviations.square().sum(dim=(0, 2))
-    return variance, mean.detach(), deviations.detach().sum(dim=0)
+    residual_sum = deviations.detach().sum(dim=0)
+    # Squared in place unless a gradient must flow to the source (its activations rarely need one): one [batch, d]
+    # temporary fewer, the same values.
+    squares = deviations.square() if deviations.requires_grad else deviations.square_()
+    return squares.sum(dim=(0, 2)), mean.detach(), residual_sum
 
 
 def _shifted_statistics(
