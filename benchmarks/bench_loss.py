@@ -47,9 +47,11 @@ Usage::
     python benchmarks/bench_loss.py --quick    # tiny smoke run, a few seconds
     python benchmarks/bench_loss.py --only 6,7 # single sections, while iterating
 
-glibc's malloc is pinned for the run (no ``mmap`` for large blocks, no trimming; ``--glibc-defaults`` leaves it
-alone): otherwise which contender of a pair pays fresh pages for its temporaries depends on the allocations before
-it, and the ratios swing from one process to the next (see :func:`pin_allocator`).
+``--pin-allocator`` keeps freed memory in the process (glibc: no ``mmap`` for large blocks, no trimming), as a
+caching allocator would; by default glibc's malloc is left as it is, as a CPU training loop gets it. With the
+defaults a temporary above 32 MiB (a ``[4096, 16384]`` float32 tensor) is mapped fresh at every call, so code that
+makes fewer of them wins; a smaller one may come from memory the process holds or from fresh pages depending on the
+allocations before it, so the FVU rows (7) swing from one process to the next (see :func:`pin_allocator`).
 
 The exit code is 0 whether or not the targets are met: this is a report.
 """
@@ -210,18 +212,19 @@ def pin_allocator() -> str:
     With glibc's defaults, whether a step's multi-MB temporaries are served from memory the process holds or from
     fresh pages (a minor fault per 4 KiB page, about 5,000 for 20 MB) depends on the order of the allocations and
     frees before it, so one contender of a pair can pay the faults and the other not, and the pair can swap from one
-    process to the next (measured: our FVU 1.3x to 3.3x sparsify's, sparsify's up to 4x ours, for unchanged code). A
-    caching allocator (CUDA's, or a CPU training loop that holds its buffers) pays neither; pinning measures the
-    operations. Returns how the allocator was set, for the report.
+    process to the next (measured: our FVU 1.3x to 3.3x sparsify's, sparsify's up to 4x ours, for unchanged code);
+    a block above 32 MiB is always mapped fresh. A caching allocator (CUDA's, jemalloc's) pays neither; pinning
+    measures the operations. Returns how the allocator was set, for the report.
     """
     if not sys.platform.startswith("linux"):
         return "allocator: system default (not Linux)"
     try:
         libc = ctypes.CDLL("libc.so.6")
-        pinned = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        no_mmap = libc.mallopt(_M_MMAP_MAX, 0) == 1
+        no_trim = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     except (OSError, AttributeError):
-        pinned = False
-    return "allocator: glibc, pinned (no mmap, no trim)" if pinned else "allocator: system default (no glibc mallopt)"
+        return "allocator: system default (no glibc mallopt)"
+    return f"allocator: glibc, {'no mmap' if no_mmap else 'mmap'}, {'no trim' if no_trim else 'trim'}"
 
 
 def machine_description() -> str:
@@ -377,7 +380,7 @@ def bench_compiled(args: argparse.Namespace, kind: str = "plain") -> list[Row]:
         f"--density={args.density}",
         f"--repeats={args.repeats}",
         f"--seed={args.seed}",
-        *(["--glibc-defaults"] if args.glibc_defaults else []),
+        *(["--pin-allocator"] if args.pin_allocator else []),
     ]
     start = time.perf_counter()
     try:
@@ -1108,9 +1111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--density", type=float, default=0.02, help="fraction of non-zero activations (0.02)")
     parser.add_argument("--sparsity-coefficient", type=float, default=1e-3)
     parser.add_argument(
-        "--glibc-defaults",
+        "--pin-allocator",
         action="store_true",
-        help="leave glibc's malloc as it is (default: pinned, see pin_allocator)",
+        help="glibc: no mmap for large blocks, no trimming (default: the system's malloc as it is)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -1187,7 +1190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    allocator = "allocator: glibc defaults (--glibc-defaults)" if args.glibc_defaults else pin_allocator()
+    allocator = pin_allocator() if args.pin_allocator else "allocator: system default"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.compiled_worker:

@@ -595,9 +595,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train and print the per-epoch table.
 
     Returns:
-        The scalars of the last epoch's ``compute()`` (``loss``, ``l2``, ``l0``, ``l1``, ``sparsity``, ``fvu``,
-        ``explained_variance``, ``mean_log10_feature_density``, ``dead_features``, ``dead_feature_fraction`` and,
-        with ``--matryoshka``, ``matryoshka`` and ``matryoshka_prefix_<m>``), plus ``first_epoch_loss``, the first
+        The scalars of the last epoch's ``compute()`` (``loss``, ``l2``, ``l0``, ``l1``, ``sparsity`` (ReLU only),
+        ``fvu``, ``explained_variance``, ``mean_log10_feature_density``, ``dead_features``, ``dead_feature_fraction``
+        and, with ``--matryoshka``, ``matryoshka`` and ``matryoshka_prefix_<m>``), plus ``first_epoch_loss``, the first
         epoch's loss, to compare against.
     """
     args = parse_args(argv)

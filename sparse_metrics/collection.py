@@ -262,7 +262,12 @@ class SparseAutoencoderLoss(MetricCollection):
         if loss_coefficients is not None and (unknown := sorted(set(loss_coefficients) - weighted)):
             raise ValueError(
                 f"`loss_coefficients` names {unknown}, which are not weighted terms of the loss; the terms are "
-                f"{sorted(weighted)} (the sparsity penalty has its own `sparsity_coefficient`)."
+                f"{sorted(weighted)}"
+                + (
+                    " (the sparsity penalty has its own `sparsity_coefficient`)."
+                    if coefficient is not None
+                    else " (`sparsity_penalty=False`: no sparsity penalty)."
+                )
             )
         loss = TotalLoss(
             {name: members[name] for name in loss_keys}, component_reduction, coefficients=loss_coefficients, **common
@@ -290,15 +295,15 @@ class SparseAutoencoderLoss(MetricCollection):
         self._sparsity().sparsity_coefficient = value
 
     def _sparsity(self) -> SparsityLoss:
-        member = self._modules.get("sparsity")
+        member = self._total.terms.get("sparsity")
         if member is None:
             raise AttributeError(_NO_SPARSITY_PENALTY)
         assert isinstance(member, SparsityLoss)
         return member
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Tensor | Module:
         # Python falls back here when a property raises AttributeError, which would drop the reason
-        if name == "sparsity_coefficient":
+        if name == "sparsity_coefficient" and "sparsity" not in self.__dict__.get("_modules", {"sparsity": None}):
             raise AttributeError(_NO_SPARSITY_PENALTY)
         return super().__getattr__(name)
 
@@ -321,6 +326,8 @@ class SparseAutoencoderLoss(MetricCollection):
     def set_loss_coefficient(self, key: str, value: float) -> None:
         """Weight loss term ``key`` by ``value`` from the next step on (a warm-up schedule, say)."""
         if key == "sparsity":
+            if "sparsity" not in self._total.terms:
+                raise ValueError(f"Cannot weight 'sparsity': {_NO_SPARSITY_PENALTY}")
             raise ValueError("The sparsity penalty is weighted by `sparsity_coefficient`; set that instead.")
         self._total.set_coefficient(key, value)
 
@@ -364,6 +371,11 @@ class SparseAutoencoderLoss(MetricCollection):
     def __setitem__(self, key: str, module: Module) -> None:
         if key in self._modules:  # a replacement removes the member it replaces
             self._check_removable(key)
+        elif key == "sparsity" and "loss" in self._modules:  # built: "sparsity" could only be a penalty outside "loss"
+            raise ValueError(
+                "SparseAutoencoderLoss keeps the key 'sparsity' for its L1 penalty, which `sparsity_penalty=False` "
+                "left out of 'loss'; add this member under another key (or build the collection with the penalty)."
+            )
         super().__setitem__(key, module)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -535,7 +547,10 @@ def _check_loss_term(
     # "sparsity" stays the collection's own L1 penalty's key, also where `sparsity_penalty=False` leaves it out
     taken = {*members, *(name for member in members.values() for name in member._derived_outputs()), "loss", "sparsity"}
     if key in taken:
-        raise ValueError(f"`loss_terms` key {key!r} is taken by the collection's own keys {sorted(taken)}.")
+        raise ValueError(
+            f"`loss_terms` key {key!r} is taken: the collection's own keys are {sorted(taken)} ('sparsity' and 'loss' "
+            "are reserved for its L1 penalty and its total)."
+        )
     if term.num_components != num_components or term.nan_strategy != nan_strategy:
         raise ValueError(
             f"`loss_terms[{key!r}]` has num_components={term.num_components}, nan_strategy={term.nan_strategy!r}; the "

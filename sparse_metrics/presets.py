@@ -478,6 +478,7 @@ def dictionary_learning(
     )
     common: dict[str, Any] = {"nan_strategy": nan_strategy, **_term_kwargs(kwargs)}
     terms: dict[str, tuple[SaeMetric, float]] = {}
+    # the collection's `sparsity_penalty` (is there an L1 term), not this trainer's JumpReLU `sparsity_penalty` weight
     options: dict[str, Any] = {"feature_reduction": "sum", "sparsity_penalty": False, **kwargs}  # checked above
     if trainer in ("standard", "standard_april_update"):
         options.update(

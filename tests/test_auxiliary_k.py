@@ -178,6 +178,31 @@ def test_forward_value_and_gradients_equal_the_peer(convention, k_aux, decode, m
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
+def test_the_bag_and_the_dense_decode_agree_for_several_components(convention, monkeypatch):
+    """Each component's picks index its own rows of the stacked decoder, in the bag as in the dense product."""
+    steps = [_step(8, seed=seed) for seed in (3, 4, 5)]
+    stacked = {name: torch.stack([step[name] for step in steps], dim=1) for name in steps[0]}
+    for name in ("decoder_weight", "decoder_bias", "dead_mask"):  # per-component parameters: [component, ...]
+        stacked[name] = torch.stack([step[name] for step in steps])
+    stacked["dead_mask"][1, :4] = ~stacked["dead_mask"][1, :4]  # the components' dead latents differ
+    results = []
+    for fraction in (0.0, 1.0):
+        monkeypatch.setattr(auxiliary_k, "SPARSE_DECODE_FRACTION", fraction)
+        leaves = _leaves(stacked)
+        value = sm.AuxiliaryKLoss(3, k_aux=4, convention=convention, d_model=D_MODEL)(**_inputs(leaves))
+        value.sum().backward()
+        results.append((value.detach(), leaves["decoder_weight"].grad, leaves["pre_activations"].grad))
+    (dense_value, *dense_grads), (bag_value, *bag_grads) = results
+    torch.testing.assert_close(bag_value, dense_value, rtol=1e-12, atol=0)
+    for bag, dense in zip(bag_grads, dense_grads, strict=True):
+        if dense is None:  # sparsify: no gradient to the pre-activations
+            assert bag is None or not bag.any()
+        else:
+            torch.testing.assert_close(bag, dense, rtol=1e-10, atol=1e-12)
+    assert dense_grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
 def test_compute_over_uneven_batches_is_the_peer_over_every_item(convention):
     """Items of every batch pooled: the per-item mean, or the ratio of sums over every item (one dead mask)."""
     shared = ("decoder_weight", "decoder_bias", "dead_mask")

@@ -141,6 +141,28 @@ def test_without_a_sparsity_penalty_there_is_no_coefficient_and_no_sparsity_key(
     assert "sparsity" not in loss_fn
     with pytest.raises(ValueError, match="key 'sparsity' is taken"):  # the key stays the penalty's
         sm.SparseAutoencoderLoss(3, sparsity_penalty=False, loss_terms={"sparsity": sm.L1AbsoluteLoss(3)})
+    with pytest.raises(ValueError, match=r"Cannot weight 'sparsity'.*sparsity_penalty=False"):
+        loss_fn.set_loss_coefficient("sparsity", 0.1)
+    with pytest.raises(ValueError, match="no sparsity penalty"):
+        sm.SparseAutoencoderLoss(3, sparsity_penalty=False, loss_coefficients={"sparsity": 0.1})
+    # a SparsityLoss added afterwards would be logged but no term of "loss": refused, however it is added
+    with pytest.raises(ValueError, match="keeps the key 'sparsity' for its L1 penalty"):
+        loss_fn["sparsity"] = sm.SparsityLoss(0.1, 3)
+    with pytest.raises(ValueError, match="keeps the key 'sparsity' for its L1 penalty"):
+        loss_fn.add_metrics({"sparsity": sm.SparsityLoss(0.1, 3)})
+    assert "sparsity" not in loss_fn
+
+
+def test_a_one_term_loss_is_not_an_alias_of_its_term(generator):
+    """With the reconstruction as its only term, "loss" is a new tensor: changing it in place leaves "l2" as it was."""
+    loss_fn = sm.SparseAutoencoderLoss(sparsity_penalty=False)
+    source = torch.randn(4, 3, generator=generator)
+    out = loss_fn(source_activations=source, learned_activations=torch.rand(4, 5), decoded_activations=source + 1)
+    torch.testing.assert_close(out["loss"], out["l2"])
+    assert out["loss"] is not out["l2"]
+    computed = loss_fn.compute()
+    torch.testing.assert_close(computed["loss"], computed["l2"])
+    assert computed["loss"] is not computed["l2"]
 
 
 def test_prefix_and_postfix_name_every_key(generator):

@@ -124,8 +124,8 @@ class TotalLoss(SaeMetric):
         per_component = functools.reduce(torch.add, weighted)
         # Of one component the mean is the sum (x / 1 is x); the sum has the cheaper backward, and a 0-d total (of
         # terms whose batch means came 0-d, see SaeMetric._forward_value) is that one component's already.
-        if per_component.ndim == 0:
-            return per_component
+        if per_component.ndim == 0:  # a new tensor even of one unweighted term: not an alias of that term's value
+            return per_component if len(weighted) > 1 or per_component is not parts[0] else per_component.clone()
         if self.component_reduction == "mean" and per_component.numel() != 1:
             return per_component.mean()
         return per_component.sum()
