@@ -148,6 +148,38 @@ def test_compiled_collection_matches_eager(generator):
 
 
 @needs_cpu_compiler
+@pytest.mark.parametrize("convention", ["dictionary_learning", "sparsify"])
+@pytest.mark.parametrize("decode", ["dense", "bag"])
+def test_compiled_auxiliary_k_decodes_as_eager(generator, monkeypatch, convention, decode):
+    """Both AuxK decodes (fraction 0: the dense product; 1: the embedding bag) compile to eager's values and grads."""
+    monkeypatch.setattr(smf.auxiliary_k, "SPARSE_DECODE_FRACTION", 0.0 if decode == "dense" else 1.0)
+    bags = []
+    bag = smf.auxiliary_k.embedding_bag
+    monkeypatch.setattr(smf.auxiliary_k, "embedding_bag", lambda *a, **kw: bags.append(1) or bag(*a, **kw))
+
+    def collection(compiled):
+        auxk = sm.AuxiliaryKLoss(2, k_aux=4, convention=convention, d_model=6)
+        return sm.SparseAutoencoderLoss(2, sparsity_penalty=False, loss_terms={"auxk": auxk}, compiled=compiled)
+
+    eager, compiled = collection(False), collection(True)
+    torch._dynamo.reset()
+    inputs = _inputs(generator)
+    inputs["pre_activations"].requires_grad_()
+    leaves = [inputs[name] for name in ("decoder_weight", "pre_activations", "decoded_activations")]
+    expected = eager(**inputs)
+    expected_gradients = torch.autograd.grad(expected["loss"], leaves, allow_unused=True, materialize_grads=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would pass the comparisons unseen
+        actual = compiled(**inputs)
+    gradients = torch.autograd.grad(actual["loss"], leaves, allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(gradients, expected_gradients)
+    assert smf.auxiliary_k._compiled_auxiliary_k_terms._compiled is not None  # AuxK ran compiled
+    assert not smf.auxiliary_k._compiled_auxiliary_k_terms._failed
+    assert bool(bags) == (decode == "bag")
+
+
+@needs_cpu_compiler
 def test_compiled_training_step_matches_eager(generator):
     """A training step (SAE forward, the collection's forward) under torch.compile gives eager's loss and grads."""
     sae = torch.nn.Linear(6, 24, dtype=torch.float64)
