@@ -578,20 +578,19 @@ def _coefficient(
     """The sparsity penalty's coefficient (default 1e-3), or None where the collection has no penalty."""
     if sparsity_coefficient is not None and l1_coefficient is not None:
         raise ValueError("Give `sparsity_coefficient` or its prior-art name `l1_coefficient`, not both.")
-    given = next((c for c in (sparsity_coefficient, l1_coefficient) if c is not None), None)
     if not penalty:
-        if given is not None or decoder_norm_weighting:
-            name = (
-                "sparsity_decoder_norm_weighting"
-                if given is None
-                else ("sparsity_coefficient" if sparsity_coefficient is not None else "l1_coefficient")
-            )
+        options = {
+            "sparsity_coefficient": sparsity_coefficient is not None,
+            "l1_coefficient": l1_coefficient is not None,
+            "sparsity_decoder_norm_weighting": decoder_norm_weighting,
+        }
+        if given := [name for name, is_given in options.items() if is_given]:
             raise ValueError(
-                f"`{name}` configures the sparsity penalty, which `sparsity_penalty=False` leaves out; give one or "
+                f"`{given[0]}` configures the sparsity penalty, which `sparsity_penalty=False` leaves out; give one or "
                 "the other."
             )
         return None
-    return 1e-3 if given is None else given
+    return next((c for c in (sparsity_coefficient, l1_coefficient) if c is not None), 1e-3)
 
 
 def _check_options(

@@ -125,7 +125,7 @@ class TotalLoss(SaeMetric):
         # Of one component the mean is the sum (x / 1 is x); the sum has the cheaper backward, and a 0-d total (of
         # terms whose batch means came 0-d, see SaeMetric._forward_value) is that one component's already.
         if per_component.ndim == 0:  # a new tensor even of one unweighted term: not an alias of that term's value
-            return per_component if len(weighted) > 1 or per_component is not parts[0] else per_component.clone()
+            return per_component.clone() if per_component is parts[0] else per_component
         if self.component_reduction == "mean" and per_component.numel() != 1:
             return per_component.mean()
         return per_component.sum()
