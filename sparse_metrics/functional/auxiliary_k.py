@@ -40,6 +40,7 @@ from sparse_metrics import _batch as batch_module
 from sparse_metrics._compile import CompiledWithFallback
 from sparse_metrics._sharding import FeatureSharding
 from sparse_metrics._validation import autocast_disabled, check_prefix_sizes, computation_dtype
+from sparse_metrics.functional.explained_variance import _squared_deviation
 from sparse_metrics.functional.matryoshka import _local_prefix_widths, _partial_prefix_decodes
 
 __all__ = ["AUXILIARY_K_CONVENTIONS", "AuxiliaryKConvention", "auxiliary_k_loss"]
@@ -401,7 +402,7 @@ def batch_ratio(terms: AuxiliaryKTerms, rule: _Rule, variance: Tensor | None = N
     assert terms.normaliser_input is not None
     values = terms.normaliser_input
     if variance is None:
-        variance = (values - values.mean(dim=0)).square().sum(dim=(0, 2))
+        variance = _squared_deviation(values, values.mean(dim=0))
     denominator = variance / values.shape[-1] if rule.feature_mean else variance
     ratio = finish_ratio(terms.squared_error.sum(dim=0), denominator, rule)
     if terms.any_dead is None:
