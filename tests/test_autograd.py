@@ -1,9 +1,9 @@
-"""Autograd of the L1 term's custom function: gradients, double backward and torch.func transforms."""
+"""Autograd of the custom functions (L1, decoder row norms, weighted penalty): gradients, double backward, func."""
 
 import pytest
 import torch
 
-from sparse_metrics.functional import l1_absolute_loss, sparsity_loss
+from sparse_metrics.functional import l1_absolute_loss, sparsity, sparsity_loss
 
 
 def _reference(learned):
@@ -46,3 +46,78 @@ def test_torch_func_transforms(generator):
     torch.testing.assert_close(grad(learned), torch.func.grad(lambda f: _reference(f).sum())(learned))
     torch.testing.assert_close(torch.func.vmap(_ours)(learned), _reference(learned))
     torch.testing.assert_close(torch.func.vmap(grad)(learned), learned.sign())
+
+
+# The decoder-weighted penalty: its row norms and its weighted sum are custom functions too.
+
+
+def _weighted(learned, weight):
+    return sparsity_loss(learned, 0.5, decoder_weight=weight, keep_batch_dim=True)
+
+
+def _weighted_reference(learned, weight):
+    return 0.5 * torch.einsum("bcf,cf->bc", learned.abs(), torch.linalg.vector_norm(weight, dim=-1))
+
+
+def _decoder(generator, dtype=torch.float64):
+    return torch.randn(2, 6, 3, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def test_weighted_penalty_gradcheck_and_double_backward(generator):
+    learned = _activations(generator).requires_grad_()
+    weight = _decoder(generator).requires_grad_()
+    assert torch.autograd.gradcheck(_weighted, (learned, weight))
+    assert torch.autograd.gradgradcheck(_weighted, (learned, weight))
+
+
+def test_weighted_penalty_gradients_match_autograd(generator):
+    learned = _activations(generator)
+    weight = _decoder(generator)
+    ours = torch.func.grad(lambda f, w: _weighted(f, w).sum(), argnums=(0, 1))(learned, weight)
+    expected = torch.func.grad(lambda f, w: _weighted_reference(f, w).sum(), argnums=(0, 1))(learned, weight)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(
+        torch.func.vmap(_weighted)(learned[None], weight[None]), _weighted_reference(learned, weight)[None]
+    )
+
+
+def test_a_zero_decoder_row_has_zero_gradient(generator):
+    """autograd's vector_norm backward gives 0 at a zero norm (not NaN): the row-norm function does too."""
+    learned = _activations(generator)
+    weight = _decoder(generator)
+    weight[1, 2] = 0.0
+    weight.requires_grad_()
+    _weighted(learned, weight).sum().backward()
+    assert torch.isfinite(weight.grad).all()
+    assert torch.equal(weight.grad[1, 2], torch.zeros(3, dtype=weight.dtype))
+
+
+def test_the_cpu_blocks_give_the_whole_batch_values_and_gradients(generator, monkeypatch):
+    learned = torch.randn(37, 2, 6, generator=generator, dtype=torch.float64)
+    weight = _decoder(generator)
+
+    def value_and_grads():
+        f, w = learned.clone().requires_grad_(), weight.clone().requires_grad_()
+        value = _weighted(f, w)
+        value.backward(torch.arange(value.numel(), dtype=value.dtype).view_as(value))
+        return value.detach(), f.grad, w.grad
+
+    whole = value_and_grads()
+    monkeypatch.setattr(sparsity, "_COUNT_BLOCK", 2 * 6 * 5)  # blocks of 5 items, the last of 2
+    assert sparsity._block_rows(learned) == 5
+    blocked = value_and_grads()
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weighted_penalty_half_gradients_have_the_input_dtypes(generator, dtype):
+    learned = _activations(generator, dtype).requires_grad_()
+    weight = _decoder(generator, dtype).requires_grad_()
+    _weighted(learned, weight).sum().backward()
+    assert learned.grad.dtype == dtype
+    assert weight.grad.dtype == dtype
+    expected = torch.func.grad(lambda f, w: _weighted_reference(f, w).sum(), argnums=(0, 1))(
+        learned.detach().double(), weight.detach().double()
+    )
+    torch.testing.assert_close(learned.grad.double(), expected[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(weight.grad.double(), expected[1], rtol=1e-2, atol=1e-2)
