@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparse_metrics.functional import l1_absolute_loss, sparsity, sparsity_loss
+from sparse_metrics.functional import l1_absolute_loss, sparsity_loss
 
 
 def _reference(learned):
@@ -90,23 +90,6 @@ def test_a_zero_decoder_row_has_zero_gradient(generator):
     _weighted(learned, weight).sum().backward()
     assert torch.isfinite(weight.grad).all()
     assert torch.equal(weight.grad[1, 2], torch.zeros(3, dtype=weight.dtype))
-
-
-def test_the_cpu_blocks_give_the_whole_batch_values_and_gradients(generator, monkeypatch):
-    learned = torch.randn(37, 2, 6, generator=generator, dtype=torch.float64)
-    weight = _decoder(generator)
-
-    def value_and_grads():
-        f, w = learned.clone().requires_grad_(), weight.clone().requires_grad_()
-        value = _weighted(f, w)
-        value.backward(torch.arange(value.numel(), dtype=value.dtype).view_as(value))
-        return value.detach(), f.grad, w.grad
-
-    whole = value_and_grads()
-    monkeypatch.setattr(sparsity, "_COUNT_BLOCK", 2 * 6 * 5)  # blocks of 5 items, the last of 2
-    assert sparsity._block_rows(learned) == 5
-    blocked = value_and_grads()
-    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

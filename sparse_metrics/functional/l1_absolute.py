@@ -11,6 +11,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sparse_metrics._validation import computation_dtype, to_components
+from sparse_metrics.functional._blocks import absolute_blocks, blocks_on_cpu, small
 from sparse_metrics.functional._output import batch_output
 
 
@@ -35,7 +36,9 @@ class _AbsoluteSum(torch.autograd.Function):
 
     A 2-D input keeps the reduced axis (``[batch, 1]``: one component), a 3-D one does not (``[batch, component]``).
 
-    The forward is one fused pass that accumulates in float32 even for half inputs, with no ``|f|`` temporary. The
+    The forward is one fused pass (``vector_norm``) that accumulates in float32 even for half inputs, with no ``|f|``
+    temporary; on a CPU, ``|f|`` summed in blocks of items, twice as fast (see
+    :mod:`sparse_metrics.functional._blocks`). The
     backward writes the gradient ``sign(f) * grad`` into a single new tensor; autograd's own backward of the 1-norm
     allocates two of the full input size (``sgn(f)``, then its product with the gradient), and on a CPU the
     allocation and first touch of such a tensor cost as much as the arithmetic. Written in the ``setup_context``
@@ -47,7 +50,15 @@ class _AbsoluteSum(torch.autograd.Function):
 
     @staticmethod
     def forward(learned: Tensor, dtype: torch.dtype) -> Tensor:
-        per_item: Tensor = torch.linalg.vector_norm(learned, ord=1, dim=-1, keepdim=learned.ndim == 2, dtype=dtype)
+        keepdim = learned.ndim == 2
+        if not blocks_on_cpu(learned):
+            per_item: Tensor = torch.linalg.vector_norm(learned, ord=1, dim=-1, keepdim=keepdim, dtype=dtype)
+            return per_item
+        if small(learned):
+            return learned.abs().sum(dim=-1, keepdim=keepdim, dtype=dtype)
+        per_item = learned.new_empty((*learned.shape[:-1], 1) if keepdim else learned.shape[:-1], dtype=dtype)
+        for items, magnitude in absolute_blocks(learned):
+            torch.sum(magnitude, dim=-1, keepdim=keepdim, dtype=dtype, out=per_item[items])
         return per_item
 
     @staticmethod

@@ -10,6 +10,7 @@ decoder rows no longer lowers the penalty. It is differentiable with respect to 
 """
 
 import inspect
+from collections.abc import Iterator
 from typing import Any, no_type_check
 
 import torch
@@ -24,8 +25,8 @@ from sparse_metrics._validation import (
     infer_d_model,
     to_components,
 )
+from sparse_metrics.functional._blocks import absolute_blocks, blocks_on_cpu, small
 from sparse_metrics.functional._output import batch_output
-from sparse_metrics.functional.l0_norm import _COUNT_BLOCK
 from sparse_metrics.functional.l1_absolute import _l1_absolute_update
 
 
@@ -108,16 +109,12 @@ def _weighted_l1(
         return per_item
 
 
-def _block_rows(values: Tensor) -> int:
-    """Items per block for a pass that makes a temporary of ``values``' size: the whole batch, except on a CPU.
-
-    On a CPU a large temporary (glibc maps every block above 32 MiB afresh) costs a page fault per 4 KiB, several
-    times the arithmetic; blocks of about ``_COUNT_BLOCK`` elements reuse memory the process holds. Not while
-    compiling, where the compiler fuses the temporary away.
-    """
-    if values.device.type != "cpu" or values.numel() <= _COUNT_BLOCK or torch.compiler.is_compiling():
-        return max(values.shape[0], 1)
-    return max(1, _COUNT_BLOCK * values.shape[0] // values.numel())
+def _absolute_blocks(learned: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """``(items, |learned[items]|)``: the whole batch at once, except on a CPU (see ``_blocks``)."""
+    if not blocks_on_cpu(learned) or small(learned):
+        yield slice(None), learned.abs()
+    else:
+        yield from absolute_blocks(learned)
 
 
 @no_type_check
@@ -128,7 +125,8 @@ class _WeightedAbsoluteSum(torch.autograd.Function):
     new tensors of the activations' size (at batch 4096, d_sae 16384: 256 MiB each, on a CPU freshly mapped pages
     every step), and it keeps ``|f|`` from the forward. Here the activations' gradient ``sign(f) · grad · n`` is
     written into one new tensor, multiplied in place, and the norms' gradient ``Σ_b |f| grad`` reads ``|f|`` again;
-    on a CPU both ``|f|`` are made in blocks of items (see :func:`_block_rows`), so nothing of the activations' size
+    on a CPU both ``|f|`` are made in blocks of items (see
+    :mod:`sparse_metrics.functional._blocks`), so nothing of the activations' size
     is allocated but the gradient, nor kept from the forward but the activations themselves. Written with
     differentiable operations, in the ``setup_context`` style with a generated vmap rule, like ``_AbsoluteSum``.
     """
@@ -137,10 +135,8 @@ class _WeightedAbsoluteSum(torch.autograd.Function):
 
     @staticmethod
     def forward(learned: Tensor, row_norms: Tensor) -> Tensor:
-        rows = _block_rows(learned)
-        if rows >= learned.shape[0]:
-            return torch.einsum("bcf,cf->bc", learned.abs(), row_norms)
-        return torch.cat([torch.einsum("bcf,cf->bc", block.abs(), row_norms) for block in learned.split(rows)])
+        parts = [torch.einsum("bcf,cf->bc", magnitude, row_norms) for _, magnitude in _absolute_blocks(learned)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
@@ -153,9 +149,8 @@ class _WeightedAbsoluteSum(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_learned = torch.sign(learned).mul_(grad.unsqueeze(-1)).mul_(row_norms)
         if ctx.needs_input_grad[1]:
-            rows = _block_rows(learned)
-            for block, block_grad in zip(learned.split(rows), grad.split(rows), strict=True):
-                part = torch.einsum("bcf,bc->cf", block.abs(), block_grad)
+            for items, magnitude in _absolute_blocks(learned):
+                part = torch.einsum("bcf,bc->cf", magnitude, grad[items])
                 grad_norms = part if grad_norms is None else grad_norms + part
         return grad_learned, grad_norms
 
