@@ -169,26 +169,41 @@ class _Snapshot:
     computed: Any
     forward_cache: Any
     states: dict[str, Any]
-    pending: dict[str, list[Tensor | int]] | None = None
+    #: The :class:`DeferredSum` queues and the list states of this package's metrics: each list and its length.
+    lists: dict[str, tuple[list[Any], int]] | None = None
+    pending: dict[str, tuple[list[Any], int]] | None = None
 
 
 def _snapshot(metric: Metric) -> _Snapshot:
     """What ``_restore`` needs to undo a batch.
 
-    This package's metrics replace their states, never change them in place, so references do (taken as stored:
-    the queues of :class:`DeferredSum` states are copied, not folded); any other metric's tensor states are copied,
-    since its update may add into them in place.
+    This package's metrics replace their tensor states, never change them in place, so references do; their list
+    states and the queues of :class:`DeferredSum` states only grow by appending, so each list's length does (a copy
+    would cost a step time that grows with the epoch). Any other metric's states are copied, since its update may
+    change them in place.
     """
     if isinstance(metric, SaeMetric):
         stored = metric.__dict__
-        states = {
-            name: list(stored[name]) if isinstance(stored[name], list) else stored[name] for name in metric._defaults
-        }
-        return _Snapshot(metric._update_count, metric._computed, metric._forward_cache, states, _copied_queues(stored))
+        states, lists = {}, {}
+        for name in metric._defaults:
+            value = stored[name]
+            if isinstance(value, list):
+                lists[name] = (value, len(value))
+            else:
+                states[name] = value
+        pending = {name: (additions, len(additions)) for name, additions in stored.get(_PENDING, {}).items()}
+        return _Snapshot(metric._update_count, metric._computed, metric._forward_cache, states, lists, pending)
     states = {
         name: list(value) if isinstance(value, list) else value.clone() for name, value in metric.metric_state.items()
     }
     return _Snapshot(metric._update_count, metric._computed, metric._forward_cache, states)
+
+
+def _truncated(saved: tuple[list[Any], int]) -> list[Any]:
+    """The saved list, cut back to its saved length (what was appended since is dropped)."""
+    values, length = saved
+    del values[length:]
+    return values
 
 
 def _restore(metric: Metric, snapshot: _Snapshot) -> None:
@@ -196,8 +211,10 @@ def _restore(metric: Metric, snapshot: _Snapshot) -> None:
     metric._forward_cache = snapshot.forward_cache
     for name, value in snapshot.states.items():
         setattr(metric, name, value)
-    if snapshot.pending is not None:
-        metric.__dict__[_PENDING] = snapshot.pending
+    for name, saved in (snapshot.lists or {}).items():
+        setattr(metric, name, _truncated(saved))
+    if snapshot.pending is not None:  # after the states: setting a DeferredSum state drops its queue
+        metric.__dict__[_PENDING] = {name: _truncated(saved) for name, saved in snapshot.pending.items()}
 
 
 @contextmanager
