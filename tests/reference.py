@@ -221,7 +221,7 @@ def sae_inputs(
 ) -> dict[str, Tensor]:
     """One seeded SAE step, every input by keyword, ``[batch, component, ...]`` (the one input builder of the tests).
 
-    ``source_activations`` is independent of the SAE; ``learned_activations`` are sparse (exact zeros at rate
+    ``source_activations`` is the decode plus unit noise; ``learned_activations`` are sparse (exact zeros at rate
     ``1 - density``; with ``signed`` a third of the non-zero ones negative, as a non-ReLU SAE gives);
     ``decoded_activations`` is the SAE's decode ``f W + b``; ``decoder_weight`` is feature-major
     ``[component, d_sae, d_model]`` with row norms far from 1, ``decoder_bias`` ``[component, d_model]``.
@@ -236,12 +236,16 @@ def sae_inputs(
     learned = sparse_activations(batch_size, components, d_sae, density=density, generator=generator).double()
     if signed:
         learned = learned * torch.where(torch.rand(learned.shape, generator=generator) < 1 / 3, -1.0, 1.0).double()
-    source = torch.randn(batch_size, components, d_model, generator=generator, dtype=torch.float64)
+    decoded = torch.einsum("bcf,cfd->bcd", learned, weight) + bias
+    # The decode plus unit noise: a reconstruction correlated with its source, as an SAE's is. With an independent
+    # source, sums of <x, x_hat> over a few random items can cancel to almost 0, and ratios over them (the relative
+    # reconstruction bias) become dominated by the float32 rounding of the inputs.
+    source = decoded + torch.randn(batch_size, components, d_model, generator=generator, dtype=torch.float64)
     pre_activations = 0.2 + 0.5 * torch.randn(batch_size, components, d_sae, generator=generator, dtype=torch.float64)
     inputs = {
         "source_activations": source,
         "learned_activations": learned,
-        "decoded_activations": torch.einsum("bcf,cfd->bcd", learned, weight) + bias,
+        "decoded_activations": decoded,
         "decoder_weight": weight,
         "decoder_bias": bias,
         "pre_activations": pre_activations,
