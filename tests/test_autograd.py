@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparse_metrics.functional import l1_absolute_loss, sparsity_loss
+from sparse_metrics.functional import fraction_of_variance_unexplained, l1_absolute_loss, sparsity_loss
 
 
 def _reference(learned):
@@ -104,3 +104,42 @@ def test_weighted_penalty_half_gradients_have_the_input_dtypes(generator, dtype)
     )
     torch.testing.assert_close(learned.grad.double(), expected[0], rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(weight.grad.double(), expected[1], rtol=1e-2, atol=1e-2)
+
+
+def test_weighted_penalty_under_forward_mode_and_jacobians(generator):
+    """No jvp of its own: forward-mode AD and the torch.func jacobians run autograd's operations, same values."""
+    learned = _activations(generator)
+    weight = _decoder(generator)
+    tangents = (torch.randn_like(learned), torch.randn_like(weight))
+    ours = torch.func.jvp(_weighted, (learned, weight), tangents)
+    expected = torch.func.jvp(_weighted_reference, (learned, weight), tangents)
+    torch.testing.assert_close(ours, expected)
+    for jacobian in (torch.func.jacrev, torch.func.jacfwd):
+        torch.testing.assert_close(
+            jacobian(_weighted, argnums=(0, 1))(learned, weight),
+            jacobian(_weighted_reference, argnums=(0, 1))(learned, weight),
+        )
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(weight, tangents[1])
+        tangent = torch.autograd.forward_ad.unpack_dual(_weighted(learned, dual)).tangent
+    _, expected_tangent = torch.func.jvp(lambda w: _weighted_reference(learned, w), (weight,), (tangents[1],))
+    torch.testing.assert_close(tangent, expected_tangent)
+
+
+def test_fvu_second_derivative_at_an_item_equal_to_the_mean():
+    """With a gradient the variance is the sum of squares (a norm is not differentiable twice at zero)."""
+    source = torch.tensor(
+        [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]], dtype=torch.float64, requires_grad=True
+    )  # item 1 = mean
+    decoded = torch.tensor([[0.5, 1.0], [2.0, 2.5], [4.5, 5.0]], dtype=torch.float64)
+
+    def reference(x):
+        return ((decoded - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+
+    def second(fvu):
+        (grad,) = torch.autograd.grad(fvu(source), source, create_graph=True)
+        return torch.autograd.grad(grad.pow(2).sum(), source)[0]
+
+    ours = second(lambda x: fraction_of_variance_unexplained(decoded, x))
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, second(reference))

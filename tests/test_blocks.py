@@ -60,10 +60,49 @@ def test_the_scratch_buffer_is_reused_and_survives_inference_mode(generator, mon
 
 
 def test_block_rows_bounds():
-    assert _blocks.block_rows(torch.zeros(0, 4)) == 1
-    assert _blocks.block_rows(torch.zeros(3, 4)) == 3
-    assert _blocks.block_rows(torch.zeros(3 * _blocks.ITEM_BLOCK, 1)) == _blocks.ITEM_BLOCK
-    assert _blocks.block_rows(torch.zeros(2, 2 * _blocks.ITEM_BLOCK)) == 1  # one item larger than a block
+    def rows(*shape):
+        return _blocks.block_rows(torch.empty(*shape, device="meta"))  # from the shape alone
+
+    assert rows(0, 4) == 1
+    assert rows(3, 4) == 3
+    assert rows(3 * _blocks.ITEM_BLOCK, 1) == _blocks.ITEM_BLOCK
+    assert rows(2, 2 * _blocks.ITEM_BLOCK) == 1  # one item larger than a block
+
+
+def test_double_backward_through_the_blocks(generator, monkeypatch):
+    """A backward that autograd records (create_graph) reads no reused buffer: the next block would overwrite it."""
+    monkeypatch.setattr(_blocks, "SMALL", 0)
+    monkeypatch.setattr(_blocks, "ITEM_BLOCK", 2 * 6 * 2)
+    learned = torch.randn(5, 2, 6, generator=generator, dtype=torch.float64)
+    learned = (learned + learned.sign() * 0.1).requires_grad_()
+    weight = torch.randn(2, 6, 3, generator=generator, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradgradcheck(TERMS["weighted"], (learned, weight))
+    assert torch.autograd.gradgradcheck(TERMS["l1"], (learned, weight))
+    # Only the decoder differentiated twice: the norms' gradient Σ_b |f| grad is what autograd records.
+    (grad,) = torch.autograd.grad(TERMS["weighted"](learned.detach(), weight).pow(2).sum(), weight, create_graph=True)
+    (second,) = torch.autograd.grad(grad.sum(), weight)
+    reference = torch.func.grad(
+        lambda w: torch.func.grad(lambda v: (0.5 * _reference_weighted(learned.detach(), v)).pow(2).sum())(w).sum()
+    )(weight.detach())
+    torch.testing.assert_close(second, reference)
+
+
+def _reference_weighted(learned, weight):
+    return torch.einsum("bcf,cf->bc", learned.abs(), torch.linalg.vector_norm(weight, dim=-1))
+
+
+def test_fake_tensors_do_not_reach_the_buffer(generator, monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
+
+    monkeypatch.setattr(_blocks, "SMALL", 0)
+    monkeypatch.setattr(_blocks, "_thread", type(_blocks._thread)())
+    learned = _activations(generator, (9, 2, 6))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(learned)
+        assert l1_absolute_loss(fake, keep_batch_dim=True).shape == (9, 2)
+        assert l0_norm(fake, keep_batch_dim=True).shape == (9, 2)
+    assert not _blocks._thread.__dict__.get("buffers")
+    torch.testing.assert_close(l1_absolute_loss(learned, keep_batch_dim=True), learned.abs().sum(-1), equal_nan=True)
 
 
 def test_torch_func_transforms_take_the_fused_kernels(generator, monkeypatch):

@@ -6,7 +6,7 @@ batch 4096, d_sae 16384 each 16 MiB block of ``|f|`` cost 3.6 ms made fresh and 
 touched. ``torch.linalg.vector_norm``'s fused reductions make no temporary but run slower than ``abs`` and ``sum``
 (half the speed for the 1-norm; the 0-"norm" branches on every element). So on a CPU a pass that needs a temporary of
 the activations' size writes it block by block into a buffer kept for the thread (:func:`scratch`: at most
-:data:`ITEM_BLOCK` elements per dtype, 16 MiB of float32), and a small input simply allocates it.
+:data:`ITEM_BLOCK` elements per dtype, 16 MiB of float32, never freed), and a small input simply allocates it.
 """
 
 from __future__ import annotations
@@ -29,18 +29,28 @@ SMALL = 1 << 16
 _thread = threading.local()
 
 
+def plain(values: Tensor) -> bool:
+    """Whether ``values`` is a plain eager tensor: no subclass (``DTensor``, a fake tensor), no ``torch.func`` wrapper.
+
+    A parameter counts as plain. Only for plain tensors are the blocks (and the package's custom backward passes)
+    used: an ``out=`` operation has no batching rule, a fake tensor must not reach the buffer that later real calls
+    reuse, and a subclass dispatches its own kernels.
+    """
+    return type(values) in _PLAIN_TYPES and not torch._C._functorch.is_functorch_wrapped_tensor(values)
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def blocks_on_cpu(values: Tensor) -> bool:
-    """Whether a pass over ``values`` runs in blocks of items: eagerly, on a CPU.
+    """Whether a pass over ``values`` runs in blocks of items: eagerly, on a CPU, for a :func:`plain` tensor.
 
     Elsewhere the fused kernels are used as they are: on other devices (a caching allocator), under
-    ``torch.compile`` (the compiler fuses the temporaries away) and inside ``torch.func`` transforms (an ``out=``
-    operation has no batching rule).
+    ``torch.compile`` (the compiler fuses the temporaries away), inside ``torch.func`` transforms, and for tensor
+    subclasses. A pass that autograd records (``create_graph=True``) must not read the reused buffer either: it would
+    be overwritten by the next block; callers check ``torch.is_grad_enabled()`` for that.
     """
-    return (
-        values.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(values)
-    )
+    return values.device.type == "cpu" and not torch.compiler.is_compiling() and plain(values)
 
 
 def small(values: Tensor) -> bool:
@@ -57,12 +67,16 @@ def block_rows(values: Tensor) -> int:
 def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A buffer of ``shape`` that this thread reuses: valid until the next call, and never returned to a caller.
 
-    Kept per dtype and device, grown to the largest block asked for (at most :data:`ITEM_BLOCK` elements, or one
-    item). It is made outside inference mode, so that a buffer first made under ``torch.inference_mode`` can still
+    Kept per thread, dtype and device, grown to the largest block asked for: at most :data:`ITEM_BLOCK` elements
+    (16 MiB of float32, 32 MiB of float64). A larger block (one item wider than that) gets a buffer of its own, not
+    kept. It is made outside inference mode, so that a buffer first made under ``torch.inference_mode`` can still
     be written to after it.
     """
-    buffers: dict[tuple[torch.dtype, torch.device], Tensor] = _thread.__dict__.setdefault("buffers", {})
     numel = math.prod(shape)
+    if numel > ITEM_BLOCK:
+        with torch.inference_mode(False):
+            return torch.empty(shape, dtype=dtype, device=device)
+    buffers: dict[tuple[torch.dtype, torch.device], Tensor] = _thread.__dict__.setdefault("buffers", {})
     flat = buffers.get((dtype, device))
     if flat is None or flat.numel() < numel:
         with torch.inference_mode(False):

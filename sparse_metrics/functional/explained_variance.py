@@ -59,15 +59,17 @@ def _squared_deviation(values: Tensor, mean: Tensor) -> Tensor:
 
 
 def _sum_of_squares(deviations: Tensor) -> Tensor:
-    """``Σ_b Σ_d deviations²`` ``[component]``: each item's squared 2-norm (one fused pass), summed over the items.
+    """``Σ_b Σ_d deviations²`` ``[component]`` of ``[batch, component, d_model]`` deviations.
 
-    ``deviations.square().sum(dim=(0, 2))`` writes the squares to a new tensor of the batch's size and reads them
-    back, and its backward allocates two more; the norm reads the deviations once, and its backward writes one tensor.
-    Each norm reduces an item's contiguous ``d_model`` axis, then the items' squares are summed: against float64,
-    2e-8 relative at ``[4096, 512]``, as the sum of squares (one norm over both axes would accumulate sequentially:
-    7e-5). Squaring a rounded norm does not give integer sums exactly, which a variance (a denominator) can afford; a
-    squared error, a reported loss, keeps the exact sum of squares.
+    Without a gradient to keep (the source's activations rarely need one), each item's squared 2-norm, summed over the
+    items: one fused read of the deviations, where ``square().sum()`` writes the squares to a new tensor of the
+    batch's size and reads them back. Each norm reduces an item's contiguous ``d_model`` axis: against float64 the
+    result is as accurate as the sum of squares (2e-8 relative at ``[4096, 512]``; one norm over both axes would
+    accumulate sequentially, 7e-5). With a gradient, the sum of squares: the norm is not differentiable twice at an
+    item equal to the mean.
     """
+    if deviations.requires_grad:
+        return deviations.square().sum(dim=(0, 2))
     norms: Tensor = torch.linalg.vector_norm(deviations, dim=-1)
     return norms.square().sum(dim=0)
 

@@ -36,14 +36,14 @@ class _AbsoluteSum(torch.autograd.Function):
 
     A 2-D input keeps the reduced axis (``[batch, 1]``: one component), a 3-D one does not (``[batch, component]``).
 
-    The forward is one fused pass (``vector_norm``) that accumulates in float32 even for half inputs, with no ``|f|``
-    temporary; on a CPU, ``|f|`` summed in blocks of items, twice as fast (see
-    :mod:`sparse_metrics.functional._blocks`). The
-    backward writes the gradient ``sign(f) * grad`` into a single new tensor; autograd's own backward of the 1-norm
-    allocates two of the full input size (``sgn(f)``, then its product with the gradient), and on a CPU the
-    allocation and first touch of such a tensor cost as much as the arithmetic. Written in the ``setup_context``
-    style with a generated vmap rule, so ``torch.func.grad`` and ``vmap`` work too. It has no ``jvp`` (forward-mode
-    AD): dynamo cannot trace a Function that defines one, and compiling matters more on this hot path.
+    The forward accumulates in float32 even for half inputs: one fused pass (``vector_norm``) with no ``|f|``
+    temporary, or on a CPU ``|f|`` summed block by block of items, twice as fast (see
+    :mod:`sparse_metrics.functional._blocks`). The backward writes the gradient ``sign(f) * grad`` into a single new
+    tensor; autograd's own backward of the 1-norm allocates two of the full input size (``sgn(f)``, then its product
+    with the gradient), and on a CPU the allocation and first touch of such a tensor cost as much as the arithmetic.
+    Written in the ``setup_context`` style with a generated vmap rule, so ``torch.func.grad`` and ``vmap`` work too.
+    It has no ``jvp`` (forward-mode AD): dynamo cannot trace a Function that defines one, and compiling matters more
+    on this hot path.
     """
 
     generate_vmap_rule = True

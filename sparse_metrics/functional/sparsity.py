@@ -25,7 +25,7 @@ from sparse_metrics._validation import (
     infer_d_model,
     to_components,
 )
-from sparse_metrics.functional._blocks import absolute_blocks, blocks_on_cpu, small
+from sparse_metrics.functional._blocks import absolute_blocks, blocks_on_cpu, plain, small
 from sparse_metrics.functional._output import batch_output
 from sparse_metrics.functional.l1_absolute import _l1_absolute_update
 
@@ -41,8 +41,25 @@ def _sparsity_from_l1(
 
 def _decoder_row_norms(weight: Float[Tensor, "component d_sae d_model"], dtype: torch.dtype) -> Tensor:
     """L2 norm of each feature-major decoder row, ``[component, d_sae]``, in ``dtype``."""
-    norms: Tensor = _RowNorms.apply(weight, dtype)  # type: ignore[no-untyped-call]
+    norms: Tensor
+    if _custom_backward(weight):
+        norms = _RowNorms.apply(weight, dtype)  # type: ignore[no-untyped-call]
+    else:
+        norms = torch.linalg.vector_norm(weight, dim=-1, dtype=dtype)
     return norms
+
+
+def _custom_backward(*tensors: Tensor) -> bool:
+    """Whether the custom backward passes below apply: plain tensors, no forward-mode AD.
+
+    They define no ``jvp`` (dynamo cannot trace a Function that has one, and compiling matters more on this hot path),
+    so under forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) and inside the other
+    ``torch.func`` transforms (``jacrev`` batches the gradient, which an in-place product cannot take) autograd's own
+    operations are used: the same values and gradients, at autograd's cost.
+    """
+    if torch.compiler.is_compiling():  # the Functions trace; the checks below do not (and dynamo sees no wrappers)
+        return True
+    return torch.autograd.forward_ad._current_level < 0 and all(plain(tensor) for tensor in tensors)
 
 
 # no_type_check: as for ``_AbsoluteSum`` (the test suite's jaxtyping hook would wrap ``forward`` in a checker that
@@ -74,7 +91,9 @@ class _RowNorms(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         weight, norms = ctx.saved_tensors
-        factor = torch.where(norms == 0, 0.0, grad / norms).unsqueeze(-1)
+        zero = norms == 0
+        # The safe denominator keeps a zero row's factor 0 in a second derivative too (not 0 * inf).
+        factor = torch.where(zero, 0.0, grad / torch.where(zero, 1.0, norms)).unsqueeze(-1)
         return torch.mul(weight, factor).to(weight.dtype), None
 
 
@@ -105,13 +124,20 @@ def _weighted_l1(
     Autocast is off: an autocast region would run this contraction in half precision.
     """
     with autocast_disabled(learned.device):
-        per_item: Tensor = _WeightedAbsoluteSum.apply(learned.to(row_norms.dtype), row_norms)  # type: ignore[no-untyped-call]
+        learned = learned.to(row_norms.dtype)
+        if not _custom_backward(learned, row_norms):
+            return torch.einsum("bcf,cf->bc", learned.abs(), row_norms)
+        per_item: Tensor = _WeightedAbsoluteSum.apply(learned, row_norms)  # type: ignore[no-untyped-call]
         return per_item
 
 
 def _absolute_blocks(learned: Tensor) -> Iterator[tuple[slice, Tensor]]:
-    """``(items, |learned[items]|)``: the whole batch at once, except on a CPU (see ``_blocks``)."""
-    if not blocks_on_cpu(learned) or small(learned):
+    """``(items, |learned[items]|)``: the whole batch at once, except on a CPU (see ``_blocks``).
+
+    Not in blocks where autograd records the operations (a backward with ``create_graph=True``): it would save the
+    buffer that the next block overwrites.
+    """
+    if not blocks_on_cpu(learned) or small(learned) or torch.is_grad_enabled():
         yield slice(None), learned.abs()
     else:
         yield from absolute_blocks(learned)
@@ -124,11 +150,11 @@ class _WeightedAbsoluteSum(torch.autograd.Function):
     Autograd's backward of ``einsum(|f|, n)`` materialises ``grad ⊗ n``, then ``sgn(f)``, then their product: three
     new tensors of the activations' size (at batch 4096, d_sae 16384: 256 MiB each, on a CPU freshly mapped pages
     every step), and it keeps ``|f|`` from the forward. Here the activations' gradient ``sign(f) · grad · n`` is
-    written into one new tensor, multiplied in place, and the norms' gradient ``Σ_b |f| grad`` reads ``|f|`` again;
-    on a CPU both ``|f|`` are made in blocks of items (see
-    :mod:`sparse_metrics.functional._blocks`), so nothing of the activations' size
-    is allocated but the gradient, nor kept from the forward but the activations themselves. Written with
-    differentiable operations, in the ``setup_context`` style with a generated vmap rule, like ``_AbsoluteSum``.
+    written into one new tensor, multiplied in place, and the norms' gradient ``Σ_b |f| grad`` reads ``|f|`` again.
+    On a CPU both ``|f|`` are made in blocks of items (see :mod:`sparse_metrics.functional._blocks`), so nothing of
+    the activations' size is allocated but the gradient, and nothing is kept from the forward but the inputs (the
+    float32 copy of half-precision activations). Written with differentiable operations, in the ``setup_context``
+    style with a generated vmap rule, like ``_AbsoluteSum``; autocast stays off in the backward as in the forward.
     """
 
     generate_vmap_rule = True
@@ -146,12 +172,13 @@ class _WeightedAbsoluteSum(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         learned, row_norms = ctx.saved_tensors
         grad_learned = grad_norms = None
-        if ctx.needs_input_grad[0]:
-            grad_learned = torch.sign(learned).mul_(grad.unsqueeze(-1)).mul_(row_norms)
-        if ctx.needs_input_grad[1]:
-            for items, magnitude in _absolute_blocks(learned):
-                part = torch.einsum("bcf,bc->cf", magnitude, grad[items])
-                grad_norms = part if grad_norms is None else grad_norms + part
+        with autocast_disabled(learned.device):
+            if ctx.needs_input_grad[0]:
+                grad_learned = torch.sign(learned).mul_(grad.unsqueeze(-1)).mul_(row_norms)
+            if ctx.needs_input_grad[1]:
+                for items, magnitude in _absolute_blocks(learned):
+                    part = torch.einsum("bcf,bc->cf", magnitude, grad[items])
+                    grad_norms = part if grad_norms is None else grad_norms + part
         return grad_learned, grad_norms
 
 
