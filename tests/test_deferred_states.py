@@ -189,6 +189,18 @@ def test_a_shallow_copy_has_its_own_queue(generator):
     assert int(metric.l2_count) == expected_count
 
 
+def test_a_shallow_copy_has_its_own_per_item_rows(generator):
+    first, second = _batches(generator, [3, 4])
+    metric = sm.L2ReconstructionLoss(keep_batch_dim=True)
+    metric.update(**first)
+    copied = copy.copy(metric)
+    copied.update(**second)
+    assert len(metric.l2_per_item) == 1  # the copy's update appended to its own rows only
+    assert len(copied.l2_per_item) == 2
+    assert metric.compute().shape == (3,)
+    assert copied.compute().shape == (7,)
+
+
 def test_a_state_not_added_yet_is_an_attribute_error():
     metric = sm.L2ReconstructionLoss.__new__(sm.L2ReconstructionLoss)
     assert not hasattr(metric, "l2_sum")

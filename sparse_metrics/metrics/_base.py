@@ -284,10 +284,14 @@ class SaeMetric(Metric):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickle (``clone``, ``deepcopy``, ``copy.copy``), keeping the signature of the inputs this metric reads.
 
-        The queues of the :class:`DeferredSum` states are copied: a shallow copy must not share (and fold) them.
+        The queues of the :class:`DeferredSum` states and the list states (per-item rows) are copied: a shallow copy
+        must not share them, or its updates would append to (and fold into) the original's.
         """
         super().__setstate__(state)
         self.__dict__[_PENDING] = _copied_queues(state)
+        for name in state.get("_defaults", {}):
+            if isinstance(state.get(name), list):
+                self.__dict__[name] = list(state[name])
         self._update_signature = self._inputs_signature()
 
     def _inputs_signature(self) -> inspect.Signature:
