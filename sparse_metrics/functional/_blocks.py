@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -47,8 +47,7 @@ def blocks_on_cpu(values: Tensor) -> bool:
 
     Elsewhere the fused kernels are used as they are: on other devices (a caching allocator), under
     ``torch.compile`` (the compiler fuses the temporaries away), inside ``torch.func`` transforms, and for tensor
-    subclasses. A pass that autograd records (``create_graph=True``) must not read the reused buffer either: it would
-    be overwritten by the next block; callers check ``torch.is_grad_enabled()`` for that.
+    subclasses.
     """
     return values.device.type == "cpu" and not torch.compiler.is_compiling() and plain(values)
 
@@ -84,14 +83,30 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     return flat[:numel].view(shape)
 
 
-def absolute_blocks(values: Tensor) -> Iterator[tuple[slice, Tensor]]:
-    """``(items, |values[items]|)`` block by block, each ``|values|`` written into the same :func:`scratch` buffer.
+def transformed_blocks(
+    values: Tensor, transform: Callable[[Tensor, Tensor], Tensor], dtype: torch.dtype
+) -> Iterator[tuple[slice, Tensor]]:
+    """``(items, transform(values[items], buffer))`` block by block, every result written into one :func:`scratch`.
 
-    A block's ``|values|`` is valid until the next block is made: reduce it first.
+    ``transform(block, out)`` writes an elementwise result of ``block``'s shape (in ``dtype``) into ``out`` and
+    returns it. A block's result is valid until the next block is made: reduce it first.
     """
     rows = block_rows(values)
-    buffer = scratch((rows, *values.shape[1:]), values.dtype, values.device)
+    buffer = scratch((rows, *values.shape[1:]), dtype, values.device)
     for start in range(0, values.shape[0], rows):
         items = slice(start, start + rows)
         block = values[items]
-        yield items, torch.abs(block, out=buffer[: block.shape[0]])
+        yield items, transform(block, buffer[: block.shape[0]])
+
+
+def absolute_blocks(values: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """``(items, |values[items]|)``: block by block (see :func:`transformed_blocks`) where the blocks apply.
+
+    Elsewhere one block of the whole batch, ``|values|`` made anew: off a CPU (:func:`blocks_on_cpu`), for a small
+    input, and where autograd records the operations (a backward with ``create_graph=True``), which would save the
+    buffer that the next block overwrites.
+    """
+    if not blocks_on_cpu(values) or small(values) or torch.is_grad_enabled():
+        yield slice(None), values.abs()
+    else:
+        yield from transformed_blocks(values, lambda block, out: torch.abs(block, out=out), values.dtype)

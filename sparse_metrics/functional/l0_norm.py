@@ -8,7 +8,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sparse_metrics._validation import computation_dtype, to_components
-from sparse_metrics.functional._blocks import block_rows, blocks_on_cpu, scratch, small
+from sparse_metrics.functional._blocks import blocks_on_cpu, small, transformed_blocks
 from sparse_metrics.functional._output import batch_output
 
 
@@ -44,13 +44,9 @@ def _count_nonzero(values: Tensor, dtype: torch.dtype) -> Tensor:
     if small(values):
         fired = torch.ne(values, 0, out=values.new_empty(values.shape, dtype=dtype))
         return torch.sum(fired, dim=-1, keepdim=keepdim)
-    rows = block_rows(values)
     counts = values.new_empty((*values.shape[:-1], 1) if keepdim else values.shape[:-1], dtype=dtype)
-    block = scratch((rows, *values.shape[1:]), dtype, values.device)
-    for start in range(0, values.shape[0], rows):
-        items = values[start : start + rows]
-        fired = torch.ne(items, 0, out=block[: items.shape[0]])
-        torch.sum(fired, dim=-1, keepdim=keepdim, out=counts[start : start + rows])
+    for items, fired in transformed_blocks(values, lambda block, out: torch.ne(block, 0, out=out), dtype):
+        torch.sum(fired, dim=-1, keepdim=keepdim, out=counts[items])
     return counts
 
 

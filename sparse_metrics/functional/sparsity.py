@@ -10,7 +10,6 @@ decoder rows no longer lowers the penalty. It is differentiable with respect to 
 """
 
 import inspect
-from collections.abc import Iterator
 from typing import Any, no_type_check
 
 import torch
@@ -25,7 +24,7 @@ from sparse_metrics._validation import (
     infer_d_model,
     to_components,
 )
-from sparse_metrics.functional._blocks import absolute_blocks, blocks_on_cpu, plain, small
+from sparse_metrics.functional._blocks import absolute_blocks, plain
 from sparse_metrics.functional._output import batch_output
 from sparse_metrics.functional.l1_absolute import _l1_absolute_update
 
@@ -131,18 +130,6 @@ def _weighted_l1(
         return per_item
 
 
-def _absolute_blocks(learned: Tensor) -> Iterator[tuple[slice, Tensor]]:
-    """``(items, |learned[items]|)``: the whole batch at once, except on a CPU (see ``_blocks``).
-
-    Not in blocks where autograd records the operations (a backward with ``create_graph=True``): it would save the
-    buffer that the next block overwrites.
-    """
-    if not blocks_on_cpu(learned) or small(learned) or torch.is_grad_enabled():
-        yield slice(None), learned.abs()
-    else:
-        yield from absolute_blocks(learned)
-
-
 @no_type_check
 class _WeightedAbsoluteSum(torch.autograd.Function):
     """``Σ_i |f_i| n_i`` per item and component: ``[batch, component, d_sae]`` and ``[component, d_sae]`` in.
@@ -161,7 +148,7 @@ class _WeightedAbsoluteSum(torch.autograd.Function):
 
     @staticmethod
     def forward(learned: Tensor, row_norms: Tensor) -> Tensor:
-        parts = [torch.einsum("bcf,cf->bc", magnitude, row_norms) for _, magnitude in _absolute_blocks(learned)]
+        parts = [torch.einsum("bcf,cf->bc", magnitude, row_norms) for _, magnitude in absolute_blocks(learned)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
@@ -176,7 +163,7 @@ class _WeightedAbsoluteSum(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_learned = torch.sign(learned).mul_(grad.unsqueeze(-1)).mul_(row_norms)
             if ctx.needs_input_grad[1]:
-                for items, magnitude in _absolute_blocks(learned):
+                for items, magnitude in absolute_blocks(learned):
                     part = torch.einsum("bcf,bc->cf", magnitude, grad[items])
                     grad_norms = part if grad_norms is None else grad_norms + part
         return grad_learned, grad_norms
