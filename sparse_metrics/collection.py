@@ -303,7 +303,8 @@ class SparseAutoencoderLoss(MetricCollection):
 
     def __getattr__(self, name: str) -> Tensor | Module:
         # Python falls back here when a property raises AttributeError, which would drop the reason
-        if name == "sparsity_coefficient" and "sparsity" not in self.__dict__.get("_modules", {"sparsity": None}):
+        built = "_modules" in self.__dict__  # before Module.__init__ there is nothing to tell
+        if name == "sparsity_coefficient" and built and "sparsity" not in self._modules:
             raise AttributeError(_NO_SPARSITY_PENALTY)
         return super().__getattr__(name)
 
