@@ -42,6 +42,19 @@ def plain(values: Tensor) -> bool:
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
+def custom_backward(*tensors: Tensor) -> bool:
+    """Whether this package's custom backward passes (autograd Functions) apply: plain tensors, no forward-mode AD.
+
+    They define no ``jvp`` (dynamo cannot trace a Function that has one, and compiling matters more on the hot paths),
+    so under forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) and inside the other
+    ``torch.func`` transforms (``jacrev`` batches the gradient, which an in-place product cannot take) autograd's own
+    operations are used: the same values and gradients, at autograd's cost.
+    """
+    if torch.compiler.is_compiling():  # the Functions trace; the checks below do not (and dynamo sees no wrappers)
+        return True
+    return torch.autograd.forward_ad._current_level < 0 and all(plain(tensor) for tensor in tensors)
+
+
 def blocks_on_cpu(values: Tensor) -> bool:
     """Whether a pass over ``values`` runs in blocks of items: eagerly, on a CPU, for a :func:`plain` tensor.
 

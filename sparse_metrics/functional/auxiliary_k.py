@@ -40,6 +40,7 @@ from sparse_metrics import _batch as batch_module
 from sparse_metrics._compile import CompiledWithFallback
 from sparse_metrics._sharding import FeatureSharding
 from sparse_metrics._validation import autocast_disabled, check_prefix_sizes, computation_dtype
+from sparse_metrics.functional._squares import squared_norms
 from sparse_metrics.functional.explained_variance import _squared_deviation
 from sparse_metrics.functional.matryoshka import _local_prefix_widths, _partial_prefix_decodes
 
@@ -266,8 +267,9 @@ def _scale(n_dead: Tensor, k_aux: int, rule: _Rule, dtype: torch.dtype) -> Tenso
 
 
 def _squared(auxiliary: Tensor, target: Tensor, scale: Tensor | None, rule: _Rule) -> Tensor:
-    squared = (auxiliary - target).square()
-    per_item = squared.mean(dim=-1) if rule.feature_mean else squared.sum(dim=-1)
+    per_item = squared_norms(auxiliary - target)
+    if rule.feature_mean:
+        per_item = per_item / target.shape[-1]
     if scale is None:
         return per_item
     # where, not a product: a 0 scale must give 0 even for an infinite error, as the peers' early return does

@@ -11,14 +11,15 @@ from torch import Tensor
 from sparse_metrics._config import FeatureReduction
 from sparse_metrics._validation import check_feature_reduction, check_same_shape, computation_dtype, to_components
 from sparse_metrics.functional._output import batch_output
+from sparse_metrics.functional._squares import squared_norms
 
 
 def _reduce_squared_error(
     error: Float[Tensor, "*batch_component d_model"], feature_reduction: FeatureReduction
 ) -> Float[Tensor, "*batch_component"]:
     """Square ``error`` and reduce it over the model dimension (the last axis)."""
-    squared = error.square()
-    return squared.mean(dim=-1) if feature_reduction == "mean" else squared.sum(dim=-1)
+    squared = squared_norms(error)
+    return squared / error.shape[-1] if feature_reduction == "mean" else squared
 
 
 def _elementwise_squared_error(
@@ -71,7 +72,7 @@ def _squared_error_sum(
     one component (the result ``[batch, 1]``).
     """
     dtype = computation_dtype(decoded, source)
-    return (decoded.to(dtype) - source.to(dtype)).square().sum(dim=-1, keepdim=decoded.ndim == 2)
+    return squared_norms(decoded.to(dtype) - source.to(dtype), keepdim=decoded.ndim == 2)
 
 
 def _reduce_over_model(

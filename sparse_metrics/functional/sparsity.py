@@ -24,7 +24,7 @@ from sparse_metrics._validation import (
     infer_d_model,
     to_components,
 )
-from sparse_metrics.functional._blocks import absolute_blocks, plain
+from sparse_metrics.functional._blocks import absolute_blocks, custom_backward
 from sparse_metrics.functional._output import batch_output
 from sparse_metrics.functional.l1_absolute import _l1_absolute_update
 
@@ -41,24 +41,11 @@ def _sparsity_from_l1(
 def _decoder_row_norms(weight: Float[Tensor, "component d_sae d_model"], dtype: torch.dtype) -> Tensor:
     """L2 norm of each feature-major decoder row, ``[component, d_sae]``, in ``dtype``."""
     norms: Tensor
-    if _custom_backward(weight):
+    if custom_backward(weight):
         norms = _RowNorms.apply(weight, dtype)  # type: ignore[no-untyped-call]
     else:
         norms = torch.linalg.vector_norm(weight, dim=-1, dtype=dtype)
     return norms
-
-
-def _custom_backward(*tensors: Tensor) -> bool:
-    """Whether the custom backward passes below apply: plain tensors, no forward-mode AD.
-
-    They define no ``jvp`` (dynamo cannot trace a Function that has one, and compiling matters more on this hot path),
-    so under forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) and inside the other
-    ``torch.func`` transforms (``jacrev`` batches the gradient, which an in-place product cannot take) autograd's own
-    operations are used: the same values and gradients, at autograd's cost.
-    """
-    if torch.compiler.is_compiling():  # the Functions trace; the checks below do not (and dynamo sees no wrappers)
-        return True
-    return torch.autograd.forward_ad._current_level < 0 and all(plain(tensor) for tensor in tensors)
 
 
 # no_type_check: as for ``_AbsoluteSum`` (the test suite's jaxtyping hook would wrap ``forward`` in a checker that
@@ -124,7 +111,7 @@ def _weighted_l1(
     """
     with autocast_disabled(learned.device):
         learned = learned.to(row_norms.dtype)
-        if not _custom_backward(learned, row_norms):
+        if not custom_backward(learned, row_norms):
             return torch.einsum("bcf,cf->bc", learned.abs(), row_norms)
         per_item: Tensor = _WeightedAbsoluteSum.apply(learned, row_norms)  # type: ignore[no-untyped-call]
         return per_item
