@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparse_metrics as sm
+from sparse_metrics.metrics import explained_variance as explained_variance_metrics
 from sparse_metrics.metrics._base import _MAX_PENDING, _PENDING
 
 
@@ -204,3 +205,116 @@ def test_a_shallow_copy_has_its_own_per_item_rows(generator):
 def test_a_state_not_added_yet_is_an_attribute_error():
     metric = sm.L2ReconstructionLoss.__new__(sm.L2ReconstructionLoss)
     assert not hasattr(metric, "l2_sum")
+
+
+# --- Pooled variance statistics (FVU, explained variance, AuxK's normaliser): moments queued, merged at once -----
+
+
+def _fvu_reference(batches):
+    """The pooled FVU of every item in float64: Σ (x - x̂)² / Σ (x - x̄)²."""
+    source = torch.cat([b["source_activations"] for b in batches]).double()
+    decoded = torch.cat([b["decoded_activations"] for b in batches]).double()
+    return (decoded - source).square().sum() / (source - source.mean(dim=0)).square().sum()
+
+
+def _offset_batches(generator, sizes, offset=1e4):
+    """float64 steps far from 0: their sums are float64 too, so the pooled value is exact to float64 rounding."""
+    batches = _batches(generator, sizes)
+    return [{name: value.double() + offset for name, value in batch.items()} for batch in batches]
+
+
+def test_a_variance_step_queues_its_moments_and_merges_nothing(generator):
+    metric = sm.FractionOfVarianceUnexplained(d_model=5)
+    (batch,) = _batches(generator, [8])
+    contribution = metric._contribution(metric._make_batch((), batch))
+    with Operations() as recorded:
+        metric._record(contribution)
+    assert recorded.names == []
+    assert torch.equal(metric.__dict__["fvu_statistics"], torch.zeros(1, 8, dtype=torch.float64))  # not folded yet
+    assert len(metric.__dict__[_PENDING]["fvu_statistics"]) == 1
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")  # a loaded copy was never updated itself
+@pytest.mark.parametrize("reader", ["compute", "state_dict", "pickle", "clone", "to"])
+def test_every_reader_sees_every_queued_variance_batch(generator, reader):
+    batches = _offset_batches(generator, [3, 1, 7, 2, 9])
+    metric = sm.FractionOfVarianceUnexplained(d_model=5)
+    for batch in batches:
+        metric.update(**batch)
+    read = {
+        "compute": lambda m: m,
+        "state_dict": _loaded,
+        "pickle": lambda m: pickle.loads(pickle.dumps(m)),
+        "clone": lambda m: m.clone(),
+        "to": lambda m: m.to("cpu"),
+    }[reader](metric)
+    torch.testing.assert_close(read.compute(), _fvu_reference(batches), rtol=1e-12, atol=0)
+
+
+def _loaded(metric):
+    copy_ = sm.FractionOfVarianceUnexplained(d_model=5)
+    copy_.load_state_dict(metric.state_dict())
+    assert copy_.__dict__[_PENDING].get("fvu_statistics") is None  # a checkpoint carries the folded state
+    return copy_
+
+
+def test_the_variance_queue_is_bounded_and_reading_often_changes_only_rounding(generator, monkeypatch):
+    sizes = [int(n) for n in torch.randint(1, 9, (70,), generator=generator)]
+    batches = _offset_batches(generator, sizes)
+    # A queued batch holds 2 x d_model elements: a budget of 4 batches' (the default fits 256 at this width).
+    monkeypatch.setattr(explained_variance_metrics, "QUEUED_ELEMENTS", 4 * 2 * 5)
+    read_often, read_once = sm.FractionOfVarianceUnexplained(d_model=5), sm.FractionOfVarianceUnexplained(d_model=5)
+    lengths = []
+    for batch in batches:
+        read_often.update(**batch)
+        read_often.compute()
+        read_once.update(**batch)
+        lengths.append(len(read_once.__dict__[_PENDING].get("fvu_statistics", [])))
+    assert max(lengths) == 3
+    expected = _fvu_reference(batches)
+    torch.testing.assert_close(read_once.compute(), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(read_often.compute(), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("centred_residual", [False, True])
+def test_a_rejected_variance_batch_leaves_the_queue_as_it_was(generator, centred_residual):
+    batches = _batches(generator, [4, 2])
+    metric = sm.ExplainedVariance(d_model=5, centred_residual=centred_residual)
+    for batch in batches:
+        metric.update(**batch)
+    queued = list(metric.__dict__[_PENDING]["explained_variance_statistics"])
+    with pytest.raises(ValueError, match="decoded_activations"):
+        metric(source_activations=torch.zeros(3, 5), decoded_activations=torch.zeros(3, 4))
+    assert all(a is b for a, b in zip(metric.__dict__[_PENDING]["explained_variance_statistics"], queued, strict=True))
+    fresh = sm.ExplainedVariance(d_model=5, centred_residual=centred_residual)
+    for batch in batches:
+        fresh.update(**batch)
+    torch.testing.assert_close(metric.compute(), fresh.compute(), rtol=0, atol=0)
+
+
+def test_auxk_normaliser_statistics_are_queued_too(generator):
+    metric = sm.AuxiliaryKLoss(convention="sparsify", d_model=5, k_aux=2)
+    weight = torch.randn(7, 5, generator=generator)
+    dead = torch.tensor([True, False, True, True, False, False, True])
+    steps = []
+    for size in (6, 3):
+        source = torch.randn(size, 5, generator=generator)
+        steps.append(
+            {
+                "source_activations": source,
+                "decoded_activations": source + torch.randn(size, 5, generator=generator),
+                "pre_activations": torch.randn(size, 7, generator=generator),
+                "decoder_weight": weight,
+                "dead_mask": dead,
+            }
+        )
+        metric.update(**steps[-1])
+    assert len(metric.__dict__[_PENDING]["auxk_statistics"]) == 2
+    one_by_one = []
+    for step in steps:
+        single = sm.AuxiliaryKLoss(convention="sparsify", d_model=5, k_aux=2)
+        single.update(**step)
+        one_by_one.append(single)
+    merged = one_by_one[0]
+    merged.merge_state(one_by_one[1])
+    torch.testing.assert_close(metric.compute(), merged.compute(), rtol=1e-12, atol=0)

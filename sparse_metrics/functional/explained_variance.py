@@ -11,6 +11,7 @@ catastrophically the way :math:`\sum x^2 - n \bar x^2` would.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -18,6 +19,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sparse_metrics._validation import check_same_shape, computation_dtype, to_components
+from sparse_metrics.functional._squares import squared_norms
+from sparse_metrics.functional.l2_reconstruction import _squared_error_sum
 
 __all__ = ["explained_variance", "fraction_of_variance_unexplained"]
 
@@ -42,17 +45,6 @@ class VarianceStatistics(NamedTuple):
     squared_error: Tensor
 
 
-def _source_statistics(
-    source: Float[Tensor, "batch component d_model"], dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Two-pass (count, mean, M2) of a batch: the mean first, then the deviations from it."""
-    values = source.detach().to(dtype)
-    mean = values.mean(dim=0)
-    m2 = _squared_deviation(values, mean)
-    count = torch.full((source.shape[1],), float(source.shape[0]), dtype=dtype, device=source.device)
-    return count, mean, m2
-
-
 def _squared_deviation(values: Tensor, mean: Tensor) -> Tensor:
     """``Σ_b Σ_d (values - mean)²`` ``[component]`` of ``[batch, component, d_model]`` values (differentiable)."""
     return _sum_of_squares(values - mean)
@@ -61,28 +53,11 @@ def _squared_deviation(values: Tensor, mean: Tensor) -> Tensor:
 def _sum_of_squares(deviations: Tensor) -> Tensor:
     """``Σ_b Σ_d deviations²`` ``[component]`` of ``[batch, component, d_model]`` deviations.
 
-    Without a gradient to keep (the source's activations rarely need one), each item's squared 2-norm, summed over the
-    items: one fused read of the deviations, where ``square().sum()`` writes the squares to a new tensor of the
-    batch's size and reads them back. Each norm reduces an item's contiguous ``d_model`` axis: against float64 the
-    result is as accurate as the sum of squares (2e-8 relative at ``[4096, 512]``; one norm over both axes would
-    accumulate sequentially, 7e-5). With a gradient, the sum of squares: the norm is not differentiable twice at an
-    item equal to the mean.
+    Each item's sum of squares over its contiguous ``d_model`` axis (:func:`squared_norms`: one read of the
+    deviations on a CPU), then the sum over the items: against float64 as accurate as one sum over both axes (2e-8
+    relative at ``[4096, 512]``).
     """
-    if deviations.requires_grad:
-        return deviations.square().sum(dim=(0, 2))
-    norms: Tensor = torch.linalg.vector_norm(deviations, dim=-1)
-    return norms.square().sum(dim=0)
-
-
-def _batch_statistics(
-    source: Float[Tensor, "batch component d_model"],
-    squared_error_per_item: Float[Tensor, "batch component"],
-    dtype: torch.dtype = _STATISTICS_DTYPE,
-) -> VarianceStatistics:
-    """The statistics of one validated batch, given each item's squared error summed over ``d_model``."""
-    count, mean, m2 = _source_statistics(source, dtype)
-    squared_error = squared_error_per_item.detach().sum(dim=0, dtype=dtype)
-    return VarianceStatistics(count, mean, m2, squared_error)
+    return squared_norms(deviations).sum(dim=0)
 
 
 def _centred_batch(
@@ -92,7 +67,7 @@ def _centred_batch(
 
     Returns ``(variance, mean, residual_sum)``: the variance about the batch mean ``x̄`` computed in ``dtype`` (the
     computation dtype), the mean (detached) and ``Σ_b (x_b - x̄)`` (detached, ``[component, d_model]``), the rounding
-    left by the mean, from which :func:`_shifted_statistics` recovers the float64 statistics.
+    left by the mean, from which :func:`_statistics_of` recovers the float64 statistics.
     """
     values = source.to(dtype)
     mean = values.mean(dim=0)
@@ -101,57 +76,92 @@ def _centred_batch(
     return _sum_of_squares(deviations), mean.detach(), residual_sum
 
 
-def _shifted_statistics(
-    batch_size: int,
-    variance: Tensor,
-    mean: Tensor,
-    residual_sum: Tensor,
-    squared_error_per_item: Tensor,
-    dtype: torch.dtype = _STATISTICS_DTYPE,
-) -> VarianceStatistics:
-    r"""The float64 statistics of a batch from :func:`_centred_batch`'s, with no float64 copy of the batch.
+class BatchMoments(NamedTuple):
+    """One batch's moments as :func:`_centred_batch` leaves them, from which its float64 statistics follow.
 
-    The deviations :math:`d_b = x_b - a` about the rounded mean :math:`a` are what the batch's FVU is computed from;
-    :math:`\bar x = a + \sum_b d_b / n` and :math:`M_2 = \sum_b \lVert d_b \rVert^2 - \lVert \sum_b d_b \rVert^2 / n`
-    (the shift identity, in float64). Near a large offset :math:`x_b - a` is exact (Sterbenz), so the mean keeps every
-    digit the inputs have; the per-batch sums are those of the computation dtype, as every metric's per-item values,
-    and batches are merged in float64.
+    A metric queues these at every step and folds a queue into its state at once (:func:`_fold_moments`), so that a
+    step costs no float64 arithmetic of its own.
+
+    Attributes:
+        item_count: Number of items of the batch.
+        sum_of_squares: ``Σ_b ‖v_b - a‖²`` ``[component]``, detached, in the dtype it was computed in.
+        shift: ``a``, the batch mean as computed (rounded to that dtype), ``[component, d_model]``.
+        residual_sum: ``Σ_b (v_b - a)`` ``[component, d_model]``, the rounding the mean left.
+        squared_error: The batch's float64 sum of squared errors ``[component]`` (zeros where none is kept).
     """
-    count = torch.full((mean.shape[0],), float(batch_size), dtype=dtype, device=mean.device)
-    correction = residual_sum.to(dtype)
-    exact_mean = mean.to(dtype) + correction / batch_size
-    m2 = (variance.detach().to(dtype) - correction.square().sum(dim=-1) / batch_size).clamp(min=0)
-    squared_error = squared_error_per_item.detach().sum(dim=0, dtype=dtype)
-    return VarianceStatistics(count, exact_mean, m2, squared_error)
+
+    item_count: int
+    sum_of_squares: Tensor
+    shift: Tensor
+    residual_sum: Tensor
+    squared_error: Tensor
 
 
-def _merge_statistics(first: VarianceStatistics, second: VarianceStatistics) -> VarianceStatistics:
-    r"""Chan et al.'s parallel merge of two sets' statistics.
+def _statistics_of(moments: Sequence[BatchMoments], dtype: torch.dtype) -> VarianceStatistics:
+    r"""The statistics ``[batch, component, ...]`` of stacked batches' moments, with no float64 copy of any batch.
 
-    .. math:: n = n_A + n_B, \quad \bar x = \bar x_A + \delta\, n_B / n, \quad
-       M_2 = M_{2,A} + M_{2,B} + \textstyle\sum_d \delta_d^2\, n_A n_B / n, \quad \delta = \bar x_B - \bar x_A
-
-    Only differences of means enter, never :math:`\sum x^2`, so an offset common to all items cancels exactly.
-    An empty set (count 0) is the identity; merging into an empty set copies the other exactly. No branch on the
-    counts' values, so a merge never synchronises with the device.
+    The deviations :math:`d_b = v_b - a` about the rounded mean :math:`a` are what each batch's FVU is computed from;
+    :math:`\bar v = a + \sum_b d_b / n` and :math:`M_2 = \sum_b \lVert d_b \rVert^2 - \lVert \sum_b d_b \rVert^2 / n`
+    (the shift identity, in ``dtype``). Near a large offset :math:`v_b - a` is exact (Sterbenz), so the mean keeps
+    every digit the inputs have; the per-batch sums are those of the computation dtype, as every metric's per-item
+    values.
     """
-    count = first.item_count + second.item_count
-    safe_count = count.clamp(min=1)  # both empty: every term below is 0 instead of 0/0
-    delta = second.mean - first.mean
-    mean = first.mean + delta * (second.item_count / safe_count).unsqueeze(-1)
-    m2 = first.m2 + second.m2 + delta.square().sum(dim=-1) * (first.item_count * second.item_count / safe_count)
-    return VarianceStatistics(count, mean, m2, first.squared_error + second.squared_error)
+    first = moments[0].shift
+    counts = torch.tensor([batch.item_count for batch in moments], dtype=dtype, device=first.device)
+    count = counts.unsqueeze(-1).expand(len(moments), first.shape[0])
+    correction = torch.stack([batch.residual_sum for batch in moments]).to(dtype)
+    mean = torch.stack([batch.shift for batch in moments]).to(dtype) + correction / count.unsqueeze(-1)
+    sum_of_squares = torch.stack([batch.sum_of_squares for batch in moments]).to(dtype)
+    m2 = (sum_of_squares - correction.square().sum(dim=-1) / count).clamp(min=0)
+    squared_error = torch.stack([batch.squared_error for batch in moments]).to(dtype)
+    return VarianceStatistics(count, mean, m2, squared_error)
 
 
-def _residual_statistics(
-    source: Float[Tensor, "batch component d_model"],
-    decoded: Float[Tensor, "batch component d_model"],
-    dtype: torch.dtype = _STATISTICS_DTYPE,
-) -> VarianceStatistics:
-    """(count, mean, M2) of the residual ``x_hat - x`` of one batch, as the source's are kept (no squared error)."""
-    residual = decoded.detach().to(dtype) - source.detach().to(dtype)
-    count, mean, m2 = _source_statistics(residual, dtype)
-    return VarianceStatistics(count, mean, m2, torch.zeros_like(m2))
+def _about(statistics: VarianceStatistics, shift: Tensor) -> VarianceStatistics:
+    """The statistics about ``shift`` instead of their mean: ``n``, ``n δ`` and ``M2 + n‖δ‖²`` with ``δ = mean - c``."""
+    count = statistics.item_count.unsqueeze(-1)
+    delta = torch.where(count > 0, statistics.mean - shift, 0.0)
+    moment = statistics.m2 + statistics.item_count * delta.square().sum(dim=-1)
+    return VarianceStatistics(statistics.item_count, count * delta, moment, statistics.squared_error)
+
+
+def _from_about(shifted: VarianceStatistics, shift: Tensor) -> VarianceStatistics:
+    """The inverse of :func:`_about` for summed statistics: the pooled mean and M2."""
+    safe_count = shifted.item_count.clamp(min=1)
+    mean = shift + shifted.mean / safe_count.unsqueeze(-1)
+    m2 = (shifted.m2 - shifted.mean.square().sum(dim=-1) / safe_count).clamp(min=0)
+    return VarianceStatistics(shifted.item_count, mean, m2, shifted.squared_error)
+
+
+def _largest_mean(statistics: VarianceStatistics) -> Tensor:
+    """Per dimension, the largest mean of the stacked sets that have items (0 where none has): a merge's shift."""
+    present = statistics.item_count.unsqueeze(-1) > 0
+    largest = torch.where(present, statistics.mean, -torch.inf).amax(dim=0)
+    return torch.where(present.any(dim=0), largest, 0.0)
+
+
+def _merge_stacked(statistics: VarianceStatistics) -> VarianceStatistics:
+    r"""The pooled statistics ``[component, ...]`` of sets stacked on the first axis, in one vectorised merge.
+
+    About a shift :math:`c` (per dimension, the largest mean of the sets with items), each set's :math:`n_s`,
+    :math:`n_s \delta_s` and :math:`M_{2,s} + n_s \lVert\delta_s\rVert^2` with :math:`\delta_s = \bar v_s - c` are
+    summed; then :math:`\bar v = c + \sum_s n_s \delta_s / n` and
+    :math:`M_2 = \sum_s (M_{2,s} + n_s \lVert\delta_s\rVert^2) - \lVert\sum_s n_s \delta_s\rVert^2 / n`: Chan et al.'s
+    parallel merge of every set at once. Only differences of means enter, never :math:`\sum v^2`, so an offset common
+    to all items cancels exactly, and a single set with items comes back unchanged; empty sets are the identity. No
+    branch on the counts' values: a merge never synchronises with the device.
+    """
+    shift = _largest_mean(statistics)
+    shifted = _about(statistics, shift)
+    summed = VarianceStatistics(*(value.sum(dim=0) for value in shifted))
+    return _from_about(summed, shift)
+
+
+def _fold_moments(state: VarianceStatistics, moments: Sequence[BatchMoments]) -> VarianceStatistics:
+    """``state`` ``[component, ...]`` merged with every queued batch's statistics (see :func:`_statistics_of`)."""
+    batches = _statistics_of(moments, state.mean.dtype)
+    stacked = VarianceStatistics(*(torch.cat([own.unsqueeze(0), new]) for own, new in zip(state, batches, strict=True)))
+    return _merge_stacked(stacked)
 
 
 def _batch_centred_fvu(source: Tensor, decoded: Tensor) -> Float[Tensor, " component"]:
@@ -173,9 +183,7 @@ def _fvu_update(
     """
     source = to_components("source_activations", source_activations, num_components)
     decoded = check_same_shape("decoded_activations", decoded_activations, "source_activations", source_activations)
-    dtype = computation_dtype(decoded, source)
-    error = decoded.view(source.shape).to(dtype) - source.to(dtype)
-    return source, error.square().sum(dim=-1)
+    return source, _squared_error_sum(decoded.view(source.shape), source)
 
 
 def _fvu_compute(squared_error: Tensor, m2: Tensor) -> Tensor:

@@ -42,6 +42,7 @@ from sparse_metrics._validation import check_nan_strategy
 
 __all__ = [
     "ACCUMULATOR_DTYPE",
+    "DeferredState",
     "DeferredSum",
     "DerivedOutput",
     "ItemMeanMetric",
@@ -110,26 +111,36 @@ def _detached(value: Tensor) -> Tensor:
     return value.detach() if value.requires_grad else value
 
 
-#: Where a metric keeps the additions queued for its :class:`DeferredSum` states: state name -> additions.
+#: Where a metric keeps what is queued for its :class:`DeferredState` states: state name -> queued items.
 _PENDING = "_pending_additions"
-#: Queued additions of one state folded at once, at most: a bound on what a queue holds between reads.
+#: Queued additions of one :class:`DeferredSum` state folded at once, at most: a bound on a queue between reads.
 _MAX_PENDING = 256
 
 
-class DeferredSum:
-    """A tensor state reduced by ``"sum"`` whose per-batch additions wait in a queue until the state is read.
+class DeferredState:
+    """A tensor state whose per-batch contributions wait in a queue until the state is read, then fold in at once.
 
-    :meth:`SaeMetric._add_to_state` queues a batch's addition (a tensor of the state's shape and dtype, or a Python
-    int for a count) instead of replacing the state with ``state + addition`` at every step: a count costs no
-    operation per batch, and the queued tensors are added when the state is next read (``compute``, a sync,
-    ``metric_state``, ``state_dict`` of a persistent state, a copy, or every ``_MAX_PENDING`` batches), in the order
-    they came, so the value is bitwise the one that adding each batch at once gives, whenever it is read. Any read
-    folds the queue first, so no reader sees a stale value; any write (``reset``, a sync, ``load_state_dict``)
+    :meth:`SaeMetric._queue` appends a batch's contribution instead of replacing the state at every step; the queue
+    is folded into the state (:meth:`fold`) when the state is next read (``compute``, a sync, ``metric_state``,
+    ``state_dict`` of a persistent state, a copy, a device move) or once it holds :attr:`max_pending` items. Any
+    read folds the queue first, so no reader sees a stale value; any write (``reset``, a sync, ``load_state_dict``)
     replaces the state and drops the queue. The state itself lives in the instance's ``__dict__`` under its name.
+    Subclasses say how a queue folds.
     """
+
+    #: Queued items folded at once, at most: a bound on what a queue holds between reads.
+    max_pending: int = _MAX_PENDING
 
     def __init__(self, name: str) -> None:
         self.name = name
+
+    def fold(self, value: Tensor, queued: list[Any]) -> Tensor:
+        """The state after every queued item, in order (``queued`` is never empty)."""
+        raise NotImplementedError
+
+    def full(self, queued: list[Any]) -> bool:
+        """Whether ``queued`` is to be folded now: once it holds :attr:`max_pending` items."""
+        return len(queued) >= self.max_pending
 
     def __get__(self, metric: SaeMetric | None, owner: type | None = None) -> Any:
         if metric is None:
@@ -140,7 +151,7 @@ class DeferredSum:
         value = stored[self.name]
         pending = stored.get(_PENDING, {})
         if pending.get(self.name):
-            value = stored[self.name] = _fold(value, pending[self.name])  # folded first: a failed fold loses nothing
+            value = stored[self.name] = self.fold(value, pending[self.name])  # first: a failed fold loses nothing
             del pending[self.name]
         return value
 
@@ -149,18 +160,26 @@ class DeferredSum:
         metric.__dict__[self.name] = value
 
 
-def _copied_queues(stored: Mapping[str, Any]) -> dict[str, list[Tensor | int]]:
-    """A copy of the :class:`DeferredSum` queues in a metric's ``__dict__`` (its additions shared, not folded)."""
-    return {name: list(additions) for name, additions in stored.get(_PENDING, {}).items()}
+class DeferredSum(DeferredState):
+    """A state reduced by ``"sum"`` whose per-batch additions wait in a queue (see :class:`DeferredState`).
+
+    :meth:`SaeMetric._add_to_state` queues a batch's addition (a tensor of the state's shape and dtype, or a Python
+    int for a count): a count costs no operation per batch, and the queued tensors are added in the order they came,
+    so the value is bitwise the one that adding each batch at once gives, whenever it is read.
+    """
+
+    def fold(self, value: Tensor, queued: list[Tensor | int]) -> Tensor:
+        """``value`` plus every queued addition, in order (the rounding of one addition per batch), then the ints."""
+        for addition in queued:
+            if isinstance(addition, Tensor):
+                value = value + addition
+        count = sum(addition for addition in queued if not isinstance(addition, Tensor))
+        return value + count if count else value
 
 
-def _fold(value: Tensor, additions: list[Tensor | int]) -> Tensor:
-    """``value`` plus every queued addition, in order (the rounding of one addition per batch), then the ints."""
-    for addition in additions:
-        if isinstance(addition, Tensor):
-            value = value + addition
-    count = sum(addition for addition in additions if not isinstance(addition, Tensor))
-    return value + count if count else value
+def _copied_queues(stored: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """A copy of the :class:`DeferredState` queues in a metric's ``__dict__`` (their items shared, not folded)."""
+    return {name: list(queued) for name, queued in stored.get(_PENDING, {}).items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +188,7 @@ class _Snapshot:
     computed: Any
     forward_cache: Any
     states: dict[str, Any]
-    #: The :class:`DeferredSum` queues and the list states of this package's metrics: each list and its length.
+    #: The :class:`DeferredState` queues and the list states of this package's metrics: each list and its length.
     lists: dict[str, tuple[list[Any], int]] | None = None
     pending: dict[str, tuple[list[Any], int]] | None = None
 
@@ -178,7 +197,7 @@ def _snapshot(metric: Metric) -> _Snapshot:
     """What ``_restore`` needs to undo a batch.
 
     This package's metrics replace their tensor states, never change them in place, so references do; their list
-    states and the queues of :class:`DeferredSum` states only grow by appending, so each list's length does (a copy
+    states and the queues of :class:`DeferredState` states only grow by appending, so each list's length does (a copy
     would cost a step time that grows with the epoch). Any other metric's states are copied, since its update may
     change them in place.
     """
@@ -213,7 +232,7 @@ def _restore(metric: Metric, snapshot: _Snapshot) -> None:
         setattr(metric, name, value)
     for name, saved in (snapshot.lists or {}).items():
         setattr(metric, name, _truncated(saved))
-    if snapshot.pending is not None:  # after the states: setting a DeferredSum state drops its queue
+    if snapshot.pending is not None:  # after the states: setting a DeferredState state drops its queue
         metric.__dict__[_PENDING] = {name: _truncated(saved) for name, saved in snapshot.pending.items()}
 
 
@@ -258,7 +277,7 @@ class SaeMetric(Metric):
     def __init__(self, num_components: int = 1, *, nan_strategy: str = "propagate", **kwargs: Any) -> None:
         check_nan_strategy(nan_strategy)
         sharding = resolve_sharding(kwargs, type(self).__name__)
-        self.__dict__[_PENDING] = {}  # the queues of the DeferredSum states, before add_state sets them
+        self.__dict__[_PENDING] = {}  # the queues of the DeferredState states, before add_state sets them
         super().__init__(**kwargs)
         self.__dict__["_feature_sharding"] = sharding
         if self.dist_sync_on_step:
@@ -284,7 +303,7 @@ class SaeMetric(Metric):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickle (``clone``, ``deepcopy``, ``copy.copy``), keeping the signature of the inputs this metric reads.
 
-        The queues of the :class:`DeferredSum` states and the list states (per-item rows) are copied: a shallow copy
+        The queues of the :class:`DeferredState` states and the list states (per-item rows) are copied: a shallow copy
         must not share them, or its updates would append to (and fold into) the original's.
         """
         super().__setstate__(state)
@@ -409,12 +428,19 @@ class SaeMetric(Metric):
         """
         if not isinstance(getattr(type(self), name, None), DeferredSum):
             raise TypeError(f"{type(self).__name__}.{name} is not a DeferredSum state: its additions would be lost.")
-        pending = self.__dict__.setdefault(_PENDING, {}).setdefault(name, [])
         if isinstance(addition, Tensor):
             with torch.no_grad():
                 addition = addition.sum(dim=0, dtype=self.__dict__[name].dtype)
-        pending.append(addition)
-        if len(pending) >= _MAX_PENDING:
+        self._queue(name, addition)
+
+    def _queue(self, name: str, item: Any) -> None:
+        """Queue ``item`` for :class:`DeferredState` state ``name``, folding the queue once it is full."""
+        state = getattr(type(self), name, None)
+        if not isinstance(state, DeferredState):
+            raise TypeError(f"{type(self).__name__}.{name} is not a DeferredState: what is queued would be lost.")
+        pending = self.__dict__.setdefault(_PENDING, {}).setdefault(name, [])
+        pending.append(item)
+        if state.full(pending):
             getattr(self, name)  # fold the queue into the state
 
     def _filter_kwargs(self, **kwargs: Any) -> dict[str, Any]:

@@ -19,16 +19,16 @@ from sparse_metrics.functional.auxiliary_k import (
     check_convention,
     finish_ratio,
 )
-from sparse_metrics.functional.explained_variance import VarianceStatistics, _centred_batch, _shifted_statistics
+from sparse_metrics.functional.explained_variance import BatchMoments, _centred_batch
 from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, SaeMetric
-from sparse_metrics.metrics.explained_variance import _ChanMerge, _merge_packed, _pack, _unpack
+from sparse_metrics.metrics.explained_variance import DeferredStatistics, _ChanMerge, _unpack
 
 __all__ = ["AuxiliaryKLoss"]
 
 
 class _Contribution(NamedTuple):
     terms: AuxiliaryKTerms
-    statistics: Tensor | None  # packed [component, d_model + 3] of a normalised convention, detached
+    moments: BatchMoments | None  # the normaliser's, of a normalised convention, detached
     variance: Tensor | None = None  # the normaliser's batch variance Σ_{b,d} (v - v̄)², differentiable
 
 
@@ -97,6 +97,9 @@ class AuxiliaryKLoss(SaeMetric):
     higher_is_better = False
     is_loss_term = True
     plot_lower_bound = 0.0
+
+    #: The normalised conventions' pooled statistics, as the FVU keeps its own (queued, then merged at once).
+    auxk_statistics = DeferredStatistics("auxk_statistics")
 
     _positional_inputs: ClassVar[tuple[str, ...]] = (
         "source_activations",
@@ -185,12 +188,11 @@ class AuxiliaryKLoss(SaeMetric):
         assert values is not None
         # One centring pass gives the batch ratio's denominator and (shifted in float64) the pooled state.
         variance, mean, residual_sum = _centred_batch(values, values.dtype)
-        shifted = _shifted_statistics(values.shape[0], variance, mean, residual_sum, terms.squared_error)
-        numerator = shifted.squared_error
+        numerator = terms.squared_error.detach().sum(dim=0, dtype=self.__dict__["auxk_statistics"].dtype)
         if self._rule.feature_mean:  # OpenAI's means over (b, d): the ratio of sums, d cancels
             numerator = numerator * values.shape[-1]
-        statistics = _pack(VarianceStatistics(shifted.item_count, shifted.mean, shifted.m2, numerator))
-        return _Contribution(terms, statistics, variance)
+        moments = BatchMoments(values.shape[0], variance.detach(), mean, residual_sum, numerator)
+        return _Contribution(terms, moments, variance)
 
     def _finite_items(self, batch: SaeBatch, contribution: _Contribution) -> Tensor | None:
         """The items whose inputs are all finite (a live latent's NaN included: the peers' masks may hide it)."""
@@ -209,9 +211,8 @@ class AuxiliaryKLoss(SaeMetric):
         squared = contribution.terms.squared_error
         if squared.shape[0] == 0:
             return
-        if contribution.statistics is not None:
-            width = cast(int, self.d_model)  # set for every normalised convention
-            self.auxk_statistics = _merge_packed(self._state("auxk_statistics"), contribution.statistics, width)
+        if contribution.moments is not None:
+            self._queue("auxk_statistics", (contribution.moments,))
             return
         per_item = squared.detach()
         total = self._state("auxk_sum")
