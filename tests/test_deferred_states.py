@@ -52,13 +52,17 @@ def _fed(batches):
 
 def test_a_batch_costs_one_reduction_and_nothing_for_its_count(generator):
     metric = sm.L2ReconstructionLoss()
-    (batch,) = _batches(generator, [8])
-    contribution = metric._contribution(metric._make_batch((), batch))
+    first, second = _batches(generator, [8, 8])
+    contribution = metric._contribution(metric._make_batch((), first))
     with Operations() as recorded:
         metric._record(contribution)
-    assert recorded.names == ["sum"]
+    assert recorded.names == ["empty", "unbind", "sum"]  # the queue's rows, made once per queue
+    contribution = metric._contribution(metric._make_batch((), second))
+    with Operations() as recorded:
+        metric._record(contribution)
+    assert recorded.names == ["sum"]  # summed into the next row: nothing new is kept
     assert torch.equal(metric.__dict__["l2_sum"], torch.zeros(1, dtype=torch.float64))  # not folded yet
-    assert len(metric.__dict__[_PENDING]["l2_sum"]) == 1
+    assert len(metric.__dict__[_PENDING]["l2_sum"]) == 2
 
 
 def _sums(metric):
@@ -225,13 +229,14 @@ def _offset_batches(generator, sizes, offset=1e4):
 
 def test_a_variance_step_queues_its_moments_and_merges_nothing(generator):
     metric = sm.FractionOfVarianceUnexplained(d_model=5)
-    (batch,) = _batches(generator, [8])
-    contribution = metric._contribution(metric._make_batch((), batch))
+    first, second = _batches(generator, [8, 8])
+    metric._record(metric._contribution(metric._make_batch((), first)))  # makes the queue's rows
+    contribution = metric._contribution(metric._make_batch((), second))
     with Operations() as recorded:
         metric._record(contribution)
-    assert recorded.names == []
+    assert sorted(recorded.names) == ["cat", "copy_", "view", "view", "view"]  # copied into the queue's next row
     assert torch.equal(metric.__dict__["fvu_statistics"], torch.zeros(1, 8, dtype=torch.float64))  # not folded yet
-    assert len(metric.__dict__[_PENDING]["fvu_statistics"]) == 1
+    assert len(metric.__dict__[_PENDING]["fvu_statistics"]) == 2
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")  # a loaded copy was never updated itself
@@ -261,8 +266,8 @@ def _loaded(metric):
 def test_the_variance_queue_is_bounded_and_reading_often_changes_only_rounding(generator, monkeypatch):
     sizes = [int(n) for n in torch.randint(1, 9, (70,), generator=generator)]
     batches = _offset_batches(generator, sizes)
-    # A queued batch holds 2 x d_model elements: a budget of 4 batches' (the default fits 256 at this width).
-    monkeypatch.setattr(explained_variance_metrics, "QUEUED_ELEMENTS", 4 * 2 * 5)
+    # A queued batch's row holds 1 + 2 d_model elements: a budget of 4 rows (the default fits 256 at this width).
+    monkeypatch.setattr(explained_variance_metrics, "QUEUED_ELEMENTS", 4 * (1 + 2 * 5))
     read_often, read_once = sm.FractionOfVarianceUnexplained(d_model=5), sm.FractionOfVarianceUnexplained(d_model=5)
     lengths = []
     for batch in batches:
@@ -318,3 +323,25 @@ def test_auxk_normaliser_statistics_are_queued_too(generator):
     merged = one_by_one[0]
     merged.merge_state(one_by_one[1])
     torch.testing.assert_close(metric.compute(), merged.compute(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("copier", [copy.copy, copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))])
+@pytest.mark.parametrize("make", [sm.L2ReconstructionLoss, lambda: sm.FractionOfVarianceUnexplained(d_model=5)])
+def test_a_copy_and_its_original_never_write_into_each_others_queue(generator, copier, make):
+    """A queue's rows are written by the steps to come: a copy folds the queue and starts rows of its own."""
+    first, second, third, fourth = _offset_batches(generator, [3, 4, 5, 6])
+    metric = make()
+    metric.update(**first)
+    metric.update(**second)
+    copied = copier(metric)
+    metric.update(**third)
+    copied.update(**fourth)
+
+    def fed(batches):
+        reference = make()
+        for batch in batches:
+            reference.update(**batch)
+        return reference.compute()
+
+    torch.testing.assert_close(metric.compute(), fed([first, second, third]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(copied.compute(), fed([first, second, fourth]), rtol=1e-12, atol=0)

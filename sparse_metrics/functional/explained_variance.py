@@ -11,7 +11,6 @@ catastrophically the way :math:`\sum x^2 - n \bar x^2` would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -77,27 +76,27 @@ def _centred_batch(
 
 
 class BatchMoments(NamedTuple):
-    """One batch's moments as :func:`_centred_batch` leaves them, from which its float64 statistics follow.
+    """Batches' moments as :func:`_centred_batch` leaves them, from which their float64 statistics follow.
 
-    A metric queues these at every step and folds a queue into its state at once (:func:`_fold_moments`), so that a
-    step costs no float64 arithmetic of its own.
+    A metric queues one batch's at every step and folds a queue into its state at once (:func:`_fold_moments`, the
+    batches stacked on a leading axis), so that a step costs no float64 arithmetic of its own.
 
     Attributes:
-        item_count: Number of items of the batch.
+        item_count: Number of items of each batch: an int, or ``[batch]`` stacked.
         sum_of_squares: ``Σ_b ‖v_b - a‖²`` ``[component]``, detached, in the dtype it was computed in.
         shift: ``a``, the batch mean as computed (rounded to that dtype), ``[component, d_model]``.
         residual_sum: ``Σ_b (v_b - a)`` ``[component, d_model]``, the rounding the mean left.
         squared_error: The batch's float64 sum of squared errors ``[component]`` (zeros where none is kept).
     """
 
-    item_count: int
+    item_count: int | Tensor
     sum_of_squares: Tensor
     shift: Tensor
     residual_sum: Tensor
     squared_error: Tensor
 
 
-def _statistics_of(moments: Sequence[BatchMoments], dtype: torch.dtype) -> VarianceStatistics:
+def _statistics_of(moments: BatchMoments, dtype: torch.dtype) -> VarianceStatistics:
     r"""The statistics ``[batch, component, ...]`` of stacked batches' moments, with no float64 copy of any batch.
 
     The deviations :math:`d_b = v_b - a` about the rounded mean :math:`a` are what each batch's FVU is computed from;
@@ -106,15 +105,12 @@ def _statistics_of(moments: Sequence[BatchMoments], dtype: torch.dtype) -> Varia
     every digit the inputs have; the per-batch sums are those of the computation dtype, as every metric's per-item
     values.
     """
-    first = moments[0].shift
-    counts = torch.tensor([batch.item_count for batch in moments], dtype=dtype, device=first.device)
-    count = counts.unsqueeze(-1).expand(len(moments), first.shape[0])
-    correction = torch.stack([batch.residual_sum for batch in moments]).to(dtype)
-    mean = torch.stack([batch.shift for batch in moments]).to(dtype) + correction / count.unsqueeze(-1)
-    sum_of_squares = torch.stack([batch.sum_of_squares for batch in moments]).to(dtype)
-    m2 = (sum_of_squares - correction.square().sum(dim=-1) / count).clamp(min=0)
-    squared_error = torch.stack([batch.squared_error for batch in moments]).to(dtype)
-    return VarianceStatistics(count, mean, m2, squared_error)
+    counts = torch.as_tensor(moments.item_count, dtype=dtype, device=moments.shift.device)
+    count = counts.unsqueeze(-1).expand(moments.sum_of_squares.shape)
+    correction = moments.residual_sum.to(dtype)
+    mean = moments.shift.to(dtype) + correction / count.unsqueeze(-1)
+    m2 = (moments.sum_of_squares.to(dtype) - correction.square().sum(dim=-1) / count).clamp(min=0)
+    return VarianceStatistics(count, mean, m2, moments.squared_error.to(dtype))
 
 
 def _about(statistics: VarianceStatistics, shift: Tensor) -> VarianceStatistics:
@@ -157,8 +153,8 @@ def _merge_stacked(statistics: VarianceStatistics) -> VarianceStatistics:
     return _from_about(summed, shift)
 
 
-def _fold_moments(state: VarianceStatistics, moments: Sequence[BatchMoments]) -> VarianceStatistics:
-    """``state`` ``[component, ...]`` merged with every queued batch's statistics (see :func:`_statistics_of`)."""
+def _fold_moments(state: VarianceStatistics, moments: BatchMoments) -> VarianceStatistics:
+    """``state`` ``[component, ...]`` merged with stacked batches' statistics (see :func:`_statistics_of`)."""
     batches = _statistics_of(moments, state.mean.dtype)
     stacked = VarianceStatistics(*(torch.cat([own.unsqueeze(0), new]) for own, new in zip(state, batches, strict=True)))
     return _merge_stacked(stacked)

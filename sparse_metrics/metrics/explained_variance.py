@@ -22,7 +22,7 @@ from sparse_metrics.functional.explained_variance import (
     _fvu_compute,
     _merge_stacked,
 )
-from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, DeferredState, SaeMetric
+from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, DeferredState, SaeMetric, Slots
 
 __all__ = ["ExplainedVariance", "FractionOfVarianceUnexplained"]
 
@@ -49,32 +49,84 @@ def _unpack(packed: Tensor, d_model: int) -> tuple[VarianceStatistics, VarianceS
     return source, VarianceStatistics(count, packed[..., d_model + 3 : -1], residual_m2, torch.zeros_like(residual_m2))
 
 
-#: A :class:`DeferredStatistics` queue is folded once its batches hold this many elements (16 MiB of float32).
+#: A :class:`DeferredStatistics` queue holds at most this many elements of moments (16 MiB of float32).
 QUEUED_ELEMENTS = 1 << 22
+
+
+class _QueuedBatch(NamedTuple):
+    """A batch queued for a :class:`DeferredStatistics` state: its moments are row ``len(queue)`` of the rows."""
+
+    rows: Slots  # [capacity, width]: every group's [Σ‖d‖² (component), a (component·d_model), Σ d (same)] in turn
+    errors: Slots  # [capacity, component] float64: the source's summed squared errors
+    groups: int  # 1, or 2 with the residual's moments
+    item_count: int
 
 
 class DeferredStatistics(DeferredState):
     """A packed statistics state (see :func:`_pack`) whose batches' moments wait in a queue and merge at once.
 
-    Each queued item is a tuple of :class:`~sparse_metrics.functional.explained_variance.BatchMoments`, one per group
-    of the packed row (the source's, then the residual's with ``centred_residual``). Folding turns every queued
-    batch into float64 statistics and merges them with the state in one vectorised merge (``_fold_moments``): about
-    thirty small operations per fold instead of per step. The result is the pooled statistics to float64 rounding,
-    though not bitwise the same whenever the state is read (a merge of several sets rounds differently from
-    merging them one at a time). A queued batch holds two ``[component, d_model]`` tensors per group, so a queue is
-    folded once it holds :data:`QUEUED_ELEMENTS` of their elements (16 MiB of float32), or
-    :attr:`~sparse_metrics.metrics._base.DeferredState.max_pending` batches.
+    A step queues a tuple of :class:`~sparse_metrics.functional.explained_variance.BatchMoments`, one per group of
+    the packed row (the source's, then the residual's with ``centred_residual``). Folding turns every queued batch
+    into float64 statistics and merges them with the state in one vectorised merge (``_fold_moments``): about thirty
+    small operations per fold instead of per step. The result is the pooled statistics to float64 rounding, though
+    not bitwise the same whenever the state is read (a merge of several sets rounds differently from merging them
+    one at a time).
+
+    The moments of a queue are copied into rows made for it (:class:`~sparse_metrics.metrics._base.Slots`), not kept
+    as the step made them: kept, a step's small tensors fragment a CPU's heap (3.5 GB after 256 steps at batch
+    4096, d_model 512; a kept 8-byte tensor per step was enough for 2 GB). The rows hold at most
+    :data:`QUEUED_ELEMENTS` elements and :attr:`~sparse_metrics.metrics._base.DeferredState.max_pending` batches;
+    the queue is folded once they are full, or first when a batch's moments differ in dtype, device or width from
+    the queue's.
     """
 
-    def full(self, queued: list[tuple[BatchMoments, ...]]) -> bool:
-        per_batch = sum(2 * moments.shift.numel() for moments in queued[0])
-        return len(queued) >= self.max_pending or len(queued) * per_batch >= QUEUED_ELEMENTS
+    def fits(self, queued: list[_QueuedBatch], moments: tuple[BatchMoments, ...]) -> bool:
+        rows = queued[0].rows.rows
+        return (
+            rows.dtype == moments[0].shift.dtype
+            and rows.device == moments[0].shift.device
+            and rows.shape[1] == _row_width(moments)
+        )
 
-    def fold(self, value: Tensor, queued: list[tuple[BatchMoments, ...]]) -> Tensor:
-        d_model = queued[0][0].shift.shape[-1]
-        groups = [group for group in _unpack(value, d_model) if group is not None]
-        folded = [_fold_moments(state, [batch[index] for batch in queued]) for index, state in enumerate(groups)]
+    def queued_item(self, queued: list[_QueuedBatch], moments: tuple[BatchMoments, ...]) -> _QueuedBatch:
+        if queued:
+            rows, errors = queued[0].rows, queued[0].errors
+        else:
+            width = _row_width(moments)
+            capacity = max(1, min(self.max_pending, QUEUED_ELEMENTS // width))
+            first, error = moments[0].shift, moments[0].squared_error
+            rows = Slots(capacity, (width,), first.dtype, first.device)
+            errors = Slots(capacity, error.shape, error.dtype, error.device)
+        index = len(queued)
+        torch.cat([part.reshape(-1) for group in moments for part in group[1:4]], out=rows.views[index])
+        errors.views[index].copy_(moments[0].squared_error)
+        return _QueuedBatch(rows, errors, len(moments), int(moments[0].item_count))
+
+    def full(self, queued: list[_QueuedBatch]) -> bool:
+        return len(queued) >= len(queued[0].rows.views)
+
+    def fold(self, value: Tensor, queued: list[_QueuedBatch]) -> Tensor:
+        rows = queued[0].rows.rows[: len(queued)]
+        counts = torch.tensor([batch.item_count for batch in queued], dtype=value.dtype, device=value.device)
+        squared_error = queued[0].errors.rows[: len(queued)]
+        components, groups = value.shape[0], queued[0].groups
+        d_model = (rows.shape[1] // (groups * components) - 1) // 2
+        states = [group for group in _unpack(value, d_model) if group is not None]
+        folded, start = [], 0
+        for index, state in enumerate(states):
+            sizes = [components, components * d_model, components * d_model]
+            sums, shift, residual = torch.split(rows[:, start : start + sum(sizes)], sizes, dim=1)
+            start += sum(sizes)
+            error = squared_error if index == 0 else torch.zeros_like(squared_error)
+            moments = BatchMoments(
+                counts, sums, shift.view(-1, components, d_model), residual.view(-1, components, d_model), error
+            )
+            folded.append(_fold_moments(state, moments))
         return _pack(*folded)
+
+
+def _row_width(moments: tuple[BatchMoments, ...]) -> int:
+    return sum(group.sum_of_squares.numel() + 2 * group.shift.numel() for group in moments)
 
 
 class _ChanMerge(Reduction):
