@@ -27,28 +27,30 @@ def dot(monkeypatch):
     monkeypatch.setattr(_blocks, "SMALL", 0)
 
 
-def _reference(values, keepdim=False):
-    """Autograd's square and sum: what the dot product must reproduce."""
-    return values.square().sum(dim=-1, keepdim=keepdim)
+def _reference(values, keepdim=False, mean=False):
+    """Autograd's square and sum (or mean): what the dot product must reproduce."""
+    squares = values.square()
+    return squares.mean(dim=-1, keepdim=keepdim) if mean else squares.sum(dim=-1, keepdim=keepdim)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("keepdim", [False, True])
+@pytest.mark.parametrize("mean", [False, True])
 @pytest.mark.parametrize("shape", [(37, 6), (37, 3, 6)])
-def test_the_dot_gives_the_square_and_sum(generator, dot, dtype, keepdim, shape):
+def test_the_dot_gives_the_square_and_sum(generator, dot, dtype, keepdim, mean, shape):
     values = torch.randn(*shape, generator=generator, dtype=dtype)
     grad_shape = (*shape[:-1], 1) if keepdim else shape[:-1]
     grad = torch.randn(*grad_shape, generator=generator, dtype=dtype)
 
     ours = values.clone().requires_grad_()
     with Operations() as recorded:
-        value = squared_norms(ours, keepdim)
+        value = squared_norms(ours, keepdim, mean)
         value.backward(grad)
     assert "bmm" in recorded.names, recorded.names
     assert "pow" not in recorded.names, recorded.names
 
     theirs = values.clone().requires_grad_()
-    expected = _reference(theirs, keepdim)
+    expected = _reference(theirs, keepdim, mean)
     expected.backward(grad)
     assert value.shape == expected.shape
     tolerance = 1e-6 if dtype == torch.float32 else 1e-14

@@ -21,19 +21,23 @@ from sparse_metrics.functional._blocks import blocks_on_cpu, custom_backward, sm
 _DOT_DTYPES = (torch.float32, torch.float64)
 
 
-def squared_norms(values: Tensor, keepdim: bool = False) -> Tensor:
-    """``Σ_d values[..., d]²`` over the last axis, differentiable (twice, too), in ``values``' dtype.
+def squared_norms(values: Tensor, keepdim: bool = False, mean: bool = False) -> Tensor:
+    """``Σ_d values[..., d]²`` over the last axis (``mean``: divided by its size), differentiable (twice, too).
 
-    On a CPU, for a contiguous float32 or float64 input larger than :data:`~sparse_metrics.functional._blocks.SMALL`
-    elements and outside CPU autocast (which would run the product in bfloat16), each row's dot product with itself
-    (:class:`_SquaredNorms`); elsewhere the square and the sum, which a GPU or the compiler runs as they are.
+    In ``values``' dtype. On a CPU, for a contiguous float32 or float64 input larger than
+    :data:`~sparse_metrics.functional._blocks.SMALL` elements and outside CPU autocast (which would run the product in
+    bfloat16), each row's dot product with itself (:class:`_SquaredNorms`); elsewhere the square and the sum (or
+    mean), which a GPU or the compiler runs as they are.
     """
     if not _dot_applies(values):
-        return values.square().sum(dim=-1, keepdim=keepdim)
+        squares = values.square()
+        return squares.mean(dim=-1, keepdim=keepdim) if mean else squares.sum(dim=-1, keepdim=keepdim)
+    result: Tensor
     if values.requires_grad and torch.is_grad_enabled():
-        result: Tensor = _SquaredNorms.apply(values, keepdim)  # type: ignore[no-untyped-call]
-        return result
-    return _dot(values, keepdim)  # nothing to differentiate: no autograd Function to pass through
+        result = _SquaredNorms.apply(values, keepdim)  # type: ignore[no-untyped-call]
+    else:
+        result = _dot(values, keepdim)  # nothing to differentiate: no autograd Function to pass through
+    return result / values.shape[-1] if mean else result
 
 
 def _dot_applies(values: Tensor) -> bool:

@@ -267,9 +267,7 @@ def _scale(n_dead: Tensor, k_aux: int, rule: _Rule, dtype: torch.dtype) -> Tenso
 
 
 def _squared(auxiliary: Tensor, target: Tensor, scale: Tensor | None, rule: _Rule) -> Tensor:
-    per_item = squared_norms(auxiliary - target)
-    if rule.feature_mean:
-        per_item = per_item / target.shape[-1]
+    per_item = squared_norms(auxiliary - target, mean=rule.feature_mean)
     if scale is None:
         return per_item
     # where, not a product: a 0 scale must give 0 even for an infinite error, as the peers' early return does

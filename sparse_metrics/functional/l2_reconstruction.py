@@ -18,8 +18,7 @@ def _reduce_squared_error(
     error: Float[Tensor, "*batch_component d_model"], feature_reduction: FeatureReduction
 ) -> Float[Tensor, "*batch_component"]:
     """Square ``error`` and reduce it over the model dimension (the last axis)."""
-    squared = squared_norms(error)
-    return squared / error.shape[-1] if feature_reduction == "mean" else squared
+    return squared_norms(error, mean=feature_reduction == "mean")
 
 
 def _elementwise_squared_error(
