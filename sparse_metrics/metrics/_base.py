@@ -204,7 +204,9 @@ class DeferredSum(DeferredState):
         if isinstance(item, int):
             return item
         rows, dtype = item
-        last = next((addition for addition in reversed(queued) if isinstance(addition, _Addition)), None)
+        last = queued[-1] if queued else None
+        if last is not None and not isinstance(last, _Addition):  # a count between: the last tensor addition
+            last = next((addition for addition in reversed(queued) if isinstance(addition, _Addition)), None)
         if last is None:
             slots = Slots(self.max_pending, rows.shape[1:], dtype, rows.device)
             row = 0
@@ -484,8 +486,8 @@ class SaeMetric(Metric):
         if not isinstance(getattr(type(self), name, None), DeferredSum):
             raise TypeError(f"{type(self).__name__}.{name} is not a DeferredSum state: its additions would be lost.")
         if isinstance(addition, Tensor):
-            with torch.no_grad():
-                self._queue(name, (addition, self.__dict__[name].dtype))
+            rows = addition.detach() if addition.requires_grad else addition  # an out= sum records no graph
+            self._queue(name, (rows, self.__dict__[name].dtype))
         else:
             self._queue(name, addition)
 
