@@ -345,3 +345,16 @@ def test_a_copy_and_its_original_never_write_into_each_others_queue(generator, c
 
     torch.testing.assert_close(metric.compute(), fed([first, second, third]), rtol=1e-12, atol=0)
     torch.testing.assert_close(copied.compute(), fed([first, second, fourth]), rtol=1e-12, atol=0)
+
+
+def test_forward_records_a_differentiable_batch_with_one_reduction(generator):
+    """In forward the per-item values carry the graph: recording them (under no_grad) needs no detach of its own."""
+    metric = sm.L2ReconstructionLoss()
+    first, second = _batches(generator, [8, 8])
+    metric(**first)
+    decoded = second["decoded_activations"].requires_grad_()
+    contribution = metric._contribution(metric._make_batch((), {**second, "decoded_activations": decoded}))
+    assert contribution.requires_grad
+    with Operations() as recorded:
+        metric._record_counted(contribution)
+    assert recorded.names == ["sum"]

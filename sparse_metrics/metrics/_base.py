@@ -486,7 +486,8 @@ class SaeMetric(Metric):
         if not isinstance(getattr(type(self), name, None), DeferredSum):
             raise TypeError(f"{type(self).__name__}.{name} is not a DeferredSum state: its additions would be lost.")
         if isinstance(addition, Tensor):
-            rows = addition.detach() if addition.requires_grad else addition  # an out= sum records no graph
+            recorded = addition.requires_grad and torch.is_grad_enabled()
+            rows = addition.detach() if recorded else addition  # an out= sum records no graph
             self._queue(name, (rows, self.__dict__[name].dtype))
         else:
             self._queue(name, addition)
