@@ -234,7 +234,7 @@ def test_a_variance_step_queues_its_moments_and_merges_nothing(generator):
     contribution = metric._contribution(metric._make_batch((), second))
     with Operations() as recorded:
         metric._record(contribution)
-    assert sorted(recorded.names) == ["cat", "copy_", "view", "view", "view"]  # copied into the queue's next row
+    assert sorted(recorded.names) == ["cat", "copy_", "fill_", "view", "view", "view"]  # into the next row
     assert torch.equal(metric.__dict__["fvu_statistics"], torch.zeros(1, 8, dtype=torch.float64))  # not folded yet
     assert len(metric.__dict__[_PENDING]["fvu_statistics"]) == 2
 
@@ -358,3 +358,52 @@ def test_forward_records_a_differentiable_batch_with_one_reduction(generator):
     with Operations() as recorded:
         metric._record_counted(contribution)
     assert recorded.names == ["sum"]
+
+
+def test_a_subclass_with_its_own_state_prefix_queues_too(generator):
+    class Renamed(sm.FractionOfVarianceUnexplained):
+        _state_prefix = "renamed"
+
+    batches = _offset_batches(generator, [3, 5])
+    metric = Renamed(d_model=5)
+    for batch in batches:
+        metric.update(**batch)
+    assert len(metric.__dict__[_PENDING]["renamed_statistics"]) == 2
+    torch.testing.assert_close(metric.compute(), _fvu_reference(batches), rtol=1e-12, atol=0)
+
+
+def test_reset_drops_the_queue_without_folding_it(generator, monkeypatch):
+    metric = sm.FractionOfVarianceUnexplained(d_model=5)
+    for batch in _batches(generator, [3, 4]):
+        metric.update(**batch)
+
+    def refuse(self, value, queued):
+        raise AssertionError("reset folded the queue")
+
+    monkeypatch.setattr(explained_variance_metrics.DeferredStatistics, "fold", refuse)
+    metric.reset()
+    assert not metric.__dict__[_PENDING]
+    assert torch.equal(metric.fvu_statistics, torch.zeros(1, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fills", [False, True])
+def test_a_batch_rejected_after_it_was_queued_leaves_the_queue_as_it_was(generator, monkeypatch, fills):
+    """The failure comes after the queue took the batch (and, with ``fills``, folded into the state)."""
+    batches = _offset_batches(generator, [4, 2, 3])
+    if fills:  # rows of 11 elements: the third batch fills a queue of 3 and folds it
+        monkeypatch.setattr(explained_variance_metrics, "QUEUED_ELEMENTS", 3 * (1 + 2 * 5))
+    metric = sm.FractionOfVarianceUnexplained(d_model=5, compute_on_cpu=True)
+    for batch in batches[:2]:
+        metric.update(**batch)
+    state, queued = metric.__dict__["fvu_statistics"], list(metric.__dict__[_PENDING]["fvu_statistics"])
+
+    def fail(self):
+        raise RuntimeError("after the queue")
+
+    monkeypatch.setattr(sm.FractionOfVarianceUnexplained, "_move_list_states_to_cpu", fail)
+    with pytest.raises(RuntimeError, match="after the queue"):
+        metric(**batches[2])
+    assert metric.__dict__["fvu_statistics"] is state
+    assert metric.__dict__[_PENDING]["fvu_statistics"] == queued
+    monkeypatch.undo()
+    torch.testing.assert_close(metric.compute(), _fvu_reference(batches[:2]), rtol=1e-12, atol=0)

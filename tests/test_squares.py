@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparse_metrics as sm
-from sparse_metrics.functional import _blocks
+from sparse_metrics.functional import _blocks, _squares
 from sparse_metrics.functional._squares import squared_norms
 
 
@@ -23,8 +23,9 @@ class Operations(TorchDispatchMode):
 
 @pytest.fixture
 def dot(monkeypatch):
-    """Every input takes the dot product, however small (the suite's inputs are all below the threshold)."""
+    """Every input takes the dot product, however small and narrow (the suite's inputs are below both thresholds)."""
     monkeypatch.setattr(_blocks, "SMALL", 0)
+    monkeypatch.setattr(_squares, "DOT_MIN_WIDTH", 0)
 
 
 def _reference(values, keepdim=False, mean=False):
@@ -122,6 +123,31 @@ def test_small_inputs_take_the_square_and_sum(generator):
     with Operations() as recorded:
         squared_norms(values)
     assert "bmm" not in recorded.names
+
+
+def test_narrow_rows_take_the_square_and_sum(generator, monkeypatch):
+    monkeypatch.setattr(_blocks, "SMALL", 0)
+    values = torch.randn(8, _squares.DOT_MIN_WIDTH - 1, generator=generator)
+    with Operations() as recorded:
+        squared_norms(values)
+    assert "bmm" not in recorded.names
+    wide = torch.randn(8, _squares.DOT_MIN_WIDTH, generator=generator)
+    with Operations() as recorded:
+        squared_norms(wide)
+    assert "bmm" in recorded.names
+
+
+def test_inexact_sums_are_squared_norms_unless_a_gradient_is_kept(generator, dot):
+    values = torch.randn(9, 2, 5, generator=generator, dtype=torch.float64)
+    with Operations() as recorded:
+        value = squared_norms(values, exact=False)
+    assert recorded.names == ["linalg_vector_norm", "pow"]
+    torch.testing.assert_close(value, _reference(values), rtol=1e-14, atol=0)
+    tracked = values.clone().requires_grad_()
+    with Operations() as recorded:
+        squared_norms(tracked, exact=False)
+    assert "bmm" in recorded.names  # twice differentiable where the norm is not (at 0)
+    assert torch.autograd.gradgradcheck(lambda v: squared_norms(v, exact=False), (tracked,))
 
 
 def test_the_metrics_read_through_the_dot(generator, dot):

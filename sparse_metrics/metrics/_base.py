@@ -113,7 +113,7 @@ def _detached(value: Tensor) -> Tensor:
 
 #: Where a metric keeps what is queued for its :class:`DeferredState` states: state name -> queued items.
 _PENDING = "_pending_additions"
-#: Queued additions of one :class:`DeferredSum` state folded at once, at most: a bound on a queue between reads.
+#: Items of one :class:`DeferredState` queue folded at once, at most (the default): a bound on a queue between reads.
 _MAX_PENDING = 256
 
 
@@ -169,7 +169,7 @@ class DeferredState:
 
 
 class Slots:
-    """The rows of one tensor made for a queue, each with its view made once: a queued step writes into the next.
+    """Rows of one tensor made for a stretch of a queue, each with its view made once: a step writes into the next.
 
     A queue must not keep the small tensors its steps made: kept for many steps, they sit between the large
     temporaries that the next steps free and reuse, and on a CPU the heap grows instead (to 10 GB within 320 steps
@@ -183,6 +183,10 @@ class Slots:
         with torch.inference_mode(False):
             self.rows = torch.empty(capacity, *shape, dtype=dtype, device=device)
             self.views = self.rows.unbind(0)
+
+
+#: Rows of a queue's first stretch of :class:`Slots`; each later stretch has twice the rows of the one before.
+FIRST_STRETCH = 4
 
 
 class _Addition(NamedTuple):
@@ -207,11 +211,11 @@ class DeferredSum(DeferredState):
         last = queued[-1] if queued else None
         if last is not None and not isinstance(last, _Addition):  # a count between: the last tensor addition
             last = next((addition for addition in reversed(queued) if isinstance(addition, _Addition)), None)
-        if last is None:
-            slots = Slots(self.max_pending, rows.shape[1:], dtype, rows.device)
-            row = 0
-        else:
+        if last is not None and last.row + 1 < len(last.slots.views):
             slots, row = last.slots, last.row + 1
+        else:  # a new stretch of rows, twice the last: a queue that is read often makes few
+            size = FIRST_STRETCH if last is None else min(2 * len(last.slots.views), self.max_pending)
+            slots, row = Slots(size, rows.shape[1:], dtype, rows.device), 0
         torch.sum(rows, dim=0, dtype=dtype, out=slots.views[row])
         return _Addition(slots, row)
 
@@ -346,6 +350,22 @@ class SaeMetric(Metric):
         """
         sharding: FeatureSharding | None = self.__dict__.get("_feature_sharding")
         return sharding
+
+    def _move_list_states_to_cpu(self) -> None:
+        """Move the list states to the CPU as torchmetrics does (``compute_on_cpu``), reading no other state.
+
+        torchmetrics reads every state to find the lists; reading a :class:`DeferredState` would fold its queue at
+        every step.
+        """
+        for name in self._defaults:
+            rows = self.__dict__.get(name)
+            if isinstance(rows, list):
+                setattr(self, name, [row.to("cpu") for row in rows])
+
+    def reset(self) -> None:
+        """Reset the states to their defaults; what the :class:`DeferredState` queues hold is dropped, not folded."""
+        self.__dict__.get(_PENDING, {}).clear()
+        super().reset()
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle (``clone``, ``deepcopy``, ``copy.copy``) with every :class:`DeferredState` queue folded first.

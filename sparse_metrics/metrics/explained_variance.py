@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
@@ -22,7 +23,7 @@ from sparse_metrics.functional.explained_variance import (
     _fvu_compute,
     _merge_stacked,
 )
-from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, DeferredState, SaeMetric, Slots
+from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, FIRST_STRETCH, DeferredState, SaeMetric, Slots
 
 __all__ = ["ExplainedVariance", "FractionOfVarianceUnexplained"]
 
@@ -53,13 +54,24 @@ def _unpack(packed: Tensor, d_model: int) -> tuple[VarianceStatistics, VarianceS
 QUEUED_ELEMENTS = 1 << 22
 
 
-class _QueuedBatch(NamedTuple):
-    """A batch queued for a :class:`DeferredStatistics` state: its moments are row ``len(queue)`` of the rows."""
+class _MomentSlots:
+    """The rows one stretch of a :class:`DeferredStatistics` queue writes into: moments, squared errors, counts."""
 
-    rows: Slots  # [capacity, width]: every group's [Σ‖d‖² (component), a (component·d_model), Σ d (same)] in turn
-    errors: Slots  # [capacity, component] float64: the source's summed squared errors
+    __slots__ = ("counts", "errors", "moments")
+
+    def __init__(self, capacity: int, moments: tuple[BatchMoments, ...]) -> None:
+        first, error = moments[0].shift, moments[0].squared_error
+        self.moments = Slots(capacity, (_row_width(moments),), first.dtype, first.device)
+        self.errors = Slots(capacity, error.shape, error.dtype, error.device)
+        self.counts = Slots(capacity, (), error.dtype, error.device)  # written by a fill: no copy from the host
+
+
+class _QueuedBatch(NamedTuple):
+    """A batch queued for a :class:`DeferredStatistics` state: row ``row`` of ``slots``."""
+
+    slots: _MomentSlots  # moments: every group's [Σ‖d‖² (component), a (component·d_model), Σ d (same)] in turn
+    row: int
     groups: int  # 1, or 2 with the residual's moments
-    item_count: int
 
 
 class DeferredStatistics(DeferredState):
@@ -72,43 +84,49 @@ class DeferredStatistics(DeferredState):
     not bitwise the same whenever the state is read (a merge of several sets rounds differently from merging them
     one at a time).
 
-    The moments of a queue are copied into rows made for it (:class:`~sparse_metrics.metrics._base.Slots`), not kept
-    as the step made them: kept, a step's small tensors fragment a CPU's heap (3.5 GB after 256 steps at batch
-    4096, d_model 512; a kept 8-byte tensor per step was enough for 2 GB). The rows hold at most
-    :data:`QUEUED_ELEMENTS` elements and :attr:`~sparse_metrics.metrics._base.DeferredState.max_pending` batches;
-    the queue is folded once they are full, or first when a batch's moments differ in dtype, device or width from
-    the queue's.
+    The moments of a queue are copied into rows made for it (:class:`~sparse_metrics.metrics._base.Slots`, in
+    stretches of 4, 8, 16, ... rows), not kept as the step made them: kept, a step's small tensors fragment a CPU's
+    heap (3.5 GB after 256 steps at batch 4096, d_model 512; a kept 8-byte tensor per step was enough for 2 GB). A
+    queue holds at most :data:`QUEUED_ELEMENTS` elements of moments and
+    :attr:`~sparse_metrics.metrics._base.DeferredState.max_pending` batches; it is folded once full, or first when a
+    batch's moments differ in dtype, device or width from the queue's.
     """
 
     def fits(self, queued: list[_QueuedBatch], moments: tuple[BatchMoments, ...]) -> bool:
-        rows = queued[0].rows.rows
+        rows = queued[0].slots.moments.rows
         return (
             rows.dtype == moments[0].shift.dtype
             and rows.device == moments[0].shift.device
             and rows.shape[1] == _row_width(moments)
         )
 
+    def _capacity(self, width: int) -> int:
+        """Batches a queue of rows of ``width`` elements holds at most."""
+        return max(1, min(self.max_pending, QUEUED_ELEMENTS // width))
+
     def queued_item(self, queued: list[_QueuedBatch], moments: tuple[BatchMoments, ...]) -> _QueuedBatch:
-        if queued:
-            rows, errors = queued[0].rows, queued[0].errors
-        else:
-            width = _row_width(moments)
-            capacity = max(1, min(self.max_pending, QUEUED_ELEMENTS // width))
-            first, error = moments[0].shift, moments[0].squared_error
-            rows = Slots(capacity, (width,), first.dtype, first.device)
-            errors = Slots(capacity, error.shape, error.dtype, error.device)
-        index = len(queued)
-        torch.cat([part.reshape(-1) for group in moments for part in group[1:4]], out=rows.views[index])
-        errors.views[index].copy_(moments[0].squared_error)
-        return _QueuedBatch(rows, errors, len(moments), int(moments[0].item_count))
+        last = queued[-1] if queued else None
+        if last is not None and last.row + 1 < len(last.slots.counts.views):
+            slots, row = last.slots, last.row + 1
+        else:  # a new stretch, twice the last (a queue that is read often makes few rows)
+            size = FIRST_STRETCH if last is None else 2 * len(last.slots.counts.views)
+            slots, row = _MomentSlots(min(size, self._capacity(_row_width(moments)) - len(queued)), moments), 0
+        torch.cat([part.reshape(-1) for group in moments for part in group[1:4]], out=slots.moments.views[row])
+        slots.errors.views[row].copy_(moments[0].squared_error)
+        slots.counts.views[row].fill_(moments[0].item_count)
+        return _QueuedBatch(slots, row, len(moments))
 
     def full(self, queued: list[_QueuedBatch]) -> bool:
-        return len(queued) >= len(queued[0].rows.views)
+        return len(queued) >= self._capacity(queued[0].slots.moments.rows.shape[1])
 
     def fold(self, value: Tensor, queued: list[_QueuedBatch]) -> Tensor:
-        rows = queued[0].rows.rows[: len(queued)]
-        counts = torch.tensor([batch.item_count for batch in queued], dtype=value.dtype, device=value.device)
-        squared_error = queued[0].errors.rows[: len(queued)]
+        stretches = [(slots, len(list(batches))) for slots, batches in itertools.groupby(queued, lambda b: b.slots)]
+
+        def used(part: str) -> Tensor:
+            rows = [getattr(slots, part).rows[:count] for slots, count in stretches]
+            return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+        rows, squared_error, counts = used("moments"), used("errors"), used("counts")
         components, groups = value.shape[0], queued[0].groups
         d_model = (rows.shape[1] // (groups * components) - 1) // 2
         states = [group for group in _unpack(value, d_model) if group is not None]
@@ -249,6 +267,13 @@ class FractionOfVarianceUnexplained(SaeMetric):
 
     _state_prefix: ClassVar[str] = "fvu"
     fvu_statistics = DeferredStatistics("fvu_statistics")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Make the statistics of a subclass that names its own state prefix a :class:`DeferredStatistics` state."""
+        super().__init_subclass__(**kwargs)
+        prefix = cls.__dict__.get("_state_prefix")
+        if prefix is not None:
+            setattr(cls, f"{prefix}_statistics", DeferredStatistics(f"{prefix}_statistics"))
 
     @validate_arguments
     def __init__(
@@ -405,7 +430,6 @@ class ExplainedVariance(FractionOfVarianceUnexplained):
     plot_upper_bound = 1.0
 
     _state_prefix: ClassVar[str] = "explained_variance"
-    explained_variance_statistics = DeferredStatistics("explained_variance_statistics")
 
     def _value(self, contribution: _VarianceContribution) -> Tensor:
         return self._squeeze(1 - self._batch_fvu(contribution))
