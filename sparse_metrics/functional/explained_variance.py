@@ -72,8 +72,9 @@ def _centred_batch(
     values = source.to(dtype)
     mean = values.mean(dim=0)
     deviations = values - mean
-    residual_sum = deviations.detach().sum(dim=0)
-    return _sum_of_squares(deviations), mean.detach(), residual_sum
+    if not deviations.requires_grad:  # the usual case: no detach to dispatch
+        return _sum_of_squares(deviations), mean, deviations.sum(dim=0)
+    return _sum_of_squares(deviations), mean.detach(), deviations.detach().sum(dim=0)
 
 
 class BatchMoments(NamedTuple):

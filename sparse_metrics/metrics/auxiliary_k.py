@@ -20,7 +20,7 @@ from sparse_metrics.functional.auxiliary_k import (
     finish_ratio,
 )
 from sparse_metrics.functional.explained_variance import BatchMoments, _centred_batch
-from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, SaeMetric
+from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, SaeMetric, _detached
 from sparse_metrics.metrics.explained_variance import DeferredStatistics, _ChanMerge, _unpack
 
 __all__ = ["AuxiliaryKLoss"]
@@ -191,7 +191,7 @@ class AuxiliaryKLoss(SaeMetric):
         numerator = terms.squared_error.detach().sum(dim=0, dtype=self.__dict__["auxk_statistics"].dtype)
         if self._rule.feature_mean:  # OpenAI's means over (b, d): the ratio of sums, d cancels
             numerator = numerator * values.shape[-1]
-        moments = BatchMoments(values.shape[0], variance.detach(), mean, residual_sum, numerator)
+        moments = BatchMoments(values.shape[0], _detached(variance), mean, residual_sum, numerator)
         return _Contribution(terms, moments, variance)
 
     def _finite_items(self, batch: SaeBatch, contribution: _Contribution) -> Tensor | None:

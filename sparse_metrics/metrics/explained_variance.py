@@ -23,7 +23,14 @@ from sparse_metrics.functional.explained_variance import (
     _fvu_compute,
     _merge_stacked,
 )
-from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, FIRST_STRETCH, DeferredState, SaeMetric, Slots
+from sparse_metrics.metrics._base import (
+    ACCUMULATOR_DTYPE,
+    FIRST_STRETCH,
+    DeferredState,
+    SaeMetric,
+    Slots,
+    _detached,
+)
 
 __all__ = ["ExplainedVariance", "FractionOfVarianceUnexplained"]
 
@@ -333,7 +340,7 @@ class FractionOfVarianceUnexplained(SaeMetric):
             variance, mean, residual_sum = batch.memo(
                 ("centred_source", compute_dtype), lambda: _centred_batch(source, compute_dtype)
             )
-            moments = BatchMoments(source.shape[0], variance.detach(), mean, residual_sum, summed_error)
+            moments = BatchMoments(source.shape[0], _detached(variance), mean, residual_sum, summed_error)
             return _VarianceContribution((moments,), source, squared_error, variance=variance)
         decoded = batch.require(self.reconstruction, owner)
         both = batch.memo(
