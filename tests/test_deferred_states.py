@@ -1,4 +1,4 @@
-"""Per-step costs of recording a batch: queued sums (DeferredSum) and inputs read without views.
+"""Per-step costs of recording a batch: queued states (DeferredSum, the variance statistics) and inputs read as given.
 
 A per-item mean queues each batch's float64 sum and its item count (a Python int) instead of replacing its states at
 every step; any read folds the queue first and any write drops it. These checks pin what a reader sees, what a write
@@ -10,23 +10,11 @@ import pickle
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparse_metrics as sm
 from sparse_metrics.metrics import explained_variance as explained_variance_metrics
 from sparse_metrics.metrics._base import _MAX_PENDING, _PENDING
-
-
-class Operations(TorchDispatchMode):
-    """The names of the aten operations dispatched inside the block, in order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+from tests.operations import Operations
 
 
 def _batches(generator, sizes, d_model=5):

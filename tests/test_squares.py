@@ -2,23 +2,11 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparse_metrics as sm
 from sparse_metrics.functional import _blocks, _squares
 from sparse_metrics.functional._squares import squared_norms
-
-
-class Operations(TorchDispatchMode):
-    """The names of the aten operations dispatched inside the block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+from tests.operations import Operations
 
 
 @pytest.fixture
