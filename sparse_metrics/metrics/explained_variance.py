@@ -234,7 +234,7 @@ class FractionOfVarianceUnexplained(SaeMetric):
     The denominator is kept as (count, per-dimension mean, M2) in float64 and batches are merged with Chan's
     parallel formula, exact for data with a large offset; processes are merged the same way, so every process gets
     the bitwise identical result. A step queues its batch's moments, merged into the state at once when the state
-    is read or its queue is full (see :class:`DeferredStatistics`). A collection reports ``explained_variance``
+    is read or its queue is full (a ``DeferredStatistics`` state). A collection reports ``explained_variance``
     (``1 - fvu``) beside it.
 
     With ``centred_residual=True`` the residual :math:`e = \hat x - x` is centred too (dictionary_learning's
