@@ -23,10 +23,6 @@ from sparse_metrics.functional.l2_reconstruction import _squared_error_sum
 
 __all__ = ["explained_variance", "fraction_of_variance_unexplained"]
 
-#: Statistics are kept in float64 (float32 only on a device without it): the means feed differences of near-equal
-#: numbers.
-_STATISTICS_DTYPE = torch.float64
-
 
 class VarianceStatistics(NamedTuple):
     """Sufficient statistics of the FVU over a set of items, per component.

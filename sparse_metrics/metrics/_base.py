@@ -21,9 +21,9 @@ import inspect
 import json
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence, Sized
 from contextlib import contextmanager
-from typing import Any, ClassVar, NamedTuple, cast
+from typing import Any, ClassVar, NamedTuple, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -184,9 +184,27 @@ class Slots:
             self.rows = torch.empty(capacity, *shape, dtype=dtype, device=device)
             self.views = self.rows.unbind(0)
 
+    def __len__(self) -> int:
+        return len(self.views)
+
 
 #: Rows of a queue's first stretch of :class:`Slots`; each later stretch has twice the rows of the one before.
-FIRST_STRETCH = 4
+_FIRST_STRETCH = 4
+
+_Stretch = TypeVar("_Stretch", bound=Sized)
+
+
+def next_row(last: tuple[_Stretch, int] | None, room: int, stretch: Callable[[int], _Stretch]) -> tuple[_Stretch, int]:
+    """Where a queued item is written: a stretch of rows and a row of it.
+
+    The row after ``last`` (the previous item's stretch and row) while its stretch has one; else row 0 of a new
+    ``stretch(rows)``, of :data:`_FIRST_STRETCH` rows at first and then twice the last's, at most ``room``: a queue
+    that is read often makes few rows, and one that fills makes a handful of stretches.
+    """
+    if last is not None and last[1] + 1 < len(last[0]):
+        return last[0], last[1] + 1
+    rows = _FIRST_STRETCH if last is None else 2 * len(last[0])
+    return stretch(min(rows, room)), 0
 
 
 class _Addition(NamedTuple):
@@ -211,11 +229,8 @@ class DeferredSum(DeferredState):
         last = queued[-1] if queued else None
         if last is not None and not isinstance(last, _Addition):  # a count between: the last tensor addition
             last = next((addition for addition in reversed(queued) if isinstance(addition, _Addition)), None)
-        if last is not None and last.row + 1 < len(last.slots.views):
-            slots, row = last.slots, last.row + 1
-        else:  # a new stretch of rows, twice the last: a queue that is read often makes few
-            size = FIRST_STRETCH if last is None else min(2 * len(last.slots.views), self.max_pending)
-            slots, row = Slots(size, rows.shape[1:], dtype, rows.device), 0
+        room = self.max_pending - len(queued)  # the queue is folded once it holds max_pending items
+        slots, row = next_row(last, room, lambda size: Slots(size, rows.shape[1:], dtype, rows.device))
         torch.sum(rows, dim=0, dtype=dtype, out=slots.views[row])
         return _Addition(slots, row)
 

@@ -25,11 +25,11 @@ from sparse_metrics.functional.explained_variance import (
 )
 from sparse_metrics.metrics._base import (
     ACCUMULATOR_DTYPE,
-    FIRST_STRETCH,
     DeferredState,
     SaeMetric,
     Slots,
     _detached,
+    next_row,
 )
 
 __all__ = ["ExplainedVariance", "FractionOfVarianceUnexplained"]
@@ -72,6 +72,9 @@ class _MomentSlots:
         self.errors = Slots(capacity, error.shape, error.dtype, error.device)
         self.counts = Slots(capacity, (), error.dtype, error.device)  # written by a fill: no copy from the host
 
+    def __len__(self) -> int:
+        return len(self.counts)
+
 
 class _QueuedBatch(NamedTuple):
     """A batch queued for a :class:`DeferredStatistics` state: row ``row`` of ``slots``."""
@@ -112,12 +115,9 @@ class DeferredStatistics(DeferredState):
         return max(1, min(self.max_pending, QUEUED_ELEMENTS // width))
 
     def queued_item(self, queued: list[_QueuedBatch], moments: tuple[BatchMoments, ...]) -> _QueuedBatch:
-        last = queued[-1] if queued else None
-        if last is not None and last.row + 1 < len(last.slots.counts.views):
-            slots, row = last.slots, last.row + 1
-        else:  # a new stretch, twice the last (a queue that is read often makes few rows)
-            size = FIRST_STRETCH if last is None else 2 * len(last.slots.counts.views)
-            slots, row = _MomentSlots(min(size, self._capacity(_row_width(moments)) - len(queued)), moments), 0
+        last = (queued[-1].slots, queued[-1].row) if queued else None
+        room = self._capacity(_row_width(moments)) - len(queued)
+        slots, row = next_row(last, room, lambda size: _MomentSlots(size, moments))
         torch.cat([part.reshape(-1) for group in moments for part in group[1:4]], out=slots.moments.views[row])
         slots.errors.views[row].copy_(moments[0].squared_error)
         slots.counts.views[row].fill_(moments[0].item_count)
