@@ -94,15 +94,6 @@ _compiled_sae_loss_statistics = CompiledWithFallback(_sae_loss_statistics)
 _compiled_sae_training_statistics = CompiledWithFallback(_sae_training_statistics)
 
 
-def _compiles_activity(device: torch.device) -> bool:
-    """Whether the compiled path computes the activity statistics (firing counts, items since fired).
-
-    Not on a CPU, where the eager blocked reduction over the items (``_feature_activity``) is about twice as fast as
-    inductor's code for it (benchmark row 2c).
-    """
-    return device.type != "cpu"
-
-
 #: ``(ACTIVITY_THRESHOLD, t)`` in a batch's ``uses``: an activity member reads the firing of threshold ``t`` (None:
 #: non-zero), so that the compiled path computes it in the same compiled function as the loss statistics.
 ACTIVITY_THRESHOLD = "activity_threshold"
@@ -463,8 +454,6 @@ class SaeBatch:
                 {key[1] for key in self.uses if isinstance(key, tuple) and key[0] == ACTIVITY_THRESHOLD},
                 key=lambda threshold: -1.0 if threshold is None else threshold,
             )
-            if _compiles_activity(learned.device)
-            else ()
         )
         if thresholds:
             squared_error, l0, l1, activities = _compiled_sae_training_statistics(source, learned, decoded, thresholds)

@@ -125,9 +125,8 @@ class SparseAutoencoderLoss(MetricCollection):
         prefix: Prefix for every output key (torchmetrics' convention).
         postfix: Postfix for every output key.
         compiled: Compute each batch's squared error, L0 and L1, and with ``feature_density`` or
-            ``dead_feature_window`` the features' firing counts and items since fired (not on a CPU, where the eager
-            blocked reduction is faster), in one ``torch.compile``'d function (``fullgraph=True``), which fuses the
-            passes over the ``[batch, d_sae]`` activations; the
+            ``dead_feature_window`` the features' firing counts and items since fired, in one ``torch.compile``'d
+            function (``fullgraph=True``), which fuses the passes over the ``[batch, d_sae]`` activations; the
             ``loss_terms`` :class:`TanhSparsityLoss`, :class:`PreActivationLoss`, :class:`JumpReLUL0Loss` and
             :class:`AuxiliaryKLoss` run compiled too. The first batch of each new shape pays the compilation; where
             compiling fails (say, no C++ compiler for the CPU backend), a ``RuntimeWarning`` says why and that

@@ -16,6 +16,7 @@ import sparse_metrics.functional as smf
 from sparse_metrics import _batch, _compile
 from sparse_metrics.functional._statistics import _sae_loss_statistics, _sae_training_statistics
 from sparse_metrics.functional.auxiliary_k import RULES, auxiliary_k_terms
+from sparse_metrics.functional.feature_density import _feature_activity
 from tests import reference
 from tests.processes import run_process_tree
 
@@ -119,6 +120,31 @@ def test_functional_core_compiles_without_graph_breaks(generator, name):
         (expected_gradient,) = torch.autograd.grad(expected.sum(), inputs["learned_activations"], allow_unused=True)
         if expected_gradient is not None:
             torch.testing.assert_close(gradient, expected_gradient)
+
+
+@pytest.mark.parametrize("batch", [40, 128, 130])
+def test_compiled_feature_activity_matches_a_direct_count(generator, batch):
+    """The traced activity (blocks of items as an axis of their own on a CPU, then the rest) counts every firing and
+    finds each feature's last one: below one block, whole blocks only, and a rest of two items."""
+    active = torch.rand(batch, 2, 24, generator=generator) < 0.2
+    active[:, :, 0] = False  # never fires
+    active[:, :, 1] = False
+    active[-1, :, 1] = True  # fires on the last item only (in the rest for 130)
+    active[:, :, 2] = False
+    active[0, :, 2] = True  # fires on the first item only
+    active[:, :, 3] = True  # fires on every item
+    items = torch.arange(batch).view(-1, 1, 1)
+    expected_count = active.sum(dim=0)
+    expected_since = batch - 1 - torch.where(active, items, -1).amax(dim=0)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda mask: tuple(_feature_activity(mask)[:2]), fullgraph=True, backend="aot_eager", dynamic=False
+    )
+    fire_count, items_since_fired = compiled(active)
+    assert fire_count.dtype == items_since_fired.dtype == torch.int64
+    assert torch.equal(fire_count, expected_count)
+    assert torch.equal(items_since_fired, expected_since)
+    assert torch.equal(items_since_fired[:, :4], torch.tensor([[batch, 0, batch - 1, 0]] * 2))
 
 
 def _collection_step(loss_fn, inputs):
@@ -231,12 +257,11 @@ def compiled_training_check() -> None:
     generator = torch.Generator().manual_seed(0)
     eager, compiled = _training_collection(False), _training_collection(True)
     eager_activity = _batch._feature_activity
-    _batch._compiles_activity = lambda device: True  # the GPU route, here on a CPU (where it is slower)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the compiled path computed the activity eagerly")
 
-    for batch in (8, 5):
+    for batch in (8, 5, 130):  # 130: the blocked reduction of the activity over the items, and a rest of 2 items
         inputs = _inputs(generator, batch=batch)
         inputs["pre_activations"].requires_grad_()
         inputs["threshold"].requires_grad_()

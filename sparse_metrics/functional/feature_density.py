@@ -90,16 +90,30 @@ def _feature_activity(active: Bool[Tensor, "batch component d_sae"]) -> FeatureA
     # ``index where active``; the items after it are ``batch_size - last``, the whole batch for a feature that did not
     # fire. Indices are int16 while the batch allows (half the memory traffic of int32).
     index_dtype = torch.int16 if batch_size < 2**15 else torch.int32
-    if active.device.type != "cpu" or torch.compiler.is_compiling() or batch_size <= _ACTIVITY_BLOCK:
-        positions = torch.arange(1, batch_size + 1, dtype=index_dtype, device=active.device).view(-1, 1, 1)
+    positions = torch.arange(1, batch_size + 1, dtype=index_dtype, device=active.device).view(-1, 1, 1)
+    if batch_size <= _ACTIVITY_BLOCK or active.device.type != "cpu":
         fire_count = active.sum(dim=0, dtype=torch.int64)
         last = torch.where(active, positions, 0).amax(dim=0) if batch_size else torch.zeros_like(fire_count)
         return FeatureActivity(fire_count, batch_size - last.to(torch.int64), batch_size)
     # On a CPU a reduction over the leading (item) axis of a large mask is several times faster in blocks of items,
-    # each block's rows reduced while they are in the cache.
+    # each block's rows reduced while they are in the cache: the compiler is given the blocks as an axis of their own
+    # (one fused pass over the mask for both statistics, then a small pass over the blocks' partial results), eager
+    # code reduces one block at a time.
+    if torch.compiler.is_compiling():
+        # int32 indices: inductor's CPU code vectorises a reduction whose accumulators share one integer type.
+        positions = positions.int()
+        blocked = batch_size // _ACTIVITY_BLOCK * _ACTIVITY_BLOCK
+        blocks = active[:blocked].unflatten(0, (-1, _ACTIVITY_BLOCK))
+        block_positions = positions[:blocked].unflatten(0, (-1, _ACTIVITY_BLOCK))
+        fire_count32 = blocks.sum(dim=1, dtype=torch.int32).sum(dim=0)
+        last = torch.where(blocks, block_positions, 0).amax(dim=1).amax(dim=0)
+        if blocked < batch_size:
+            rest = active[blocked:]
+            fire_count32 = fire_count32 + rest.sum(dim=0, dtype=torch.int32)
+            last = torch.maximum(last, torch.where(rest, positions[blocked:], 0).amax(dim=0))
+        return FeatureActivity(fire_count32.to(torch.int64), batch_size - last.to(torch.int64), batch_size)
     fire_count32 = torch.zeros(active.shape[1:], dtype=torch.int32, device=active.device)
     last = torch.zeros(active.shape[1:], dtype=index_dtype, device=active.device)
-    positions = torch.arange(1, batch_size + 1, dtype=index_dtype, device=active.device).view(-1, 1, 1)
     for start in range(0, batch_size, _ACTIVITY_BLOCK):
         block = active[start : start + _ACTIVITY_BLOCK]
         fire_count32 += block.sum(dim=0, dtype=torch.int32)
