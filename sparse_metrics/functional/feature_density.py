@@ -103,8 +103,8 @@ def _feature_activity(active: Bool[Tensor, "batch component d_sae"]) -> FeatureA
         # int32 indices: inductor's CPU code vectorises a reduction whose accumulators share one integer type.
         positions = positions.int()
         blocked = batch_size // _ACTIVITY_BLOCK * _ACTIVITY_BLOCK
-        blocks = active[:blocked].unflatten(0, (-1, _ACTIVITY_BLOCK))
-        block_positions = positions[:blocked].unflatten(0, (-1, _ACTIVITY_BLOCK))
+        blocks = active[:blocked].reshape(-1, _ACTIVITY_BLOCK, *active.shape[1:])
+        block_positions = positions[:blocked].reshape(-1, _ACTIVITY_BLOCK, 1, 1)
         fire_count32 = blocks.sum(dim=1, dtype=torch.int32).sum(dim=0)
         last = torch.where(blocks, block_positions, 0).amax(dim=1).amax(dim=0)
         if blocked < batch_size:
