@@ -150,7 +150,7 @@ class SaeBatch:
             objects), all computed together (under a feature sharding, in one all-reduce), and
             ``(ACTIVITY_THRESHOLD, t)`` for each firing threshold an activity member reads.
         compiled: Compute the per-item squared error, L0 and L1 together in one compiled function, with the
-            activity statistics of the thresholds in ``uses`` off a CPU.
+            activity statistics of the thresholds in ``uses``.
         sharding: The feature sharding of the dictionary, or None.
     """
 

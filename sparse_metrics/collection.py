@@ -463,8 +463,9 @@ class SparseAutoencoderLoss(MetricCollection):
         contributions = batch_contributions(members, batch, self.nan_strategy, type(self).__name__)
         values: dict[str, Tensor] = {}
         with recording([member for _, member in [*own, *foreign]]):
-            for member, contribution in zip(members, contributions, strict=True):
-                member._record_counted(contribution)
+            with torch.no_grad():
+                for member, contribution in zip(members, contributions, strict=True):
+                    member._record_counted(contribution)
             for key, other in foreign:
                 given = other._filter_kwargs(**inputs)
                 if forward:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparse_metrics.functional import fraction_of_variance_unexplained, l1_absolute_loss, sparsity_loss
+from sparse_metrics.functional import _blocks, fraction_of_variance_unexplained, l1_absolute_loss, sparsity_loss
 
 
 def _reference(learned):
@@ -20,6 +20,21 @@ def _ours(learned):
     return l1_absolute_loss(learned, keep_batch_dim=True)
 
 
+@pytest.fixture(params=["autograd", "function"])
+def l1_route(request, monkeypatch):
+    """The L1 of a small input (autograd's abs and sum), then of a large one (the custom Function), on test inputs."""
+    if request.param == "function":
+        monkeypatch.setattr(_blocks, "SMALL", 0)
+    return request.param
+
+
+def test_the_routes_are_the_ones_named(generator, l1_route):
+    learned = _activations(generator).requires_grad_()
+    node = _ours(learned).grad_fn.name()
+    assert ("AbsoluteSum" in node) == (l1_route == "function"), node
+
+
+@pytest.mark.usefixtures("l1_route")
 def test_gradcheck_and_double_backward(generator):
     learned = _activations(generator).requires_grad_()
     assert torch.autograd.gradcheck(_ours, (learned,))
@@ -32,6 +47,7 @@ def test_gradient_at_zero_is_zero():
     torch.testing.assert_close(learned.grad, torch.tensor([[0.0, -0.5, 0.5]]))
 
 
+@pytest.mark.usefixtures("l1_route")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_gradient_has_the_input_dtype(generator, dtype):
     learned = _activations(generator, dtype).requires_grad_()
@@ -40,6 +56,7 @@ def test_half_precision_gradient_has_the_input_dtype(generator, dtype):
     torch.testing.assert_close(learned.grad, learned.detach().sign())
 
 
+@pytest.mark.usefixtures("l1_route")
 def test_torch_func_transforms(generator):
     learned = _activations(generator)
     grad = torch.func.grad(lambda f: _ours(f).sum())

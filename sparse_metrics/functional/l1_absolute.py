@@ -23,8 +23,15 @@ def _l1_absolute_update(
 
 
 def _absolute_sum(learned: Float[Tensor, "batch *component d_sae"]) -> Float[Tensor, "batch component"]:
-    """Per-item L1 norm of a validated input, ``[batch, component, d_sae]`` or (one component) ``[batch, d_sae]``."""
-    per_item: Tensor = _AbsoluteSum.apply(learned, computation_dtype(learned))  # type: ignore[no-untyped-call]
+    """Per-item L1 norm of a validated input, ``[batch, component, d_sae]`` or (one component) ``[batch, d_sae]``.
+
+    A small input takes autograd's own ``abs`` and ``sum`` (the same values and gradients): its temporaries are
+    simply allocated, and a custom Function's ``apply`` costs more than the arithmetic at that size.
+    """
+    dtype = computation_dtype(learned)
+    if small(learned):
+        return learned.abs().sum(dim=-1, keepdim=learned.ndim == 2, dtype=dtype)
+    per_item: Tensor = _AbsoluteSum.apply(learned, dtype)  # type: ignore[no-untyped-call]
     return per_item
 
 
@@ -54,8 +61,6 @@ class _AbsoluteSum(torch.autograd.Function):
         if not blocks_on_cpu(learned):
             per_item: Tensor = torch.linalg.vector_norm(learned, ord=1, dim=-1, keepdim=keepdim, dtype=dtype)
             return per_item
-        if small(learned):
-            return learned.abs().sum(dim=-1, keepdim=keepdim, dtype=dtype)
         per_item = learned.new_empty((*learned.shape[:-1], 1) if keepdim else learned.shape[:-1], dtype=dtype)
         for items, magnitude in absolute_blocks(learned):
             torch.sum(magnitude, dim=-1, keepdim=keepdim, dtype=dtype, out=per_item[items])

@@ -505,10 +505,10 @@ class SaeMetric(Metric):
     def _record_counted(self, contribution: Any) -> None:
         """Record a batch and count it as torchmetrics counts an update (``forward`` and collections).
 
-        No autograd graph is built (the states are detached), so ``_record`` needs no ``detach`` of its own.
+        Called under ``torch.no_grad()`` (entered once by the caller, for every member it records): no autograd graph
+        is built, so ``_record`` needs no ``detach`` of its own.
         """
-        with torch.no_grad():
-            self._record(contribution)
+        self._record(contribution)
         if self.compute_on_cpu:
             self._move_list_states_to_cpu()
         _set_plain(self, _update_count=self._update_count + 1, _computed=None)
@@ -561,7 +561,7 @@ class SaeMetric(Metric):
         self._check_not_synced()
         batch = self._make_batch(args, kwargs)
         (contribution,) = batch_contributions([self], batch, self.nan_strategy, type(self).__name__)
-        with recording([self]):
+        with recording([self]), torch.no_grad():
             self._record_counted(contribution)
         value = self._value(contribution)
         # Detached: the cache outlives the step, and must not keep its autograd graph alive.
