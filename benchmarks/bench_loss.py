@@ -1224,8 +1224,9 @@ def main(argv: list[str] | None = None) -> int:
         peer_rows += bench_small(args)
     rows += peer_rows
 
-    print()
-    print_table(rows, judge=not args.quick)
+    if rows:  # none when --only names the sync or sharding sections alone
+        print()
+        print_table(rows, judge=not args.quick)
     if args.sync and "sync" in run:
         bench_sync(args)
     if args.sharding and "sharding" in run:
