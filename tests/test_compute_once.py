@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import sparse_metrics as sm
+from sparse_metrics.functional import _blocks
 from tests import reference
 
 BATCH, COMPONENTS, D_MODEL, D_SAE = 6, 2, 5, 40
@@ -75,8 +76,12 @@ def test_without_a_sparsity_penalty_only_the_logged_statistics_read_the_activati
     assert not loss.requires_grad  # the decoded activations here are no function of f: nothing reads f for the loss
 
 
-def test_backward_makes_one_full_size_gradient(generator):
-    """The gradient of the L1 term is written into one new tensor (sign, then an in-place product)."""
+def test_backward_makes_one_full_size_gradient(generator, monkeypatch):
+    """The gradient of the L1 term is written into one new tensor (sign, then an in-place product).
+
+    As for a large input: a small one (up to ``_blocks.SMALL`` elements) takes autograd's own ``abs`` and ``sum``.
+    """
+    monkeypatch.setattr(_blocks, "SMALL", 0)
     loss_fn = sm.SparseAutoencoderLoss(COMPONENTS, 0.1)
     inputs = _inputs(generator, requires_grad=True)
     loss = loss_fn(**inputs)["loss"]

@@ -343,7 +343,7 @@ def test_forward_records_a_differentiable_batch_with_one_reduction(generator):
     decoded = second["decoded_activations"].requires_grad_()
     contribution = metric._contribution(metric._make_batch((), {**second, "decoded_activations": decoded}))
     assert contribution.requires_grad
-    with Operations() as recorded:
+    with Operations() as recorded, torch.no_grad():  # as forward and the collections call it
         metric._record_counted(contribution)
     assert recorded.names == ["sum"]
 
