@@ -122,14 +122,15 @@ def test_functional_core_compiles_without_graph_breaks(generator, name):
             torch.testing.assert_close(gradient, expected_gradient)
 
 
-@pytest.mark.parametrize("batch", [40, 128, 130])
+@pytest.mark.parametrize("batch", [40, 100, 128, 130])
 def test_compiled_feature_activity_matches_a_direct_count(generator, batch):
     """The traced activity (blocks of items as an axis of their own on a CPU, then the rest) counts every firing and
-    finds each feature's last one: below one block, whole blocks only, and a rest of two items."""
+    finds each feature's last one: below one block, one block and a rest of 36 items, whole blocks only, and a rest
+    of two items."""
     active = torch.rand(batch, 2, 24, generator=generator) < 0.2
     active[:, :, 0] = False  # never fires
     active[:, :, 1] = False
-    active[-1, :, 1] = True  # fires on the last item only (in the rest for 130)
+    active[-1, :, 1] = True  # fires on the last item only (in the rest for 100 and 130)
     active[:, :, 2] = False
     active[0, :, 2] = True  # fires on the first item only
     active[:, :, 3] = True  # fires on every item
