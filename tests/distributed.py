@@ -1,6 +1,7 @@
 """Run a function on several real processes (gloo backend, CPU) and collect what each returns."""
 
 import datetime
+import gc
 import os
 import tempfile
 from collections.abc import Callable
@@ -23,6 +24,12 @@ def _worker(rank: int, world_size: int, directory: str, function: Callable[..., 
     try:
         result = function(rank, world_size, *args)
         torch.save(result, os.path.join(directory, f"result_{rank}.pt"))
+        # Leave together, holding nothing of the groups (as examples/train_sae.py's _leave_group): the function's
+        # reference cycles (device meshes, DTensors, metrics) are freed while the groups exist, and no rank tears its
+        # groups down while a peer is still busy with them. A rank that raised skips this and leaves at once.
+        del result
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
