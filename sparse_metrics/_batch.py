@@ -563,6 +563,8 @@ def _local_of(name: str, value: object, sharding: FeatureSharding | None, owner:
     replicated, or a batched input split over its items (``Shard(0)``). Anything else (a ``Partial`` decode, a shard
     of the features over the data dimension) is refused: its local value is not what the metric must read.
     """
+    if type(value) is Tensor:  # the usual input, never a DTensor (a subclass): no import to look up at each step
+        return value
     try:
         from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: PLC0415
     except ImportError:  # pragma: no cover - torch without distributed

@@ -488,7 +488,8 @@ class SparseAutoencoderLoss(MetricCollection):
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Accumulate a batch and return its values, ``"loss"`` included (differentiable)."""
         values = self._step(args, kwargs, forward=True)
-        return {self._set_name(key): values[key] for key, _ in self.items(keep_base=True, copy_state=False)}
+        # In the members' order: ``items(keep_base=True)``'s, without its compute-group pass (groups are refused here).
+        return {self._set_name(key): values[key] for key in self._modules}
 
     def compute(self) -> dict[str, Tensor]:
         """Epoch values of every member, ``"loss"`` included, synced across processes (one packed sync)."""

@@ -7,13 +7,14 @@ discards, the bound on the queue, and the operations a step dispatches.
 
 import copy
 import pickle
+from typing import ClassVar
 
 import pytest
 import torch
 
 import sparse_metrics as sm
 from sparse_metrics.metrics import explained_variance as explained_variance_metrics
-from sparse_metrics.metrics._base import _MAX_PENDING, _PENDING
+from sparse_metrics.metrics._base import _MAX_PENDING, _PENDING, DeferredSum
 from tests.operations import Operations
 
 
@@ -141,6 +142,31 @@ def test_only_a_deferred_state_takes_queued_additions():
     metric = sm.FractionOfVarianceUnexplained(d_model=2)
     with pytest.raises(TypeError, match="fvu_statistics is not a DeferredSum"):
         metric._add_to_state("fvu_statistics", 1)
+    with pytest.raises(TypeError, match="num_components is not a DeferredState"):
+        metric._queue("num_components", 1)
+    assert not metric.__dict__.get(_PENDING)
+
+
+def test_a_subclass_that_redeclares_a_state_queues_into_its_own():
+    """States are looked up once per class along its MRO: a subclass's own declaration wins over its base's."""
+
+    class Counted(DeferredSum):
+        queued: ClassVar[list[object]] = []
+
+        def queued_item(self, queued, item):
+            type(self).queued.append(item)
+            return super().queued_item(queued, item)
+
+    class Shadowing(sm.L0NormMetric):
+        l0_count = Counted("l0_count")
+
+    base, shadowing = sm.L0NormMetric(), Shadowing()
+    learned = torch.tensor([[1.0, 0.0], [2.0, 3.0]])
+    base(learned_activations=learned)
+    assert Counted.queued == []
+    shadowing(learned_activations=learned)
+    assert Counted.queued == [2]
+    assert shadowing.compute() == base.compute() == 1.5
 
 
 def test_one_component_inputs_are_read_without_a_view(generator):

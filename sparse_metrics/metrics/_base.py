@@ -14,7 +14,6 @@ in a collection.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import inspect
@@ -243,13 +242,27 @@ class DeferredSum(DeferredState):
         return value + count if count else value
 
 
+@functools.cache
+def _deferred_state(cls: type, name: str) -> DeferredState | None:
+    """The :class:`DeferredState` that class ``cls`` declares as ``name`` (None if it is something else).
+
+    Looked up once per class and name, past the descriptor protocol: every step queues into these states, and a
+    class attribute fetch through ``__get__`` is a Python call each time. States are declared when a class is made
+    (``__init_subclass__``), never later.
+    """
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            state = klass.__dict__[name]
+            return state if isinstance(state, DeferredState) else None
+    return None
+
+
 def _copied_queues(stored: Mapping[str, Any]) -> dict[str, list[Any]]:
     """A copy of the :class:`DeferredState` queues in a metric's ``__dict__`` (their items shared, not folded)."""
     return {name: list(queued) for name, queued in stored.get(_PENDING, {}).items()}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Snapshot:
+class _Snapshot(NamedTuple):  # a tuple: made for every member at every step, and a frozen dataclass's init is slow
     update_count: int
     computed: Any
     forward_cache: Any
@@ -276,7 +289,8 @@ def _snapshot(metric: Metric) -> _Snapshot:
                 lists[name] = (value, len(value))
             else:
                 states[name] = value
-        pending = {name: (additions, len(additions)) for name, additions in stored.get(_PENDING, {}).items()}
+        queues = stored.get(_PENDING)
+        pending = {name: (additions, len(additions)) for name, additions in queues.items()} if queues else {}
         return _Snapshot(metric._update_count, metric._computed, metric._forward_cache, states, lists, pending)
     states = {
         name: list(value) if isinstance(value, list) else value.clone() for name, value in metric.metric_state.items()
@@ -518,7 +532,7 @@ class SaeMetric(Metric):
 
         The rows are summed now, in the state's dtype and with no autograd graph, into the state's queue.
         """
-        if not isinstance(getattr(type(self), name, None), DeferredSum):
+        if not isinstance(_deferred_state(type(self), name), DeferredSum):
             raise TypeError(f"{type(self).__name__}.{name} is not a DeferredSum state: its additions would be lost.")
         if isinstance(addition, Tensor):
             recorded = addition.requires_grad and torch.is_grad_enabled()
@@ -529,8 +543,8 @@ class SaeMetric(Metric):
 
     def _queue(self, name: str, item: Any) -> None:
         """Queue ``item`` for :class:`DeferredState` state ``name``, folding the queue once it is full."""
-        state = getattr(type(self), name, None)
-        if not isinstance(state, DeferredState):
+        state = _deferred_state(type(self), name)
+        if state is None:
             raise TypeError(f"{type(self).__name__}.{name} is not a DeferredState: what is queued would be lost.")
         queues = self.__dict__.setdefault(_PENDING, {})
         pending = queues.setdefault(name, [])
