@@ -165,6 +165,19 @@ def row_from(name: str, times: dict[str, list[float]], ours: str, base: str, tar
     )
 
 
+def summary(rows: list[Row]) -> str:
+    """How many of the rows' targets were met, and which failed (a selection may have none to judge)."""
+    judged = [row for row in rows if row.target is not None and row.ratio is not None]
+    if not judged:
+        return "no ratio targets in this selection"
+    failed = [row.name.split(" ", 1)[0] for row in judged if row.status == "FAIL"]
+    return (
+        f"{len(judged) - len(failed)}/{len(judged)} targets met"
+        + (f" (failed: {', '.join(failed)})" if failed else "")
+        + "; ratio = median over paired rounds of ours/baseline"
+    )
+
+
 def print_table(rows: list[Row], judge: bool = True) -> None:
     def fmt(value: float | None, spec: str) -> str:
         return format(value, spec) if value is not None else "-".rjust(int(spec.split(".", maxsplit=1)[0]))
@@ -1235,13 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ratios at toy sizes measure Python overhead, not the passes over memory that the targets are about.
         print(f"\nSMOKE RUN (--quick): targets are judged at full size only; total {time.perf_counter() - began:.0f} s")
         return 0
-    judged = [row for row in rows if row.target is not None and row.ratio is not None]
-    failed = [row.name.split(" ", 1)[0] for row in judged if row.status == "FAIL"]
-    print(
-        f"\nSUMMARY: {len(judged) - len(failed)}/{len(judged)} targets met"
-        + (f" (failed: {', '.join(failed)})" if failed else "")
-        + f"; ratio = median over paired rounds of ours/baseline; total {time.perf_counter() - began:.0f} s"
-    )
+    print(f"\nSUMMARY: {summary(rows)}; total {time.perf_counter() - began:.0f} s")
     return 0
 
 
