@@ -1,4 +1,4 @@
-"""The benchmark's section selection: each section runs alone (CI runs the whole smoke run, ``--quick``)."""
+"""The benchmark's section selection (each section runs alone; CI runs the whole smoke run, ``--quick``) and summary."""
 
 import importlib.util
 import sys

@@ -246,15 +246,12 @@ class DeferredSum(DeferredState):
 def _deferred_state(cls: type, name: str) -> DeferredState | None:
     """The :class:`DeferredState` that class ``cls`` declares as ``name`` (None if it is something else).
 
-    Looked up once per class and name, past the descriptor protocol: every step queues into these states, and a
-    class attribute fetch through ``__get__`` is a Python call each time. States are declared when a class is made
-    (``__init_subclass__``), never later.
+    Looked up once per class and name: every step queues into these states, and a class attribute fetch through
+    ``DeferredState.__get__`` is a Python call each time. States are declared when a class is made (in its body or
+    by ``__init_subclass__``), never later.
     """
-    for klass in cls.__mro__:
-        if name in klass.__dict__:
-            state = klass.__dict__[name]
-            return state if isinstance(state, DeferredState) else None
-    return None
+    state = getattr(cls, name, None)
+    return state if isinstance(state, DeferredState) else None
 
 
 def _copied_queues(stored: Mapping[str, Any]) -> dict[str, list[Any]]:
