@@ -16,7 +16,7 @@ import sparse_metrics.functional as smf
 from sparse_metrics import _batch, _compile
 from sparse_metrics.functional._statistics import _sae_loss_statistics, _sae_training_statistics
 from sparse_metrics.functional.auxiliary_k import RULES, auxiliary_k_terms
-from sparse_metrics.functional.feature_density import _feature_activity
+from sparse_metrics.functional.feature_density import _ACTIVITY_BLOCK, _COMPILED_ACTIVITY_BLOCK, _feature_activity
 from tests import reference
 from tests.processes import run_process_tree
 
@@ -125,8 +125,11 @@ def test_functional_core_compiles_without_graph_breaks(generator, name):
 @pytest.mark.parametrize("batch", [40, 100, 128, 130])
 def test_compiled_feature_activity_matches_a_direct_count(generator, batch):
     """The traced activity (blocks of items as an axis of their own on a CPU, then the rest) counts every firing and
-    finds each feature's last one: below one block, one block and a rest of 36 items, whole blocks only, and a rest
+    finds each feature's last one: a batch reduced at once, blocks and a rest, whole blocks only, blocks and a rest
     of two items."""
+    # the cases above with the block sizes: 40 at once, 100 in 6 blocks and 4 more, 128 in blocks, 130 with 2 more
+    assert 40 <= _ACTIVITY_BLOCK < 100
+    assert [size % _COMPILED_ACTIVITY_BLOCK for size in (100, 128, 130)] == [4, 0, 2]
     active = torch.rand(batch, 2, 24, generator=generator) < 0.2
     active[:, :, 0] = False  # never fires
     active[:, :, 1] = False
