@@ -29,6 +29,7 @@ from sparse_metrics._validation import (
     computation_dtype,
     infer_d_model,
 )
+from sparse_metrics.functional import _activity_kernel as activity_kernel
 from sparse_metrics.functional._statistics import _sae_loss_statistics, _sae_training_statistics
 from sparse_metrics.functional.feature_density import FeatureActivity, _active_mask, _feature_activity
 from sparse_metrics.functional.l0_norm import _count_active
@@ -456,7 +457,9 @@ class SaeBatch:
             )
         )
         if thresholds:
-            squared_error, l0, l1, activities = _compiled_sae_training_statistics(source, learned, decoded, thresholds)
+            squared_error, l0, l1, activities = _compiled_sae_training_statistics(
+                source, learned, decoded, thresholds, one_pass=activity_kernel.applies(learned)
+            )
         else:
             (squared_error, l0, l1), activities = _compiled_sae_loss_statistics(source, learned, decoded), ()
         self._memo.update({"squared_error": squared_error, "l0": l0, "l1": l1})

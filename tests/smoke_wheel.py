@@ -1,8 +1,8 @@
 """Smoke test of an installed wheel: run by `nox -s build` in a fresh virtualenv, from outside the source tree.
 
 Checks that the installed package (not the source tree) imports, reports the version of pyproject.toml, ships its
-``py.typed`` marker and declares its optional extras, that importing it pulls in no optional dependency, and that the
-loss collection runs a forward and backward pass.
+``py.typed`` marker and the C++ source of the CPU activity kernel, declares its optional extras, that importing it
+pulls in no optional dependency, and that the loss collection runs a forward and backward pass.
 
 Usage: ``python smoke_wheel.py EXPECTED_VERSION``
 """
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     assert "site-packages" in location.parts, f"imported {location}, not the installed wheel"
     assert sm.__version__ == args.expected_version, (sm.__version__, args.expected_version)
     assert importlib.resources.files("sparse_metrics").joinpath("py.typed").is_file(), "py.typed is missing"
+    kernel = importlib.resources.files("sparse_metrics.functional").joinpath("_activity_kernel.cpp")
+    assert kernel.is_file(), "the CPU activity kernel's source is missing"
     extras = set(importlib.metadata.metadata("sparse_metrics").get_all("Provides-Extra") or [])
     assert extras >= EXTRAS, f"extras {sorted(extras)} lack {sorted(EXTRAS - extras)}"
     imported = [name for name in OPTIONAL_MODULES if name in sys.modules]
