@@ -20,13 +20,14 @@ operator = torch.ops.sparse_metrics.activity_statistics
 
 
 def _activations(batch, components, d_sae, dtype, generator):
-    """Mostly zeros, negative and positive values, values at the threshold 0.5, and NaN and infinities."""
+    """Mostly zeros, negative and positive values, values at the thresholds 0.5 and 0.1, and NaN and infinities."""
     values = torch.randn(batch, components, d_sae, generator=generator, dtype=dtype)
     values = values * (torch.rand(batch, components, d_sae, generator=generator) < 0.3)
     values[:, :, :3] = 0.0
     values[-1, :, 1] = 2.0  # fires on the last item only (feature 0 never fires)
     values[0, :, 2] = -1.0  # fires on the first item only, and only as "!= 0" (below both thresholds)
     values[:, :, 3] = 0.5  # at the threshold 0.5: fires for "!= 0" and 0.0 only
+    values[:, :, 6] = 0.1  # at the threshold 0.1 in float32: fires only where compared in double (as it must not)
     values[batch // 2, 0, 4] = math.nan
     values[0, -1, 5] = math.inf
     return values
@@ -35,10 +36,11 @@ def _activations(batch, components, d_sae, dtype, generator):
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("batch", "components", "threads"), [(1, 1, 1), (7, 3, 2), (130, 1, 2), (300, 2, 4)])
-def test_kernel_matches_the_direct_statistics(generator, dtype, batch, components, threads):
+def test_kernel_matches_the_direct_statistics(generator, monkeypatch, dtype, batch, components, threads):
     """Every statistic of every mask, on one thread and on several (each with its rows and counters)."""
+    monkeypatch.setattr(activity_kernel, "MIN_ROWS_PER_THREAD", 2)  # small batches split too
     learned = _activations(batch, components, 40, dtype, generator)
-    thresholds = [None, 0.5, 0.0]
+    thresholds = [None, 0.5, 0.0, 0.1]
     assert activity_kernel.applies(learned)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -56,7 +58,8 @@ def test_kernel_matches_the_direct_statistics(generator, dtype, batch, component
         assert torch.equal(fire_counts[index], expected.fire_count), threshold
         assert torch.equal(items_since_fired[index], expected.items_since_fired), threshold
     # the masks differ: feature 2 fires (-1) only where f != 0, feature 3 (0.5) not above 0.5
-    assert fire_counts[:, 0, 2].tolist() == [1, 0, 0]
+    assert fire_counts[:, 0, 2].tolist() == [1, 0, 0, 0]
+    assert fire_counts[3, 0, 6] == 0 < fire_counts[0, 0, 6]
     assert fire_counts[1, 0, 3] == 0 < fire_counts[2, 0, 3]
 
 
@@ -106,9 +109,42 @@ def test_a_kernel_that_cannot_be_built_warns_once_and_is_not_used(monkeypatch):
         operator(learned, [activity_kernel.NONZERO])
 
 
-def test_operator_needs_a_mask():
-    with pytest.raises(ValueError, match="at least one activity mask"):
-        operator(torch.ones(4, 1, 8), [])
+@pytest.mark.parametrize(
+    ("learned", "thresholds", "error", "match"),
+    [
+        (torch.ones(4, 1, 8), [], ValueError, "at least one activity mask"),
+        (torch.ones(4, 1, 8, dtype=torch.float16), [0.0], TypeError, "float32 or float64, got torch.float16"),
+        (torch.ones(4, 8), [0.0], ValueError, r"\[batch < 2\*\*31, component, d_sae\], got shape \[4, 8\]"),
+        (torch.ones(8, 1, 4).transpose(0, 2), [0.0], ValueError, "contiguous, got strides"),
+    ],
+)
+def test_operator_refuses_what_the_kernel_cannot_read(learned, thresholds, error, match):
+    with pytest.raises(error, match=match):
+        operator(learned, thresholds)
+
+
+@needs_compiler
+def test_a_failure_on_a_helper_thread_is_raised(monkeypatch):
+    assert activity_kernel.applies(torch.ones(1, 1, 1))
+    functions = activity_kernel._build_state.functions
+    kernel = functions[torch.float32]
+
+    def failing_second_part(*args):
+        if args[2] > 0:  # the first row of a part after the first one
+            raise RuntimeError("part failed")
+        kernel(*args)
+
+    monkeypatch.setitem(functions, torch.float32, failing_second_part)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    with pytest.raises(RuntimeError, match="part failed"):
+        operator(torch.ones(256, 1, 8), [activity_kernel.NONZERO])
+
+
+def test_a_cxx_that_cannot_be_parsed_warns_once_and_is_not_used(monkeypatch):
+    monkeypatch.setattr(activity_kernel, "_build_state", activity_kernel._Build())
+    monkeypatch.setenv("CXX", '"g++')
+    with pytest.warns(RuntimeWarning, match="could not build its CPU activity kernel.*ValueError"):
+        assert not activity_kernel.applies(torch.ones(4, 1, 8))
 
 
 @pytest.fixture
@@ -128,7 +164,8 @@ def test_compiled_collection_reads_the_activations_once_for_density_and_dead_fea
     functions = activity_kernel._build_state.functions
     for dtype, function in dict(functions).items():
         monkeypatch.setitem(functions, dtype, lambda *args, _f=function: calls.append(args[2]) or _f(*args))
-    monkeypatch.setattr(_batch, "_feature_activity", None)  # the traced path would call it while tracing
+    # SaeBatch.activity calls it only if the compiled function left the activity out of the batch's memo
+    monkeypatch.setattr(_batch, "_feature_activity", None)
 
     def collection(compiled):
         return sm.SparseAutoencoderLoss(

@@ -8,8 +8,9 @@ mask's per-feature counters (``[component, d_sae]`` int32 per thread) in one loo
 
 The library is built at its first use in a process, with the C++ compiler that inductor's CPU backend would use
 (``CXX``, else ``g++``, ``c++`` or ``clang++``), into a temporary directory, and loaded with ``ctypes``: a few seconds
-once, no cache that could outlive the machine it was built for. Where it cannot be built, :func:`applies` warns once
-and says no, and the traced reductions are used.
+once, no cache that could outlive the machine it was built for (on Windows, where a loaded library cannot be
+deleted, the directory stays). Where it cannot be built, :func:`applies` warns once and says no: with inductor's own
+C++ compiler available the traced reductions are used; without any, ``torch.compile`` itself falls back to eager.
 
 :func:`activity_statistics` is a custom operator (``torch.ops.sparse_metrics.activity_statistics``), opaque to
 ``torch.compile``, with a fake implementation for tracing and a backward for the L1. Rows are split over
@@ -83,11 +84,11 @@ def _library() -> dict[torch.dtype, Any] | None:
         if state.functions is None and not state.failed:
             try:
                 state.functions = _build()
-            except (OSError, subprocess.SubprocessError) as error:
+            except Exception as error:  # whatever stops the build (a compiler, its flags, CXX), the fallback applies
                 state.failed = True
                 warnings.warn(
-                    f"sparse_metrics could not build its CPU activity kernel ({type(error).__name__}: {error}); the "
-                    "compiled activity statistics read the activations twice instead.",
+                    f"sparse_metrics could not build its CPU activity kernel ({type(error).__name__}: {error}); "
+                    "compiled=True computes the L0, L1 and activity statistics without it.",
                     RuntimeWarning,
                     stacklevel=4,
                 )
@@ -98,7 +99,7 @@ def _compiler() -> list[str]:
     """The compiler's command: ``CXX`` (split as a shell would, e.g. ``"ccache g++"``), else the first one found."""
     configured = os.environ.get("CXX")
     if configured:
-        return shlex.split(configured)
+        return shlex.split(configured, posix=os.name != "nt")  # keep a Windows path's backslashes
     for name in ("g++", "c++", "clang++"):
         found = shutil.which(name)
         if found is not None:
@@ -117,7 +118,12 @@ def _build() -> dict[torch.dtype, Any]:
         errors = []
         for target in (["-march=native"], []):  # the machine's vector ISA where the compiler knows it
             built = subprocess.run(
-                [*command, *target, "-o", str(library_path)], capture_output=True, text=True, timeout=300, check=False
+                [*command, *target, "-o", str(library_path)],
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=300,
+                check=False,
             )
             if built.returncode == 0:
                 break
@@ -135,10 +141,23 @@ def _build() -> dict[torch.dtype, Any]:
     return functions
 
 
+def _check_operands(learned: Tensor, thresholds: Sequence[float]) -> None:
+    """What the C++ pass reads, checked (:func:`applies` says whether a tensor qualifies; this names what is wrong)."""
+    if learned.dtype not in _DTYPES:
+        raise TypeError(f"`learned` must be float32 or float64, got {learned.dtype}.")
+    if learned.ndim != 3 or learned.shape[0] >= 2**31:
+        raise ValueError(f"`learned` must be [batch < 2**31, component, d_sae], got shape {list(learned.shape)}.")
+    if not learned.is_contiguous():
+        raise ValueError(f"`learned` must be contiguous, got strides {list(learned.stride())}.")
+    if not thresholds:
+        raise ValueError("`thresholds` must name at least one activity mask, got none.")
+
+
 # The schema is written out: inferring it would evaluate this module's (postponed) annotations.
 @torch.library.custom_op(
     "sparse_metrics::activity_statistics",
     mutates_args=(),
+    device_types="cpu",
     schema="(Tensor learned, float[] thresholds) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 def activity_statistics(learned: Tensor, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -150,8 +169,7 @@ def activity_statistics(learned: Tensor, thresholds: Sequence[float]) -> tuple[T
     to ``_feature_activity`` of each mask. The L0 carries no gradient; the L1's is ``sgn(f)`` times its own, as
     autograd's ``abs().sum()``.
     """
-    if not thresholds:
-        raise ValueError("`thresholds` must name at least one activity mask, got none.")
+    _check_operands(learned, thresholds)
     functions = _library()
     if functions is None:
         raise RuntimeError("the CPU activity kernel is not built: check `applies(learned)` first")
@@ -162,22 +180,26 @@ def activity_statistics(learned: Tensor, thresholds: Sequence[float]) -> tuple[T
     levels = (ctypes.c_double * len(thresholds))(*thresholds)
     function, width = functions[learned.dtype], components * features
     bounds = [rows * part // threads for part in range(threads + 1)]
+    failures: list[BaseException] = []
 
     def run(part: int) -> None:
         start, stop = bounds[part], bounds[part + 1]
-        function(
-            learned.data_ptr() + start * width * learned.element_size(),
-            stop - start,
-            start,
-            components,
-            features,
-            ctypes.addressof(levels),
-            len(thresholds),
-            l0.data_ptr() + start * components * l0.element_size(),
-            l1.data_ptr() + start * components * l1.element_size(),
-            counters[0, part].data_ptr(),
-            counters[1, part].data_ptr(),
-        )
+        try:
+            function(
+                learned.data_ptr() + start * width * learned.element_size(),
+                stop - start,
+                start,
+                components,
+                features,
+                ctypes.addressof(levels),
+                len(thresholds),
+                l0.data_ptr() + start * components * l0.element_size(),
+                l1.data_ptr() + start * components * l1.element_size(),
+                counters[0, part].data_ptr(),
+                counters[1, part].data_ptr(),
+            )
+        except BaseException as failure:  # re-raised on the calling thread: a part left undone must not pass unseen
+            failures.append(failure)
 
     helpers = [threading.Thread(target=run, args=(part,)) for part in range(1, threads)]
     for helper in helpers:
@@ -185,6 +207,8 @@ def activity_statistics(learned: Tensor, thresholds: Sequence[float]) -> tuple[T
     run(0)
     for helper in helpers:
         helper.join()
+    if failures:
+        raise failures[0]
     fire_counts = counters[0].sum(dim=0, dtype=torch.int64)
     items_since_fired = rows - counters[1].amax(dim=0).to(torch.int64)
     return l0, l1, fire_counts, items_since_fired
@@ -192,6 +216,7 @@ def activity_statistics(learned: Tensor, thresholds: Sequence[float]) -> tuple[T
 
 @activity_statistics.register_fake
 def _(learned: Tensor, thresholds: Sequence[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_operands(learned, thresholds)
     rows, components, features = learned.shape
     per_feature = (len(thresholds), components, features)
     return (
