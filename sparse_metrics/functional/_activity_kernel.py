@@ -67,19 +67,14 @@ def applies(learned: Tensor) -> bool:
     (the operator has no batching rule and no forward derivative). Called eagerly, never while tracing. The first
     call on such a tensor builds the library; if that fails it warns once, and the answer is no from then on.
     """
-    suitable = (
-        learned.device.type == "cpu"
-        and learned.dtype in _DTYPES
-        and learned.ndim == 3
-        and learned.shape[0] < 2**31  # item positions and counts are int32
-        and learned.is_contiguous()
-        and custom_backward(learned)
-    )
+    suitable = learned.device.type == "cpu" and _operand_error(learned) is None and custom_backward(learned)
     return suitable and _library() is not None
 
 
 def _library() -> dict[torch.dtype, Any] | None:
     state = _build_state
+    if state.functions is not None or state.failed:  # every step asks: no lock once it is settled
+        return state.functions
     with state.lock:
         if state.functions is None and not state.failed:
             try:
@@ -141,14 +136,21 @@ def _build() -> dict[torch.dtype, Any]:
     return functions
 
 
-def _check_operands(learned: Tensor, thresholds: Sequence[float]) -> None:
-    """What the C++ pass reads, checked (:func:`applies` says whether a tensor qualifies; this names what is wrong)."""
+def _operand_error(learned: Tensor) -> Exception | None:
+    """What is wrong with ``learned`` for the C++ pass, or None (:func:`applies` asks, the operator raises it)."""
     if learned.dtype not in _DTYPES:
-        raise TypeError(f"`learned` must be float32 or float64, got {learned.dtype}.")
-    if learned.ndim != 3 or learned.shape[0] >= 2**31:
-        raise ValueError(f"`learned` must be [batch < 2**31, component, d_sae], got shape {list(learned.shape)}.")
+        return TypeError(f"`learned` must be float32 or float64, got {learned.dtype}.")
+    if learned.ndim != 3 or learned.shape[0] >= 2**31:  # item positions and counts are int32
+        return ValueError(f"`learned` must be [batch < 2**31, component, d_sae], got shape {list(learned.shape)}.")
     if not learned.is_contiguous():
-        raise ValueError(f"`learned` must be contiguous, got strides {list(learned.stride())}.")
+        return ValueError(f"`learned` must be contiguous, got strides {list(learned.stride())}.")
+    return None
+
+
+def _check_operands(learned: Tensor, thresholds: Sequence[float]) -> None:
+    error = _operand_error(learned)
+    if error is not None:
+        raise error
     if not thresholds:
         raise ValueError("`thresholds` must name at least one activity mask, got none.")
 
