@@ -13,8 +13,13 @@ deleted, the directory stays). Where it cannot be built, :func:`applies` warns o
 C++ compiler available the traced reductions are used; without any, ``torch.compile`` itself falls back to eager.
 
 :func:`activity_statistics` is a custom operator (``torch.ops.sparse_metrics.activity_statistics``), opaque to
-``torch.compile``, with a fake implementation for tracing and a backward for the L1. Rows are split over
-``torch.get_num_threads()`` threads (``ctypes`` releases the GIL), each with counters of its own, merged after.
+``torch.compile``, with a fake implementation for tracing and a backward for the L1. Its rows are split over up to
+``torch.get_num_threads()`` OpenMP threads, each with counters of its own, merged after (``ctypes`` releases the GIL
+for the call). Built with ``-fopenmp`` where the compiler takes it, the library needs ``libgomp.so.1``, which the
+loader finds already loaded where torch runs on libgomp (its Linux wheels): the parts run on torch's own intra-op
+threads (threads of our own would compete with torch's, which spin for a while after each parallel region). With
+another runtime in torch the library brings its own; where only ``-fopenmp-simd`` builds, the parts run one after
+another on the calling thread.
 """
 
 from __future__ import annotations
@@ -49,12 +54,13 @@ _DTYPES = {torch.float32: "float", torch.float64: "double"}
 
 
 class _Build:
-    """The library's entry points, one per dtype, once built; whether building failed (it is not tried again)."""
+    """The library once built (entry points per dtype, OpenMP or not), or that building failed (not tried again)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.functions: dict[torch.dtype, Any] | None = None
         self.failed = False
+        self.parallel = False
 
 
 _build_state = _Build()
@@ -78,7 +84,7 @@ def _library() -> dict[torch.dtype, Any] | None:
     with state.lock:
         if state.functions is None and not state.failed:
             try:
-                state.functions = _build()
+                state.functions, state.parallel = _build()
             except Exception as error:  # whatever stops the build (a compiler, its flags, CXX), the fallback applies
                 state.failed = True
                 warnings.warn(
@@ -102,18 +108,20 @@ def _compiler() -> list[str]:
     raise OSError("no C++ compiler found (set CXX)")
 
 
-def _build() -> dict[torch.dtype, Any]:
-    """Compile ``_activity_kernel.cpp`` for this machine and load its entry points, one per dtype."""
+def _build() -> tuple[dict[torch.dtype, Any], bool]:
+    """Compile ``_activity_kernel.cpp`` for this machine: its entry points, one per dtype, and whether it has OpenMP."""
     source = importlib.resources.files(__package__).joinpath("_activity_kernel.cpp").read_text()
     compiler = _compiler()
     with tempfile.TemporaryDirectory(prefix="sparse_metrics_", ignore_cleanup_errors=True) as directory:
         source_path, library_path = Path(directory, "activity.cpp"), Path(directory, "activity.so")
         source_path.write_text(source)
-        command = [*compiler, "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp-simd", str(source_path)]
+        command = [*compiler, "-O3", "-std=c++17", "-fPIC", "-shared", str(source_path)]
         errors = []
-        for target in (["-march=native"], []):  # the machine's vector ISA where the compiler knows it
+        # OpenMP threads where the compiler has them, and the machine's vector ISA where it knows it.
+        attempts = [[openmp, *target] for openmp in ("-fopenmp", "-fopenmp-simd") for target in (["-march=native"], [])]
+        for options in attempts:
             built = subprocess.run(
-                [*command, *target, "-o", str(library_path)],
+                [*command, *options, "-o", str(library_path)],
                 capture_output=True,
                 text=True,
                 errors="replace",
@@ -128,12 +136,12 @@ def _build() -> dict[torch.dtype, Any]:
         library = ctypes.CDLL(str(library_path))  # mapped: the file may go with the directory
     functions = {}
     for dtype, name in _DTYPES.items():
-        function = getattr(library, f"sparse_metrics_activity_rows_{name}")
+        function = getattr(library, f"sparse_metrics_activity_{name}")
         pointer, integer = ctypes.c_void_p, ctypes.c_int64
-        function.argtypes = [pointer, integer, integer, integer, integer, pointer, integer, *[pointer] * 4]
+        function.argtypes = [pointer, integer, integer, integer, pointer, integer, integer, *[pointer] * 4]
         function.restype = None
         functions[dtype] = function
-    return functions
+    return functions, bool(library.sparse_metrics_activity_parallel())
 
 
 def _operand_error(learned: Tensor) -> Exception | None:
@@ -177,40 +185,23 @@ def activity_statistics(learned: Tensor, thresholds: Sequence[float]) -> tuple[T
         raise RuntimeError("the CPU activity kernel is not built: check `applies(learned)` first")
     rows, components, features = learned.shape
     l0, l1 = learned.new_empty((rows, components)), learned.new_empty((rows, components))
-    threads = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
-    counters = torch.zeros((2, threads, len(thresholds), components, features), dtype=torch.int32)
-    levels = (ctypes.c_double * len(thresholds))(*thresholds)
-    function, width = functions[learned.dtype], components * features
-    bounds = [rows * part // threads for part in range(threads + 1)]
-    failures: list[BaseException] = []
-
-    def run(part: int) -> None:
-        start, stop = bounds[part], bounds[part + 1]
-        try:
-            function(
-                learned.data_ptr() + start * width * learned.element_size(),
-                stop - start,
-                start,
-                components,
-                features,
-                ctypes.addressof(levels),
-                len(thresholds),
-                l0.data_ptr() + start * components * l0.element_size(),
-                l1.data_ptr() + start * components * l1.element_size(),
-                counters[0, part].data_ptr(),
-                counters[1, part].data_ptr(),
-            )
-        except BaseException as failure:  # re-raised on the calling thread: a part left undone must not pass unseen
-            failures.append(failure)
-
-    helpers = [threading.Thread(target=run, args=(part,)) for part in range(1, threads)]
-    for helper in helpers:
-        helper.start()
-    run(0)
-    for helper in helpers:
-        helper.join()
-    if failures:
-        raise failures[0]
+    parts = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
+    # [counts, last] x part: each part's zeroed by the thread that fills it (see _activity_kernel.cpp).
+    counters = torch.empty((2, parts, len(thresholds), components, features), dtype=torch.int32)
+    levels = (ctypes.c_double * len(thresholds))(*thresholds)  # held until the call returns
+    functions[learned.dtype](
+        learned.data_ptr(),
+        rows,
+        components,
+        features,
+        ctypes.addressof(levels),
+        len(thresholds),
+        parts,
+        l0.data_ptr(),
+        l1.data_ptr(),
+        counters[0].data_ptr(),
+        counters[1].data_ptr(),
+    )
     fire_counts = counters[0].sum(dim=0, dtype=torch.int64)
     items_since_fired = rows - counters[1].amax(dim=0).to(torch.int64)
     return l0, l1, fire_counts, items_since_fired
