@@ -7,6 +7,9 @@ registry cases in ``tests/tester.py`` (``feature_density_threshold``, ``dead_fea
 ``tests/test_conventions.py``.
 """
 
+import copy
+import pickle
+
 import pydantic
 import pytest
 import torch
@@ -19,6 +22,7 @@ from sparse_metrics.functional import (
     fraction_of_variance_unexplained,
     items_since_fired,
 )
+from sparse_metrics.functional.feature_density import _density_band_fractions
 from tests import reference, tester
 
 D_SAE = tester.D_SAE
@@ -155,6 +159,45 @@ def test_density_bands_forward_is_the_batch_and_compute_every_item():
 def test_density_bands_of_no_item_are_nan():
     bands = sm.FeatureDensity(D_SAE).density_bands()
     assert all(value.isnan() for value in bands.values())
+
+
+def test_density_bands_compare_strictly_at_their_thresholds():
+    # Each band's threshold itself, a value either side of it, and a component with no item (NaN densities).
+    at = [0.0, 1e-6, 1e-5, 1e-2, 1e-1]
+    near = [value * factor for value in at[1:] for factor in (0.999, 1.001)]
+    density = torch.tensor([at + near + [0.5, 1.0], [float("nan")] * 15], dtype=torch.float64)
+    ours = _density_band_fractions(density)
+    expected = reference.density_bands(density)
+    assert list(ours) == list(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(ours[name], value, equal_nan=True, rtol=0, atol=0)
+    assert ours["feature_density_above_1e-1"][0] == 3 / 15  # 0.1001, 0.5 and 1, not 0.1 itself
+
+
+def test_each_forward_derives_the_bands_and_dead_fraction_of_its_own_batch():
+    loss_fn = sm.SparseAutoencoderLoss(2, feature_density=True, dead_feature_window=3, num_features=D_SAE)
+    dead = sm.DeadFeatures(D_SAE, 2, window=3)
+    for step in _steps((6, 4, 5), seed=11):
+        out = loss_fn(**step)
+        density = reference.feature_density(step["learned_activations"])
+        torch.testing.assert_close(out["feature_density"], density, rtol=0, atol=0)
+        for name, value in reference.density_bands(density).items():
+            torch.testing.assert_close(out[name], value, rtol=0, atol=0)
+        alone = dead(learned_activations=step["learned_activations"])
+        assert torch.equal(alone, out["dead_features"])
+        torch.testing.assert_close(out["dead_feature_fraction"], alone.double() / D_SAE, rtol=0, atol=0)
+    assert out["dead_features"].sum() > 0  # the window passed: the steps told dead counts apart
+
+
+def test_copies_start_without_the_batch_caches():
+    loss_fn = sm.SparseAutoencoderLoss(2, feature_density=True, dead_feature_window=3, num_features=D_SAE)
+    loss_fn(**_steps((6,))[0])
+    density, dead = loss_fn["feature_density"], loss_fn["dead_features"]
+    assert density._batch_summaries is not None
+    assert dead._batch_count is not None
+    for copied in (copy.deepcopy(loss_fn), pickle.loads(pickle.dumps(loss_fn)), loss_fn.clone()):
+        assert copied["feature_density"]._batch_summaries is None
+        assert copied["dead_features"]._batch_count is None
 
 
 # --- centred residual -----------------------------------------------------------------------------------------------

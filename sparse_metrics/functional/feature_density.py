@@ -141,20 +141,23 @@ def _density_compute(fire_count: Tensor, item_count: Tensor, dtype: torch.dtype 
     return fire_count.to(dtype) / item_count
 
 
-def _density_band_fraction(density: Tensor, band: str) -> Tensor:
-    """Fraction ``[component]`` of the features whose density is in ``band`` (a key of ``DENSITY_BANDS``).
+#: The comparison of each kind of band in ``DENSITY_BANDS``.
+_BAND_COMPARISONS = {">": torch.gt, "<": torch.lt, "==": torch.eq}
 
-    NaN where the density is NaN (no item seen): a band of no items is undefined, as the mean log density is.
+
+def _density_band_fractions(density: Tensor) -> dict[str, Tensor]:
+    """Fraction ``[*component]`` of the features whose density is in each band of ``DENSITY_BANDS``, by name.
+
+    Every band is compared into one stacked mask and counted by one reduction (a fraction is its count over
+    ``d_sae``, as a mean of 0/1 values gives it). NaN where the density is NaN (no item seen): a band of no items is
+    undefined, as the mean log density is.
     """
-    comparison, threshold = DENSITY_BANDS[band]
-    if comparison == ">":
-        inside = density > threshold
-    elif comparison == "<":
-        inside = density < threshold
-    else:
-        inside = density == threshold
-    fraction = inside.to(density.dtype).mean(dim=-1)
-    return torch.where(density.isnan().any(dim=-1), torch.nan, fraction)
+    inside = torch.stack(
+        [_BAND_COMPARISONS[comparison](density, threshold) for comparison, threshold in DENSITY_BANDS.values()]
+    )
+    fractions = inside.sum(dim=-1, dtype=density.dtype) / density.shape[-1]
+    fractions = torch.where(density.isnan().any(dim=-1), torch.nan, fractions)
+    return dict(zip(DENSITY_BANDS, fractions.unbind(), strict=True))
 
 
 def _mean_log10(density: Tensor, epsilon: float) -> Tensor:

@@ -350,6 +350,9 @@ class SaeMetric(Metric):
     #: Whether this metric is a loss term: a per-component value that :class:`TotalLoss` can weight and sum, through
     #: :meth:`_batch_mean` and :meth:`_epoch_mean`.
     is_loss_term: ClassVar[bool] = False
+    #: Attributes caching values computed from a batch or from the states (keyed by weak references to them): a copy
+    #: starts without them.
+    _caches: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, num_components: int = 1, *, nan_strategy: str = "propagate", **kwargs: Any) -> None:
         check_nan_strategy(nan_strategy)
@@ -396,12 +399,14 @@ class SaeMetric(Metric):
     def __getstate__(self) -> dict[str, Any]:
         """Pickle (``clone``, ``deepcopy``, ``copy.copy``) with every :class:`DeferredState` queue folded first.
 
-        A queue's rows are written by the steps to come: a copy must not share them, nor carry them.
+        A queue's rows are written by the steps to come: a copy must not share them, nor carry them. The caches
+        (``_caches``) stay behind: what they are keyed by is not the copy's.
         """
         for name, queued in list(self.__dict__.get(_PENDING, {}).items()):
             if queued:
                 getattr(self, name)
-        return super().__getstate__()
+        state: dict[str, Any] = super().__getstate__()
+        return {**state, **dict.fromkeys(name for name in self._caches if name in state)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickle (``clone``, ``deepcopy``, ``copy.copy``), keeping the signature of the inputs this metric reads.

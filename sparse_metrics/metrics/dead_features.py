@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar, cast
 
 import torch
@@ -151,6 +152,7 @@ class DeadFeatures(ActivityMetric):
     """
 
     full_state_update = False
+    _caches: ClassVar[tuple[str, ...]] = ("_batch_count",)
     is_differentiable = False
     higher_is_better = False
     plot_lower_bound = 0.0
@@ -182,8 +184,10 @@ class DeadFeatures(ActivityMetric):
             persistent=True,
         )
         self._add_configuration_marker()
-        #: Under a feature sharding, the batch's dead count of the whole dictionary, summed once (see _value).
-        self._sharded_count: tuple[FeatureActivity, Tensor] | None = None
+        #: The dead count after the latest batch (of the whole dictionary, summed once when sharded), for forward's
+        #: value and the dead fraction: (the batch's counts, the counters it left, the dead count), the first two by
+        #: weak reference (a cache holds no state alive). See _value.
+        self._batch_count: tuple[weakref.ref[Tensor], weakref.ref[Tensor], Tensor] | None = None
 
     def _configuration(self) -> dict[str, Any]:
         configuration = {**super()._configuration(), "window": self.window}
@@ -201,16 +205,13 @@ class DeadFeatures(ActivityMetric):
 
     def _value(self, contribution: FeatureActivity) -> Tensor:
         """Dead features on this process after the batch (forward's value), of the whole dictionary when sharded."""
-        if self.feature_sharding is None:
-            return self._squeeze(self._mask().sum(dim=-1))
-        # Sharded: one all-reduce per batch, shared with the dead fraction.
-        cached = self._sharded_count
-        if cached is None or cached[0] is not contribution:
-            cached = self._sharded_count = (
-                contribution,
-                self._squeeze(self._sum_over_shards(self._mask().sum(dim=-1))),
-            )
-        return cached[1]
+        # Counted once per batch for the value and the dead fraction (sharded: one all-reduce per batch). The
+        # counters are part of the key: the count is of the state that this batch's record left.
+        cached, counters = self._batch_count, self.dead_counters
+        if cached is None or cached[0]() is not contribution.fire_count or cached[1]() is not counters:
+            count = self._squeeze(self._sum_over_shards(self._mask().sum(dim=-1)))
+            cached = self._batch_count = (weakref.ref(contribution.fire_count), weakref.ref(counters), count)
+        return cached[2]
 
     def _derived_outputs(self) -> dict[str, bool | None]:
         """``dead_feature_fraction``: the dead features' share of the dictionary."""
@@ -219,7 +220,7 @@ class DeadFeatures(ActivityMetric):
     def _derived_value(self, name: str, contribution: FeatureActivity) -> Tensor:
         if name != "dead_feature_fraction":
             raise KeyError(name)
-        return self._value(contribution) / self.num_features
+        return self._value(contribution).to(torch.float64) / self.num_features  # float64, as compute's
 
     def _derived_compute(self, name: str) -> Tensor:
         if name != "dead_feature_fraction":

@@ -13,7 +13,7 @@ from sparse_metrics.functional.feature_density import (
     DENSITY_BANDS,
     DENSITY_EPSILON,
     FeatureActivity,
-    _density_band_fraction,
+    _density_band_fractions,
     _density_compute,
     _mean_log10,
 )
@@ -24,11 +24,9 @@ from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE
 __all__ = ["FeatureDensity"]
 
 
-def _feature_summary(density: Tensor, name: str) -> Tensor:
-    """A derived output of the per-feature densities: the mean log10 density or a density band's fraction."""
-    if name == "mean_log10_feature_density":
-        return _mean_log10(density, DENSITY_EPSILON)
-    return _density_band_fraction(density, name)
+def _feature_summaries(density: Tensor) -> dict[str, Tensor]:
+    """Every derived output of the per-feature densities: the mean log10 density and the density bands' fractions."""
+    return {"mean_log10_feature_density": _mean_log10(density, DENSITY_EPSILON), **_density_band_fractions(density)}
 
 
 class FeatureDensity(ActivityMetric):
@@ -69,6 +67,7 @@ class FeatureDensity(ActivityMetric):
     """
 
     full_state_update = False
+    _caches: ClassVar[tuple[str, ...]] = ("_batch_summaries", "_state_summaries")
     is_differentiable = False
     higher_is_better = None
     plot_lower_bound = 0.0
@@ -101,8 +100,10 @@ class FeatureDensity(ActivityMetric):
             self._item_count_state, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum", persistent=True
         )
         self._add_configuration_marker()
-        #: Under a feature sharding, the batch's summaries of the whole dictionary, summed once (see _derived_value).
-        self._sharded_summaries: tuple[FeatureActivity, dict[str, Tensor]] | None = None
+        #: The latest batch's densities and summaries (of the whole dictionary, summed once when sharded), computed
+        #: once for forward's value and every derived output of the batch (see _batch_density, _derived_value).
+        #: The batch's counts are held by weak reference: the cache keeps no more alive than forward's own value.
+        self._batch_summaries: tuple[weakref.ref[Tensor], Tensor, dict[str, Tensor]] | None = None
         #: The same for the synced states (see _sharded_summaries_of_states), by weak references to the states.
         self._state_summaries: tuple[tuple[weakref.ref[Tensor], ...], dict[str, Tensor]] | None = None
 
@@ -114,8 +115,16 @@ class FeatureDensity(ActivityMetric):
         return self._squeeze(self._batch_density(contribution))
 
     def _batch_density(self, activity: FeatureActivity) -> Tensor:
-        count = torch.tensor(activity.batch_size, device=activity.fire_count.device)
-        return _density_compute(activity.fire_count, count, self._density_dtype)
+        return self._batch_cache(activity)[1]
+
+    def _batch_cache(self, activity: FeatureActivity) -> tuple[weakref.ref[Tensor], Tensor, dict[str, Tensor]]:
+        """The batch's densities and the summaries computed of them so far, made once per batch."""
+        cached = self._batch_summaries
+        if cached is None or cached[0]() is not activity.fire_count:
+            count = torch.tensor(activity.batch_size, device=activity.fire_count.device)
+            density = _density_compute(activity.fire_count, count, self._density_dtype)
+            cached = self._batch_summaries = (weakref.ref(activity.fire_count), density, {})
+        return cached
 
     def _derived_outputs(self) -> dict[str, bool | None]:
         """``mean_log10_feature_density`` and the density bands (fractions of the features, see ``DENSITY_BANDS``)."""
@@ -124,17 +133,15 @@ class FeatureDensity(ActivityMetric):
     def _derived_value(self, name: str, contribution: FeatureActivity) -> Tensor:
         if name not in self._derived_outputs():
             raise KeyError(name)
-        if self.feature_sharding is None:
-            return self._squeeze(_feature_summary(self._batch_density(contribution), name))
-        # Sharded: every summary of the batch crosses the feature group in one all-reduce, the first time one is read.
-        cached = self._sharded_summaries
-        if cached is None or cached[0] is not contribution:
-            cached = self._sharded_summaries = (contribution, self._whole_summaries(self._batch_density(contribution)))
-        return self._squeeze(cached[1][name])
+        # Every summary of the batch at once, the first time one is read (sharded: in one all-reduce over the group).
+        _, density, summaries = self._batch_cache(contribution)
+        if not summaries:
+            summaries.update(self._whole_summaries(density))
+        return self._squeeze(summaries[name])
 
     def _whole_summaries(self, density: Tensor) -> dict[str, Tensor]:
         """Every derived output of this shard's densities, for the whole dictionary (one all-reduce when sharded)."""
-        return self._global_means({key: _feature_summary(density, key) for key in self._derived_outputs()})
+        return self._global_means(_feature_summaries(density))
 
     def _global_means(self, local_means: dict[str, Tensor]) -> dict[str, Tensor]:
         """Means over the whole dictionary of per-shard means over their (equal) slices of features, in one reduce."""
@@ -177,7 +184,7 @@ class FeatureDensity(ActivityMetric):
         """
         with self._synced():
             density = self._density()
-            bands = self._global_means({name: _density_band_fraction(density, name) for name in DENSITY_BANDS})
+            bands = self._global_means(_density_band_fractions(density))
             return {name: self._squeeze(fraction) for name, fraction in bands.items()}
 
     def _density(self) -> Tensor:
