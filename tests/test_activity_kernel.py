@@ -67,6 +67,28 @@ def test_kernel_matches_the_direct_statistics(generator, monkeypatch, dtype, bat
 
 
 @needs_compiler
+@pytest.mark.parametrize("thresholds", [[0.5], [None], [0.1, None]])
+@pytest.mark.parametrize(("batch", "threads"), [(3, 1), (4, 1), (11, 1), (21, 2)])
+def test_kernel_takes_rows_in_blocks_of_four_and_then_one_by_one(generator, monkeypatch, thresholds, batch, threads):
+    """Each first mask (the one read with the L0 and L1) in whole blocks of four rows and in the rows after them."""
+    monkeypatch.setattr(activity_kernel, "MIN_ROWS_PER_THREAD", 2)
+    learned = _activations(batch, 2, 40, torch.float32, generator)
+    learned[1::4, 1, 7] = 3.0  # fires in the second row of every block only: the most recent firing is not the last row
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        l0, l1, fire_counts, items_since_fired = operator(learned, activity_kernel.operator_thresholds(thresholds))
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(l0, (learned != 0).sum(dim=-1).float(), rtol=0, atol=0)
+    torch.testing.assert_close(l1, learned.double().abs().sum(dim=-1).float(), equal_nan=True)
+    for index, threshold in enumerate(thresholds):
+        expected = _feature_activity(_active_mask(learned, threshold))
+        assert torch.equal(fire_counts[index], expected.fire_count), threshold
+        assert torch.equal(items_since_fired[index], expected.items_since_fired), threshold
+
+
+@needs_compiler
 def test_kernel_gradient_is_the_l1_gradient_and_the_counts_carry_none(generator):
     learned = _activations(9, 2, 16, torch.float64, generator)[:, :, 6:]  # no NaN or infinity
     learned = learned.contiguous().requires_grad_()
