@@ -36,6 +36,16 @@ def _activations(batch, components, d_sae, dtype, generator):
     return values
 
 
+def _on_threads(threads, learned, thresholds):
+    """The operator's outputs with torch's intra-op threads set to ``threads`` for the call."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return operator(learned, activity_kernel.operator_thresholds(thresholds))
+    finally:
+        torch.set_num_threads(previous)
+
+
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("batch", "components", "threads"), [(1, 1, 1), (7, 3, 2), (130, 1, 2), (300, 2, 4)])
@@ -45,12 +55,7 @@ def test_kernel_matches_the_direct_statistics(generator, monkeypatch, dtype, bat
     learned = _activations(batch, components, 40, dtype, generator)
     thresholds = [None, 0.5, 0.0, 0.1]
     assert activity_kernel.applies(learned)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        l0, l1, fire_counts, items_since_fired = operator(learned, activity_kernel.operator_thresholds(thresholds))
-    finally:
-        torch.set_num_threads(previous)
+    l0, l1, fire_counts, items_since_fired = _on_threads(threads, learned, thresholds)
     assert l0.dtype == l1.dtype == dtype
     assert l0.shape == l1.shape == (batch, components)
     torch.testing.assert_close(l0, (learned != 0).sum(dim=-1).to(dtype), rtol=0, atol=0)
@@ -74,12 +79,7 @@ def test_kernel_takes_rows_in_blocks_of_four_and_then_one_by_one(generator, monk
     monkeypatch.setattr(activity_kernel, "MIN_ROWS_PER_THREAD", 2)
     learned = _activations(batch, 2, 40, torch.float32, generator)
     learned[1::4, 1, 7] = 3.0  # fires in the second row of every block only: the most recent firing is not the last row
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        l0, l1, fire_counts, items_since_fired = operator(learned, activity_kernel.operator_thresholds(thresholds))
-    finally:
-        torch.set_num_threads(previous)
+    l0, l1, fire_counts, items_since_fired = _on_threads(threads, learned, thresholds)
     torch.testing.assert_close(l0, (learned != 0).sum(dim=-1).float(), rtol=0, atol=0)
     torch.testing.assert_close(l1, learned.double().abs().sum(dim=-1).float(), equal_nan=True)
     for index, threshold in enumerate(thresholds):

@@ -127,6 +127,23 @@ void norms_and_count_block(const T* row, int64_t stride, int64_t features, Fires
   }
 }
 
+// Calls visit(row, c, fires, position, count, seen, is_first) for each component c and activity mask of the rows
+// from row r on (position r + 1 in the batch): their values, the mask's counters, and whether it is the first mask.
+template <typename T, typename Visit>
+void each_mask(const T* f, int64_t r, int64_t first_row, int64_t components, int64_t features,
+               const double* thresholds, int64_t masks, int32_t* counts, int32_t* last, Visit visit) {
+  const int64_t width = components * features;
+  const int32_t position = static_cast<int32_t>(first_row + r + 1);
+  for (int64_t c = 0; c < components; ++c) {
+    const T* row = f + r * width + c * features;
+    for (int64_t k = 0; k < masks; ++k) {
+      int32_t* count = counts + k * width + c * features;
+      int32_t* seen = last + k * width + c * features;
+      with_mask<T>(thresholds[k], [&](auto fires) { visit(row, c, fires, position, count, seen, k == 0); });
+    }
+  }
+}
+
 template <typename T>
 void activity_rows(const T* f, int64_t rows, int64_t first_row, int64_t components, int64_t features,
                    const double* thresholds, int64_t masks, T* l0, T* l1, int32_t* counts, int32_t* last) {
@@ -135,40 +152,26 @@ void activity_rows(const T* f, int64_t rows, int64_t first_row, int64_t componen
   std::memset(last, 0, sizeof(int32_t) * masks * width);
   int64_t r = 0;
   for (; r + BLOCK <= rows; r += BLOCK) {
-    const int32_t position = static_cast<int32_t>(first_row + r + 1);
-    for (int64_t c = 0; c < components; ++c) {
-      const T* row = f + r * width + c * features;
-      for (int64_t k = 0; k < masks; ++k) {
-        int32_t* count = counts + k * width + c * features;
-        int32_t* seen = last + k * width + c * features;
-        with_mask<T>(thresholds[k], [&](auto fires) {
-          if (k == 0) {
-            norms_and_count_block(row, width, features, fires, position, count, seen, l0 + r * components + c,
-                                  l1 + r * components + c, components);
-          } else {
-            count_block(row, width, features, fires, position, count, seen);
-          }
-        });
-      }
-    }
+    each_mask(f, r, first_row, components, features, thresholds, masks, counts, last,
+              [&](const T* row, int64_t c, auto fires, int32_t position, int32_t* count, int32_t* seen, bool first) {
+                if (first) {
+                  norms_and_count_block(row, width, features, fires, position, count, seen, l0 + r * components + c,
+                                        l1 + r * components + c, components);
+                } else {
+                  count_block(row, width, features, fires, position, count, seen);
+                }
+              });
   }
   for (; r < rows; ++r) {
-    const int32_t position = static_cast<int32_t>(first_row + r + 1);
-    for (int64_t c = 0; c < components; ++c) {
-      const T* row = f + r * width + c * features;
-      for (int64_t k = 0; k < masks; ++k) {
-        int32_t* count = counts + k * width + c * features;
-        int32_t* seen = last + k * width + c * features;
-        with_mask<T>(thresholds[k], [&](auto fires) {
-          if (k == 0) {
-            norms_and_count_row(row, features, fires, position, count, seen, l0 + r * components + c,
-                                l1 + r * components + c);
-          } else {
-            count_row(row, features, fires, position, count, seen);
-          }
-        });
-      }
-    }
+    each_mask(f, r, first_row, components, features, thresholds, masks, counts, last,
+              [&](const T* row, int64_t c, auto fires, int32_t position, int32_t* count, int32_t* seen, bool first) {
+                if (first) {
+                  norms_and_count_row(row, features, fires, position, count, seen, l0 + r * components + c,
+                                      l1 + r * components + c);
+                } else {
+                  count_row(row, features, fires, position, count, seen);
+                }
+              });
   }
 }
 
