@@ -73,3 +73,19 @@ def test_training_metrics_follow_the_device_float64_support(meta_without_float64
     on_cpu = sm.FractionOfVarianceUnexplained(2, d_model=3)
     on_cpu.update(torch.zeros(5, 2, 3), torch.ones(5, 2, 3))
     assert on_cpu.fvu_statistics.dtype == torch.float64
+
+
+def test_dead_feature_fraction_follows_the_device_float64_support(meta_without_float64):
+    """The dead fraction of forward and of compute() is float64 where the device has it, float32 where not (MPS)."""
+    inputs = _inputs("cpu")
+    del inputs["decoder_weight"]
+    loss_fn = sm.SparseAutoencoderLoss(2, 0.1, dead_feature_window=4, num_features=8)
+    assert loss_fn(**inputs)["dead_feature_fraction"].dtype == torch.float64
+    assert loss_fn.compute()["dead_feature_fraction"].dtype == torch.float64
+    loss_fn = loss_fn.to("meta")
+    values = loss_fn(**{name: value.to("meta") for name, value in inputs.items()})
+    assert (values["dead_feature_fraction"].device.type, values["dead_feature_fraction"].dtype) == (
+        "meta",
+        torch.float32,
+    )
+    assert loss_fn.compute()["dead_feature_fraction"].dtype == torch.float32

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from sparse_metrics._batch import ACTIVITY_THRESHOLD, SaeBatch
 from sparse_metrics.functional.feature_density import FeatureActivity
-from sparse_metrics.metrics._base import SaeMetric
+from sparse_metrics.metrics import _base
+from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE, SaeMetric
 
 __all__ = ["ActivityMetric"]
 
@@ -61,6 +63,11 @@ class ActivityMetric(SaeMetric):
         """``value`` summed over the feature shards (a count or sum over features: the whole dictionary's)."""
         sharding = self.feature_sharding
         return value if sharding is None else sharding.sum({"value": value})["value"]
+
+    @property
+    def _fraction_dtype(self) -> torch.dtype:
+        """The dtype of densities and fractions of the dictionary: float64, or float32 without float64 (MPS)."""
+        return ACCUMULATOR_DTYPE if _base.supports_float64(self.device) else torch.float32
 
     def _finite_items(self, batch: SaeBatch, contribution: Any) -> Tensor | None:
         return batch.finite_items("learned_activations", type(self).__name__)

@@ -220,12 +220,12 @@ class DeadFeatures(ActivityMetric):
     def _derived_value(self, name: str, contribution: FeatureActivity) -> Tensor:
         if name != "dead_feature_fraction":
             raise KeyError(name)
-        return self._value(contribution).to(torch.float64) / self.num_features  # float64, as compute's
+        return self._value(contribution).to(self._fraction_dtype) / self.num_features  # the dtype of compute's
 
     def _derived_compute(self, name: str) -> Tensor:
         if name != "dead_feature_fraction":
             raise KeyError(name)
-        return self.compute().to(torch.float64) / self.num_features
+        return self.compute().to(self._fraction_dtype) / self.num_features
 
     def _mask(self) -> Tensor:
         return _dead_compute(self.dead_counters[:, :-1], self.window)

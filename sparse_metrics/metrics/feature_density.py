@@ -17,9 +17,7 @@ from sparse_metrics.functional.feature_density import (
     _density_compute,
     _mean_log10,
 )
-from sparse_metrics.metrics import _base
 from sparse_metrics.metrics._activity import ActivityMetric
-from sparse_metrics.metrics._base import ACCUMULATOR_DTYPE
 
 __all__ = ["FeatureDensity"]
 
@@ -122,7 +120,7 @@ class FeatureDensity(ActivityMetric):
         cached = self._batch_summaries
         if cached is None or cached[0]() is not activity.fire_count:
             count = torch.tensor(activity.batch_size, device=activity.fire_count.device)
-            density = _density_compute(activity.fire_count, count, self._density_dtype)
+            density = _density_compute(activity.fire_count, count, self._fraction_dtype)
             cached = self._batch_summaries = (weakref.ref(activity.fire_count), density, {})
         return cached
 
@@ -188,12 +186,7 @@ class FeatureDensity(ActivityMetric):
             return {name: self._squeeze(fraction) for name, fraction in bands.items()}
 
     def _density(self) -> Tensor:
-        return _density_compute(self.density_fire_count, self.density_item_count, self._density_dtype)
-
-    @property
-    def _density_dtype(self) -> torch.dtype:
-        """float64, or float32 on a device without float64 (MPS)."""
-        return ACCUMULATOR_DTYPE if _base.supports_float64(self.device) else torch.float32
+        return _density_compute(self.density_fire_count, self.density_item_count, self._fraction_dtype)
 
     def compute(self) -> Tensor:
         """Density of every feature, float64 ``[*component, num_features]``, synced across processes.
