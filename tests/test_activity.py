@@ -190,14 +190,35 @@ def test_each_forward_derives_the_bands_and_dead_fraction_of_its_own_batch():
 
 
 def test_copies_start_without_the_batch_caches():
+    """Copies drop the caches (keyed by the original's tensors) and then step and compute as the original does."""
     loss_fn = sm.SparseAutoencoderLoss(2, feature_density=True, dead_feature_window=3, num_features=D_SAE)
-    loss_fn(**_steps((6,))[0])
+    first, second = _steps((6, 5))
+    loss_fn(**first)
+    loss_fn.compute()
     density, dead = loss_fn["feature_density"], loss_fn["dead_features"]
     assert density._batch_summaries is not None
     assert dead._batch_count is not None
-    for copied in (copy.deepcopy(loss_fn), pickle.loads(pickle.dumps(loss_fn)), loss_fn.clone()):
-        assert copied["feature_density"]._batch_summaries is None
-        assert copied["dead_features"]._batch_count is None
+    copies = [copy.deepcopy(loss_fn), pickle.loads(pickle.dumps(loss_fn)), loss_fn.clone()]
+    for copied in copies:
+        for key in ("feature_density", "dead_features"):
+            assert all(getattr(copied[key], name) is None for name in copied[key]._caches), key
+    expected_step, expected_epoch = loss_fn(**second), loss_fn.compute()
+    for copied in copies:
+        step, epoch = copied(**second), copied.compute()
+        for key in ("feature_density_never_fired", "mean_log10_feature_density", "dead_feature_fraction"):
+            torch.testing.assert_close(step[key], expected_step[key], rtol=0, atol=0)
+            torch.testing.assert_close(epoch[key], expected_epoch[key], rtol=0, atol=0)
+
+
+def test_a_metric_pickled_before_its_caches_existed_starts_them_empty():
+    metric = sm.DeadFeatures(D_SAE, 2, window=3)
+    state = metric.__getstate__()
+    del state["_batch_count"]  # as pickled by a version without the cache
+    restored = sm.DeadFeatures.__new__(sm.DeadFeatures)
+    restored.__setstate__(state)
+    assert restored._batch_count is None
+    restored(learned_activations=_steps((4,))[0]["learned_activations"])
+    assert restored._batch_count is not None
 
 
 # --- centred residual -----------------------------------------------------------------------------------------------

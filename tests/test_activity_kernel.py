@@ -72,16 +72,26 @@ def test_kernel_matches_the_direct_statistics(generator, monkeypatch, dtype, bat
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("thresholds", [[0.5], [None], [0.1, None]])
-@pytest.mark.parametrize(("batch", "threads"), [(3, 1), (4, 1), (11, 1), (21, 2)])
-def test_kernel_takes_rows_in_blocks_of_four_and_then_one_by_one(generator, monkeypatch, thresholds, batch, threads):
-    """Each first mask (the one read with the L0 and L1) in whole blocks of four rows and in the rows after them."""
+@pytest.mark.parametrize(("batch", "threads"), [(3, 1), (4, 1), (11, 1), (22, 2)])
+def test_kernel_takes_rows_in_blocks_of_four_and_then_one_by_one(
+    generator, monkeypatch, dtype, thresholds, batch, threads
+):
+    """Each first mask (read with the L0 and L1) over every firing pattern of four rows, in blocks and after them.
+
+    Features 8 to 23 fire in the rows given by the bits of a pattern that changes from one four rows to the next:
+    each block (the second part of 22 rows on two threads starts at row 11, not at a multiple of four) sees all 16
+    patterns, so the count and the last firing of each block position are compared, as are the rows after the blocks.
+    """
     monkeypatch.setattr(activity_kernel, "MIN_ROWS_PER_THREAD", 2)
-    learned = _activations(batch, 2, 40, torch.float32, generator)
-    learned[1::4, 1, 7] = 3.0  # fires in the second row of every block only: the most recent firing is not the last row
+    learned = _activations(batch, 2, 40, dtype, generator)
+    rows, features = torch.arange(batch).unsqueeze(-1), torch.arange(16)
+    patterns = (features + rows // 4) % 16
+    learned[:, :, 8:24] = (patterns >> (rows % 4) & 1).to(dtype).unsqueeze(1) * 3.0
     l0, l1, fire_counts, items_since_fired = _on_threads(threads, learned, thresholds)
-    torch.testing.assert_close(l0, (learned != 0).sum(dim=-1).float(), rtol=0, atol=0)
-    torch.testing.assert_close(l1, learned.double().abs().sum(dim=-1).float(), equal_nan=True)
+    torch.testing.assert_close(l0, (learned != 0).sum(dim=-1).to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(l1, learned.double().abs().sum(dim=-1).to(dtype), equal_nan=True)
     for index, threshold in enumerate(thresholds):
         expected = _feature_activity(_active_mask(learned, threshold))
         assert torch.equal(fire_counts[index], expected.fire_count), threshold

@@ -3,9 +3,9 @@
 The per-item statistics reduce ``f`` over its features, the activity statistics of feature density and dead features
 (firing counts, last firing) over its items. Inductor fuses reductions along one axis per loop nest, so the traced
 code reads ``[batch, d_sae]`` twice, the second time in blocks of items whose strided rows run below the memory's
-bandwidth. The C++ pass in ``_activity_kernel.cpp`` walks the rows once instead, four at a time: their L0, L1 and first
-activity mask's per-feature counters (``[component, d_sae]`` int32 per thread, read and written once per four rows)
-in one loop, any further mask from the cache.
+bandwidth. The C++ pass in ``_activity_kernel.cpp`` walks the rows once instead, four at a time: their L0, L1 and
+first activity mask's per-feature counters (``[component, d_sae]`` int32 per thread, read and written once per four
+rows, once per row for the last rows of a part) in one loop, any further mask from the cache.
 
 The library is built at its first use in a process, with the C++ compiler that inductor's CPU backend would use
 (``CXX``, else ``g++``, ``c++`` or ``clang++``), into a temporary directory, and loaded with ``ctypes``: a few seconds

@@ -412,9 +412,10 @@ class SaeMetric(Metric):
         """Unpickle (``clone``, ``deepcopy``, ``copy.copy``), keeping the signature of the inputs this metric reads.
 
         The list states (per-item rows) are copied: a shallow copy must not share them, or its updates would append
-        to the original's. The queues were folded before (:meth:`__getstate__`).
+        to the original's. The queues were folded before (:meth:`__getstate__`). A cache missing from ``state``
+        (pickled before the class had it) starts empty.
         """
-        super().__setstate__(state)
+        super().__setstate__({**dict.fromkeys(self._caches), **state})
         self.__dict__[_PENDING] = _copied_queues(state)
         for name in state.get("_defaults", {}):
             if isinstance(state.get(name), list):

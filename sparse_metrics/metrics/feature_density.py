@@ -189,7 +189,7 @@ class FeatureDensity(ActivityMetric):
         return _density_compute(self.density_fire_count, self.density_item_count, self._fraction_dtype)
 
     def compute(self) -> Tensor:
-        """Density of every feature, float64 ``[*component, num_features]``, synced across processes.
+        """Density of every feature, float64 (float32 without float64: MPS) ``[*component, num_features]``, synced.
 
         With a feature sharding, this shard's features ``[*component, num_features / shards]``: the whole array is
         ``sparse_metrics.gather_features(density, metric)``.
