@@ -38,6 +38,7 @@ struct Above {
 // takes the pass from about 1.9x to 1.15-1.25x the time of one read (f.sum()) of a [4096, 16384] float32 batch, 2%
 // non-zero, on two threads. The last rows (fewer than four) are taken one at a time.
 constexpr int64_t BLOCK = 4;
+static_assert(BLOCK == 4, "count_block and norms_and_count_block read rows r0 to r3");
 
 // The mask `thresholds[k]` names, passed to `visit` as a function of one value.
 template <typename T, typename Visit>
